@@ -1,0 +1,21 @@
+"""jvpgraph: Jv for any PyTorch model by flipping its reverse-mode graph (Appendix C of "Exact Spectral
+Norm Regularization for Neural Networks").
+
+Example:
+    >>> import torch, torch.nn as nn, jvpgraph
+    >>> net = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+    >>> x, v = torch.randn(5, 3), torch.randn(5, 3)
+    >>> out, jv = jvpgraph.jvp(net, (x,), (v,))
+    >>> torch.testing.assert_close(jv, torch.func.jvp(net, (x,), (v,))[1])
+"""
+
+from .api import Linearized, Traced, jvp, linearize, trace, vjp
+from .flip import FlippedGraph
+from .graph import Graph
+from .rules import RuleError
+from .trace import TraceError
+
+__version__ = "0.1.0"
+
+__all__ = ["trace", "jvp", "vjp", "linearize", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
+           "RuleError"]

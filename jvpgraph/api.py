@@ -1,0 +1,310 @@
+"""The public API: trace once, apply many; and ``jvp`` / ``linearize`` / ``vjp`` mirroring ``torch.func``."""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from .flip import FlippedGraph
+from .graph import Graph
+from .trace import BN_MODES, trace_program
+
+__all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp"]
+
+
+def _as_tuple(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+class _Compiled:
+    """One trace at one set of shapes: the graph, its flip, and the recorded-forward split."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.flipped: FlippedGraph = graph.flip()
+        self.n_out = self.flipped.n_outputs
+        self.n_buf = len(self.flipped.buffer_update_names)
+
+
+class Linearized:
+    """A recorded forward: ``.out``, ``.jvp(v)`` reusing its activations, ``.vjp(u)`` by autograd.
+
+    ``.new_buffers`` holds the running statistics a training forward would have written (never written
+    into the model by jvpgraph; ``model.load_state_dict(..., strict=False)`` or ``copy_`` them if wanted).
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+        >>> x, v, u = torch.randn(5, 3), torch.randn(5, 3), torch.randn(5, 2)
+        >>> lin = jvpgraph.trace(net, x).linearize(x)
+        >>> torch.testing.assert_close(lin.jvp(v), torch.func.jvp(net, (x,), (v,))[1])
+        >>> torch.testing.assert_close((u * lin.jvp(v)).sum(), (lin.vjp(u) * v).sum())
+    """
+
+    def __init__(self, traced: "Traced", compiled: _Compiled, flat_out, new_buffers, saved, inputs, out_spec):
+        self._traced = traced
+        self._compiled = compiled
+        self._flat_out = flat_out
+        self._saved = saved
+        self._inputs = inputs
+        self._out_spec = out_spec
+        self.out = pytree.tree_unflatten(list(flat_out), out_spec)
+        self.new_buffers: dict[str, torch.Tensor] = new_buffers
+
+    def jvp(self, *tangents):
+        """``J v`` from the recorded activations (no primal recomputation)."""
+        ts = self._traced._check_tangents(self._inputs, tangents, self._compiled.graph.wrt)
+        _, tan = self._compiled.flipped.partition()
+        touts = tan(*self._saved, *ts)
+        return pytree.tree_unflatten(list(touts), self._out_spec)
+
+    def vjp(self, *cotangents, create_graph: bool = False):
+        """``Jᵀ u`` by the ordinary backward pass of the recorded forward (differentiated inputs only)."""
+        us = pytree.tree_leaves(cotangents[0] if len(cotangents) == 1 else cotangents)
+        wrt = [self._inputs[i] for i in self._compiled.graph.wrt]
+        if not all(w.requires_grad for w in wrt) or not any(o.requires_grad for o in self._flat_out):
+            raise RuntimeError("this forward was recorded without autograd: call linearize(..., vjp=True) with "
+                               "gradients enabled to use vjp()")
+        pairs = [(o, u) for o, u in zip(self._flat_out, us) if o.requires_grad]
+        grads = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs], retain_graph=True,
+                                    create_graph=create_graph, allow_unused=True)
+        grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
+        return grads[0] if len(grads) == 1 else tuple(grads)
+
+
+class Traced:
+    """A model or function traced once for Jv: apply it to new batches and new parameter values.
+
+    The trace is specialized to input shapes, dtypes and devices, and to the model's ``training`` flags;
+    a call that differs in any of them is traced again (cached), never answered from a stale trace.
+
+    Args:
+        f: an ``nn.Module`` or a function of tensors.
+        example_inputs: tensors of the shapes to trace at.
+        bn: BatchNorm in train mode: ``"batch"`` (exact, with the coupling through batch statistics),
+            ``"frozen"`` (batch statistics held constant: the paper's pseudo-inference, per-sample Jacobian)
+            or ``"eval"`` (running statistics, as in ``model.eval()``; the rest of the model keeps its mode).
+        wrt: indices of the inputs that carry a tangent (default: all floating-point inputs).
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Sigmoid(), nn.Flatten(),
+        ...                     nn.Linear(4 * 6 * 6, 3)).train()
+        >>> x = torch.randn(8, 1, 8, 8)
+        >>> g = jvpgraph.trace(net, x)
+        >>> x2, v = torch.randn(8, 1, 8, 8), torch.randn(8, 1, 8, 8)
+        >>> out, jv = g.jvp(x2, v)
+        >>> ref = torch.autograd.functional.jvp(lambda z: net(z), x2, v)[1]  # double-backward reference
+        >>> torch.testing.assert_close(jv, ref, rtol=1e-4, atol=1e-5)
+    """
+
+    def __init__(self, f: Callable, example_inputs: Sequence[Any], *, bn: str = "batch",
+                 wrt: Sequence[int] | None = None):
+        if bn not in BN_MODES:
+            raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
+        if not callable(f):
+            raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
+        self.f = f
+        self.bn = bn
+        self.wrt = None if wrt is None else list(wrt)
+        self.module = f if isinstance(f, nn.Module) else None
+        self._cache: dict[tuple, _Compiled] = {}
+        self._example = tuple(example_inputs)
+        self._compiled_for(self._example)
+
+    # ------------------------------------------------------------------ cache
+    def _key(self, flat_in) -> tuple:
+        key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("const", repr(t))
+                    for t in flat_in)
+        if self.module is not None:
+            key += (tuple(m.training for m in self.module.modules()),)
+            key += (tuple((tuple(p.shape), p.dtype, p.device) for p in self.module.parameters()),)
+        return key
+
+    def _compiled_for(self, inputs: tuple) -> _Compiled:
+        flat_in = pytree.tree_leaves(inputs)
+        key = self._key(flat_in)
+        hit = self._cache.get(key)
+        if hit is None:
+            prog = trace_program(self.f, inputs, bn=self.bn)
+            wrt = self.wrt
+            if wrt is not None:
+                for i in wrt:
+                    if i >= len(flat_in) or not flat_in[i].is_floating_point():
+                        raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
+            hit = _Compiled(Graph(prog, wrt))
+            self._cache[key] = hit
+        return hit
+
+    def _state(self) -> list[torch.Tensor]:
+        if self.module is None:
+            return []
+        return [*self.module.parameters(), *self.module.buffers()]
+
+    @staticmethod
+    def _check_tangents(flat_in, tangents, wrt) -> list[torch.Tensor]:
+        ts = pytree.tree_leaves(tangents[0] if len(tangents) == 1 and isinstance(tangents[0], (tuple, list))
+                                else tangents, is_leaf=lambda z: z is None)
+        if len(ts) == len(wrt) and len(wrt) != len(flat_in):
+            ts_by_input = dict(zip(wrt, ts))
+        elif len(ts) == len(flat_in):
+            ts_by_input = dict(enumerate(ts))
+        else:
+            raise ValueError(f"got {len(ts)} tangents for {len(flat_in)} inputs ({len(wrt)} differentiable): "
+                             "pass one tangent per input (None for an integer input)")
+        out = []
+        for i, x in enumerate(flat_in):
+            t = ts_by_input.get(i)
+            if i not in wrt:
+                if t is not None:
+                    raise ValueError(
+                        f"input {i} has dtype {x.dtype} and carries no tangent"
+                        + (" (integer inputs are not differentiable)" if not x.is_floating_point() else
+                           " (not in wrt)") + "; pass None for it")
+                continue
+            if t is None:
+                t = torch.zeros_like(x)
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"tangent for input {i} is a {type(t).__name__}, expected a tensor")
+            if t.shape != x.shape:
+                raise ValueError(f"tangent for input {i} has shape {tuple(t.shape)}, but input {i} has shape "
+                                 f"{tuple(x.shape)}: a tangent must have its primal's shape")
+            if t.dtype != x.dtype:
+                raise ValueError(f"tangent for input {i} has dtype {t.dtype}, but input {i} has dtype {x.dtype}")
+            if t.device != x.device:
+                raise ValueError(f"tangent for input {i} is on {t.device}, but input {i} is on {x.device}")
+            out.append(t)
+        return out
+
+    # ------------------------------------------------------------------ public
+    @property
+    def graph(self) -> Graph:
+        """The :class:`Graph` traced at the example inputs."""
+        return self._compiled_for(self._example).graph
+
+    @property
+    def flipped(self) -> FlippedGraph:
+        """The :class:`FlippedGraph` at the example inputs (``.code``, ``.nx``, ``.module``)."""
+        return self._compiled_for(self._example).flipped
+
+    def jvp(self, primals, tangents):
+        """``(f(x), J v)`` on a new batch: one pass computing the primal and the tangent together.
+
+        ``primals`` and ``tangents`` are a tensor each, or tuples (one per input, like ``torch.func.jvp``).
+        """
+        inputs = _as_tuple(primals)
+        flat_in = pytree.tree_leaves(inputs)
+        comp = self._compiled_for(inputs)
+        ts = self._check_tangents(flat_in, _as_tuple(tangents), comp.graph.wrt)
+        res = comp.flipped.module(*self._state(), *flat_in, *ts)
+        n = comp.n_out
+        spec = comp.graph.program.out_spec
+        return pytree.tree_unflatten(list(res[:n]), spec), pytree.tree_unflatten(list(res[n:2 * n]), spec)
+
+    def linearize(self, *inputs, vjp: bool = True) -> Linearized:
+        """Run the forward once and record what the tangent pass needs (see :class:`Linearized`).
+
+        With ``vjp=True`` (and gradients enabled) the forward is recorded by autograd with respect to the
+        differentiated inputs too, so :meth:`Linearized.vjp` works.
+        """
+        comp = self._compiled_for(inputs)
+        flat_in = list(pytree.tree_leaves(inputs))
+        if vjp and torch.is_grad_enabled():
+            for i in comp.graph.wrt:
+                if not flat_in[i].requires_grad:
+                    flat_in[i] = flat_in[i].detach().requires_grad_(True)
+        fwd, _ = comp.flipped.partition()
+        res = fwd(*self._state(), *flat_in)
+        n, nb = comp.n_out, comp.n_buf
+        new_buffers = dict(zip(comp.flipped.buffer_update_names, res[n:n + nb]))
+        return Linearized(self, comp, res[:n], new_buffers, res[n + nb:], flat_in, comp.graph.program.out_spec)
+
+    def __call__(self, *inputs):
+        """The primal output only (through the recorded-forward module)."""
+        return self.linearize(*inputs, vjp=False).out
+
+    def __repr__(self):
+        name = type(self.f).__name__ if self.module is not None else getattr(self.f, "__qualname__", "function")
+        return f"Traced({name}, bn={self.bn!r}, {len(self._cache)} trace(s))"
+
+
+def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None) -> Traced:
+    """Trace ``f`` (an ``nn.Module`` or function) once at ``example_inputs``; returns a :class:`Traced`.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 8), nn.Tanh(), nn.Linear(8, 2))
+        >>> g = jvpgraph.trace(net, torch.randn(4, 3))
+        >>> x, v = torch.randn(4, 3), torch.randn(4, 3)
+        >>> out, jv = g.jvp(x, v)
+        >>> torch.testing.assert_close(jv, torch.func.jvp(net, (x,), (v,))[1])
+        >>> print(g.flipped.code.splitlines()[1].strip()[:20])
+        def forward(self, p_
+    """
+    return Traced(f, example_inputs, bn=bn, wrt=wrt)
+
+
+_MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Traced]]" = weakref.WeakKeyDictionary()
+
+
+def _traced_for(f, primals, bn) -> Traced:
+    if isinstance(f, nn.Module):
+        per = _MODULE_CACHE.setdefault(f, {})
+        t = per.get(bn)
+        if t is None:
+            t = per[bn] = Traced(f, primals, bn=bn)
+        return t
+    return Traced(f, primals, bn=bn)  # a function may close over anything: trace it afresh
+
+
+def jvp(f: Callable, primals, tangents, *, bn: str = "batch"):
+    """``(f(*primals), J v)`` like ``torch.func.jvp``, through the flipped graph.
+
+    Works where ``torch.func.jvp`` raises: BatchNorm in train mode (running-statistic updates are kept out
+    of the graph and never written), attention kernels without forward AD, custom ``autograd.Function``
+    with only a backward. Traces of an ``nn.Module`` are cached per shape; functions are traced per call.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Sigmoid()).train()
+        >>> x, v = torch.randn(6, 3), torch.randn(6, 3)
+        >>> out, jv = jvpgraph.jvp(net, (x,), (v,))
+        >>> ref = torch.autograd.functional.jvp(net, x, v)[1]
+        >>> torch.testing.assert_close(jv, ref)
+    """
+    primals = _as_tuple(primals)
+    return _traced_for(f, primals, bn).jvp(primals, _as_tuple(tangents))
+
+
+def linearize(f: Callable, *primals, bn: str = "batch"):
+    """``(f(*primals), jvp_fn)`` like ``torch.func.linearize``; ``jvp_fn(*tangents)`` reuses the forward.
+
+    Example:
+        >>> import torch, jvpgraph
+        >>> out, jvp_fn = jvpgraph.linearize(torch.sin, torch.tensor([0.0, 1.0]))
+        >>> torch.testing.assert_close(jvp_fn(torch.ones(2)), torch.cos(torch.tensor([0.0, 1.0])))
+    """
+    lin = _traced_for(f, primals, bn).linearize(*primals, vjp=False)
+    return lin.out, lin.jvp
+
+
+def vjp(f: Callable, *primals, bn: str = "batch"):
+    """``(f(*primals), vjp_fn)`` like ``torch.func.vjp``; ``vjp_fn(u)`` returns a tuple, one per input.
+
+    Example:
+        >>> import torch, jvpgraph
+        >>> out, vjp_fn = jvpgraph.vjp(torch.sin, torch.tensor([0.0, 1.0]))
+        >>> torch.testing.assert_close(vjp_fn(torch.ones(2))[0], torch.cos(torch.tensor([0.0, 1.0])))
+    """
+    with torch.enable_grad():
+        lin = _traced_for(f, primals, bn).linearize(*primals, vjp=True)
+
+    def vjp_fn(*cotangents):
+        g = lin.vjp(*cotangents)
+        return g if isinstance(g, tuple) else (g,)
+
+    return lin.out, vjp_fn

@@ -1,0 +1,294 @@
+"""The Appendix C construction: flip the reverse-mode graph, add a fictitious node ``v``, emit Jv as code.
+
+Reverse mode computes ``Jᵀu`` by summing, over every path from the output to an input, the product of
+the transposed local Jacobians along it. Flip every edge of that graph (its elements, the local
+Jacobians, stay), put a fictitious node carrying ``v`` in front of the differentiated inputs, and the same
+path sums give ``Jv``: at each node, the tangent is the sum over incoming edges of edge element times the
+tangent of the edge's source. That is one walk of the nodes in order — so the flipped graph *is*
+runnable code, and we emit it as a ``torch.fx.GraphModule``:
+
+    node b:   t_b = Σ_{a -> b}  J^{a->b} t_a          (rule of b's op; None = symbolic zero)
+    input x:  t_x = v                                  (the fictitious node's edge)
+
+Nodes off every input -> output path are pruned (their tangent is zero). The emitted module computes the
+primal and the tangent together (``jvp`` on a new batch); :meth:`FlippedGraph.partition` splits it into a
+forward that records what the tangent pass needs and a tangent pass that reuses it (``linearize``).
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+from typing import Any
+
+import networkx as nx
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from .graph import Graph, _target_name
+from .rules import RuleError, node_jvp, options
+
+__all__ = ["FlippedGraph", "FICTITIOUS"]
+
+#: Name of the fictitious node carrying ``v`` in :attr:`FlippedGraph.nx`.
+FICTITIOUS = "v"
+
+
+def _collapse(ts):
+    """Containers whose entries are all zero (``None``) become ``None``."""
+    if isinstance(ts, dict):
+        items = {k: _collapse(t) for k, t in ts.items()}
+        return None if all(t is None for t in items.values()) else items
+    if isinstance(ts, (list, tuple)):
+        items = [_collapse(t) for t in ts]
+        return None if all(t is None for t in items) else type(ts)(items)
+    return ts
+
+
+def _keep_placeholders(node: fx.Node) -> bool:
+    """Dead-code elimination keeps the signature; every op here is pure (random ops too, if unused)."""
+    return node.op in ("placeholder", "output")
+
+
+def _tangents_of(a, tenv):
+    """The tangent structure of an argument: a node's tangent, ``None`` for every constant."""
+    if isinstance(a, fx.Node):
+        return tenv.get(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(_tangents_of(x, tenv) for x in a)
+    if isinstance(a, dict):
+        return {k: _tangents_of(x, tenv) for k, x in a.items()}
+    return None
+
+
+def _check_tangent(node: fx.Node, out, t):
+    """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name."""
+    outs = pytree.tree_leaves(out)
+    touts = pytree.tree_leaves(t, is_leaf=lambda z: z is None)
+    if len(outs) != len(touts):
+        raise RuleError(f"rule for {_target_name(node)} returned {len(touts)} tangents for {len(outs)} outputs "
+                        f"at node {node.format_node()}")
+    for o, to in zip(outs, touts):
+        if to is None or not isinstance(o, torch.Tensor):
+            continue
+        if tuple(to.shape) != tuple(o.shape) or to.dtype != o.dtype:
+            raise RuleError(
+                f"rule for {_target_name(node)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
+                f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
+
+
+def _placeholder_examples(gm: fx.GraphModule) -> list[torch.Tensor]:
+    out = []
+    for n in gm.graph.nodes:
+        if n.op == "placeholder":
+            v = n.meta["val"]
+            out.append(torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device))
+    return out
+
+
+class FlippedGraph:
+    """The flipped graph of a :class:`~jvpgraph.graph.Graph`, emitted as runnable fx code.
+
+    * ``.module`` — ``GraphModule`` taking ``(*params, *buffers, *inputs, *tangents)`` and returning
+      ``(*outputs, *tangent_outputs, *new_buffers)``; ``.code`` is its Python source.
+    * ``.nx`` — the networkx flipped graph: the fictitious node ``"v"`` plus the nodes on input -> output
+      paths, each edge carrying its local Jacobian's kind.
+    * ``.how`` — for each node, how its local Jacobian was obtained (a rule kind or a fallback step).
+    * ``.partition()`` — ``(forward, tangent)`` modules for a recorded forward.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from jvpgraph.trace import trace_program
+        >>> from jvpgraph.graph import Graph
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2))
+        >>> x, v = torch.randn(5, 3), torch.randn(5, 3)
+        >>> fg = Graph(trace_program(net, (x,))).flip()
+        >>> out, jv = fg.module(*net.parameters(), x, v)
+        >>> ref = torch.func.jvp(net, (x,), (v,))[1]
+        >>> torch.testing.assert_close(jv, ref)
+    """
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        prog = graph.program
+        self.n_outputs = len(prog.output_nodes)
+        self.buffer_update_names = list(prog.buffer_updates)
+        self.how: dict[str, str] = {}
+        self.module = self._emit()
+
+    # ------------------------------------------------------------------ emission
+    def _joint(self, *flat):
+        """Walk the forward graph once: primal values and, for active nodes, tangents by their rules."""
+        g = self.graph
+        prog = g.program
+        gm = prog.gm
+        active = g.active_nodes
+        placeholders = prog.placeholders
+        env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
+        tenv: dict[fx.Node, Any] = {}
+        tan_of = dict(zip(g.diff_nodes, flat[len(placeholders):]))
+        for node in gm.graph.nodes:
+            if node.op == "placeholder":
+                if node in tan_of:
+                    tenv[node] = tan_of[node]
+            elif node.op == "get_attr":
+                env[node] = getattr(gm, node.target)
+            elif node.op == "call_function":
+                args = fx.node.map_arg(node.args, env.__getitem__)
+                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+                out = node.target(*args, **kwargs)
+                env[node] = out
+                if node not in active:
+                    continue
+                if node.target is operator.getitem:
+                    parent = tenv.get(node.args[0])
+                    t = None if parent is None else parent[node.args[1]]
+                    if t is not None:
+                        tenv[node] = t
+                    continue
+                targs = _collapse(_tangents_of(node.args, tenv))
+                tkw = _collapse(_tangents_of(node.kwargs, tenv)) or {}
+                if targs is None and not tkw:
+                    continue
+                targs = targs if targs is not None else (None,) * len(node.args)
+                targs = tuple(targs) + (None,) * (len(node.args) - len(targs))
+                try:
+                    t, how = node_jvp(node.target, targs, tkw, out, args, kwargs)
+                except RuleError as e:
+                    raise RuleError(f"{e}\n  at node: {node.format_node()}"
+                                    + (f"\n  from:\n{node.meta['stack_trace']}" if node.meta.get("stack_trace")
+                                       else "")) from e
+                _check_tangent(node, out, t)
+                self.how[node.name] = how
+                if t is not None:
+                    tenv[node] = t
+            elif node.op == "output":
+                outs = list(node.args[0])
+        values = [env[o] if isinstance(o, fx.Node) else o for o in outs]
+        touts = []
+        for o, val in zip(outs, values):
+            t = tenv.get(o) if isinstance(o, fx.Node) else None
+            if t is None and isinstance(val, torch.Tensor):
+                t = torch.zeros_like(val)  # output off every path from the inputs: Jv is exactly zero there
+            touts.append(t)
+        news = [env[n] for n in prog.buffer_updates.values()]
+        return (*values, *touts, *news)
+
+    def _emit(self) -> fx.GraphModule:
+        prog = self.graph.program
+        examples = _placeholder_examples(prog.gm)
+        inputs = prog.input_nodes
+        n_front = len(prog.placeholders)
+        # fresh tensors: make_fx would give one placeholder to a tensor passed twice
+        tangent_examples = [torch.empty_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
+        with options(bn=prog.bn):
+            gm = make_fx(lambda *flat: self._joint(*flat), tracing_mode="fake", _allow_non_fake_inputs=True)(
+                *examples, *tangent_examples)
+        names = [n.name for n in prog.placeholders]
+        names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
+        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
+        for node, name in zip(phs, names):
+            node._rename(name)
+            node.target = node.name
+        gm.graph.eliminate_dead_code(is_impure_node=_keep_placeholders)
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    # ------------------------------------------------------------------ views
+    @property
+    def code(self) -> str:
+        """Python source of the emitted flipped graph (primal and tangent interleaved)."""
+        return self.module.code
+
+    @functools.cached_property
+    def nx(self) -> nx.DiGraph:
+        """The flipped graph: reverse-mode edges flipped (so they run input -> output again), the
+        fictitious node ``"v"`` in front of the differentiated inputs, pruned to active nodes."""
+        G = self.graph.nx
+        keep = {n.name for n in self.graph.active_nodes} | {"output"}
+        F = nx.DiGraph()
+        F.add_node(FICTITIOUS, role="fictitious", target="v", shape=None, dtype=None, module="", active=True)
+        for name in keep:
+            if name in G:
+                F.add_node(name, **{**G.nodes[name], "how": self.how.get(name, G.nodes[name]["role"])})
+        # reverse-mode graph: edges b -> a with element J^{a->b}ᵀ; flipping gives a -> b with J^{a->b}
+        reverse = G.reverse(copy=False)
+        for b, a, data in reverse.edges(data=True):
+            if a in keep and b in keep:
+                F.add_edge(a, b, **data)
+        for node in self.graph.diff_nodes:
+            F.add_edge(FICTITIOUS, node.name, jacobian="fictitious", arg=0)
+        return F
+
+    # ------------------------------------------------------------------ recorded forward
+    @functools.cached_property
+    def _partition(self) -> tuple[fx.GraphModule, fx.GraphModule, int]:
+        gm = self.module
+        graph = gm.graph
+        prog = self.graph.program
+        phs = [n for n in graph.nodes if n.op == "placeholder"]
+        n_primal = len(prog.placeholders)
+        tangent_ph = phs[n_primal:]
+        out_node = next(n for n in graph.nodes if n.op == "output")
+        outs = list(out_node.args[0])
+        n_out = self.n_outputs
+        primal_outs, tangent_outs, new_bufs = outs[:n_out], outs[n_out:2 * n_out], outs[2 * n_out:]
+
+        on_tangent: set[fx.Node] = set(tangent_ph)
+        for n in graph.nodes:
+            if n.op == "call_function" and any(a in on_tangent for a in n.all_input_nodes):
+                on_tangent.add(n)
+        saved: list[fx.Node] = []
+        seen = set()
+        for n in graph.nodes:
+            if n in on_tangent and n.op != "placeholder":
+                for a in n.all_input_nodes:
+                    if a not in on_tangent and a not in seen:
+                        seen.add(a)
+                        saved.append(a)
+        for t in tangent_outs:
+            if isinstance(t, fx.Node) and t not in on_tangent and t not in seen:
+                seen.add(t)
+                saved.append(t)
+
+        fwd = fx.Graph()
+        env: dict[fx.Node, fx.Node] = {}
+        for n in graph.nodes:
+            if n.op == "output" or n in on_tangent:
+                continue
+            env[n] = fwd.node_copy(n, lambda a: env[a])
+        fwd.output(tuple(env[o] if isinstance(o, fx.Node) else o
+                         for o in [*primal_outs, *new_bufs, *saved]))
+        fwd.eliminate_dead_code(is_impure_node=_keep_placeholders)
+
+        tan = fx.Graph()
+        tenv: dict[fx.Node, fx.Node] = {}
+        for s in saved:
+            tenv[s] = tan.placeholder(f"saved_{s.name}")
+            tenv[s].meta = dict(s.meta)
+        for n in graph.nodes:
+            if n in on_tangent:
+                tenv[n] = tan.node_copy(n, lambda a: tenv[a])
+        tan.output(tuple(tenv[t] if isinstance(t, fx.Node) else t for t in tangent_outs))
+        tan.eliminate_dead_code(is_impure_node=_keep_placeholders)
+        fwd_gm = fx.GraphModule(gm, fwd)
+        tan_gm = fx.GraphModule(gm, tan)
+        return fwd_gm, tan_gm, len(saved)
+
+    def partition(self) -> tuple[fx.GraphModule, fx.GraphModule]:
+        """``(forward, tangent)``: ``forward(*params, *buffers, *inputs)`` returns
+        ``(*outputs, *new_buffers, *saved)``; ``tangent(*saved, *v)`` returns the tangent outputs."""
+        fwd, tan, _ = self._partition
+        return fwd, tan
+
+    @property
+    def n_saved(self) -> int:
+        return self._partition[2]
+
+    def __repr__(self):
+        n = sum(1 for n in self.module.graph.nodes if n.op == "call_function")
+        fallbacks = sorted({k for k, h in self.how.items() if h in ("decomposition", "forward-ad", "flipped-vjp")})
+        return f"FlippedGraph({n} aten calls, fallback nodes: {fallbacks or 'none'})"

@@ -1,0 +1,120 @@
+"""The computation as a graph: the fx graph of a trace plus its networkx view.
+
+Nodes are ops (and the inputs and the output); an edge ``a -> b`` is data flow and carries the *kind* of
+the local Jacobian ``∂b/∂a`` (its edge element in Appendix C). Reverse mode sums, over every path from the
+output back to an input, the product of the transposed edge elements; :meth:`Graph.flip` builds the
+flipped graph whose path sums give ``Jv``.
+"""
+
+from __future__ import annotations
+
+import functools
+import operator
+
+import networkx as nx
+import torch
+import torch.fx as fx
+
+from .rules import lookup
+from .trace import TracedProgram
+
+__all__ = ["Graph"]
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    if t is operator.getitem:
+        return "getitem"
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def edge_kind(node: fx.Node) -> str:
+    """Kind of the local Jacobian on the edges entering ``node`` (see :data:`jvpgraph.rules.EDGE_KINDS`)."""
+    if node.op != "call_function":
+        return "structural"
+    if node.target is operator.getitem:
+        return "structural"
+    rule = lookup(node.target)
+    return rule.kind if rule is not None else "fallback"
+
+
+class Graph:
+    """A traced computation: ``.program`` (fx, aten level), ``.nx`` (networkx), ``.flip()``.
+
+    ``wrt`` lists the user inputs that carry a tangent (default: every floating-point input).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from jvpgraph.trace import trace_program
+        >>> g = Graph(trace_program(nn.Sequential(nn.Linear(3, 4), nn.Sigmoid(), nn.Linear(4, 2)),
+        ...                         (torch.randn(5, 3),)))
+        >>> sorted({k for _, _, k in g.nx.edges(data="jacobian")})
+        ['bilinear', 'elementwise', 'linear', 'structural']
+        >>> g.nx.nodes["sigmoid"]["shape"]
+        (5, 4)
+    """
+
+    def __init__(self, program: TracedProgram, wrt: list[int] | None = None):
+        self.program = program
+        self.wrt = list(program.diff_inputs if wrt is None else wrt)
+        inputs = program.input_nodes
+        self.diff_nodes: list[fx.Node] = [inputs[i] for i in self.wrt]
+
+    @property
+    def gm(self) -> fx.GraphModule:
+        return self.program.gm
+
+    @functools.cached_property
+    def nx(self) -> nx.DiGraph:
+        """networkx view: nodes keyed by fx name, with ``target``, ``shape``, ``dtype``, ``role``, ``module``,
+        ``active``; edges with ``jacobian`` (the local Jacobian's kind) and ``arg`` (argument position)."""
+        prog = self.program
+        roles = {}
+        P, B = len(prog.param_names), len(prog.buffer_names)
+        for i, n in enumerate(prog.placeholders):
+            roles[n] = "param" if i < P else "buffer" if i < P + B else "input"
+        active = self.active_nodes
+        G = nx.DiGraph()
+        for node in self.gm.graph.nodes:
+            val = node.meta.get("val")
+            shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
+            dtype = val.dtype if isinstance(val, torch.Tensor) else None
+            stack = node.meta.get("nn_module_stack") or {}
+            module = list(stack.values())[-1][0] if stack else ""
+            G.add_node(node.name, target=_target_name(node), op=node.op, shape=shape, dtype=dtype,
+                       role=roles.get(node, "output" if node.op == "output" else "op"), module=module,
+                       active=node in active or (node.op == "output"))
+            kind = edge_kind(node)
+            for pos, inp in enumerate(node.all_input_nodes):
+                G.add_edge(inp.name, node.name, jacobian=kind, arg=pos)
+        return G
+
+    @functools.cached_property
+    def active_nodes(self) -> set[fx.Node]:
+        """Nodes on some differentiated-input -> output path; all others have a zero tangent."""
+        forward: set[fx.Node] = set(self.diff_nodes)
+        for node in self.gm.graph.nodes:
+            if node.op == "call_function" and any(a in forward for a in node.all_input_nodes):
+                forward.add(node)
+        backward: set[fx.Node] = set()
+        todo = [o for o in self.program.output_nodes if isinstance(o, fx.Node)]
+        while todo:
+            n = todo.pop()
+            if n in backward:
+                continue
+            backward.add(n)
+            todo.extend(n.all_input_nodes)
+        return forward & backward
+
+    def flip(self):
+        """The flipped graph of Appendix C (see :class:`jvpgraph.flip.FlippedGraph`)."""
+        from .flip import FlippedGraph  # the flip builds on this class; imported here to keep layering
+
+        return FlippedGraph(self)
+
+    def __repr__(self):
+        n_ops = sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
+        return (f"Graph({n_ops} aten ops, {len(self.active_nodes)} on input->output paths, "
+                f"wrt inputs {self.wrt}, bn={self.program.bn!r})")

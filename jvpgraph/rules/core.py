@@ -1,0 +1,499 @@
+"""The written local Jacobians, each registered beside its op (the paper's Tables 2-4 and more).
+
+Conventions: ``t`` is the tangent of the argument the edge leaves from, ``out`` the op's primal output,
+then the op's own arguments. Derivative factors are computed from primal values only (``x``, ``out``)
+and multiplied into ``t`` last, so that a recorded forward can keep them and a tangent pass costs one
+multiply per elementwise op.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .registry import add_tangents, current_options, defjvp, deflinear, defrule
+
+aten = torch.ops.aten
+
+
+def _expand(t, out):
+    """Broadcast a tangent to the output's shape (an argument smaller than the output)."""
+    if t is None or t.shape == out.shape:
+        return t
+    return t.expand(out.shape)
+
+
+def _reduce_to(t, like):
+    """Sum a broadcast tangent down to ``like``'s shape (used by bias-like edges)."""
+    if t.shape == like.shape:
+        return t
+    return t.sum_to_size(like.shape)
+
+
+def _zero(*_a, **_k):
+    return None
+
+
+# ------------------------------------------------------------------ ops whose output has no tangent
+defrule(
+    [
+        aten.zeros_like, aten.ones_like, aten.empty_like, aten.full_like, aten.rand_like, aten.randn_like,
+        aten.randint_like, aten.new_zeros, aten.new_ones, aten.new_empty, aten.new_full,
+        aten.bernoulli, aten.detach, aten.sign, aten.round, aten.floor, aten.ceil, aten.trunc,
+        aten.eq, aten.ne, aten.lt, aten.gt, aten.le, aten.ge, aten.logical_and, aten.logical_or,
+        aten.logical_not, aten.logical_xor, aten.argmax, aten.argmin, aten.isnan, aten.isinf,
+        aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.fill, aten.zero, aten.scalar_tensor,
+        aten.lift_fresh_copy, aten.argsort, aten.floor_divide,
+        aten.empty_strided, aten.isfinite, aten.signbit,
+    ],
+    lambda tangents, out, *a, **k: None,
+    "structural",
+)
+
+# ------------------------------------------------------------------ linear ops (Tables 2-4: bias off)
+deflinear(
+    [
+        aten.view, aten._unsafe_view, aten.view_copy, aten.reshape, aten.expand, aten.expand_copy,
+        aten.permute, aten.permute_copy, aten.transpose, aten.transpose_copy, aten.t, aten.t_copy,
+        aten.squeeze, aten.squeeze_copy, aten.unsqueeze, aten.unsqueeze_copy, aten.select, aten.select_copy,
+        aten.slice, aten.slice_copy, aten.clone, aten.alias, aten.alias_copy, aten.contiguous,
+        aten.repeat, aten.split, aten.split_with_sizes, aten.unbind, aten.unbind_copy, aten.split_copy,
+        aten.split_with_sizes_copy, aten.chunk, aten.narrow, aten.unfold, aten.unfold_copy, aten.roll,
+        aten.flip, aten.diagonal, aten.diagonal_copy, aten.as_strided, aten.as_strided_copy, aten.index_select,
+        aten.gather, aten.index, aten.sum, aten.mean, aten.cumsum, aten.neg, aten.avg_pool1d,
+        aten.avg_pool2d, aten.avg_pool3d, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d,
+        aten.adaptive_avg_pool1d, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
+        aten.upsample_bilinear2d, aten.upsample_linear1d, aten.upsample_trilinear3d, aten.upsample_bicubic2d,
+        aten._upsample_nearest_exact2d, aten.pixel_shuffle, aten.pixel_unshuffle, aten.movedim,
+        aten.channel_shuffle, aten.native_channel_shuffle, aten.trace, aten.tril, aten.triu,
+        aten.reflection_pad1d, aten.reflection_pad2d, aten.reflection_pad3d, aten.replication_pad1d,
+        aten.replication_pad2d, aten.replication_pad3d, aten.im2col, aten.col2im, aten.view_as_real,
+        aten.view_as_complex, aten.squeeze_copy, aten.flatten, aten.real, aten.imag, aten.conj,
+        aten._conj, aten.resolve_conj, aten.resolve_neg, aten.lift_fresh, aten.mul.Scalar, aten.div.Scalar,
+        aten.expand_as, aten.tile, aten.repeat_interleave.self_int, aten.embedding,
+    ]
+)
+deflinear([aten.add.Scalar, aten.sub.Scalar])
+deflinear([aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter,
+           aten.copy], argnums=(0, 1))
+deflinear([aten.index_put], argnums=(0, 2))
+deflinear([aten.scatter.src, aten.scatter_add, aten.index_add, aten.scatter_reduce.two], argnums=(0, 3))
+
+
+def _to_copy(tangents, out, x, *args, **kwargs):
+    if not (out.is_floating_point() or out.is_complex()):
+        return None
+    return aten._to_copy(tangents[0], *args, **kwargs)
+
+
+defrule([aten._to_copy], _to_copy, "linear")
+defrule([aten.constant_pad_nd],
+        lambda ts, out, x, pad, value=0: aten.constant_pad_nd(ts[0], pad, 0.0), "linear")
+defrule([aten.scatter.value],
+        lambda ts, out, x, dim, index, value: aten.scatter(ts[0], dim, index, 0.0), "linear")
+defrule([aten.masked_fill.Scalar],
+        lambda ts, out, x, mask, value: aten.masked_fill(ts[0], mask, 0.0), "linear")
+defrule([aten.masked_fill.Tensor],
+        lambda ts, out, x, mask, value: torch.where(
+            mask, _expand(ts[2], out) if ts[2] is not None else torch.zeros_like(out),
+            ts[0] if ts[0] is not None else torch.zeros_like(out)).expand(out.shape),
+        "linear")
+
+
+def _add(ts, out, x, y, alpha=1):
+    tx, ty = ts[0], ts[1] if len(ts) > 1 else None
+    if ty is not None and alpha != 1:
+        ty = ty * alpha
+    return _expand(add_tangents(_expand(tx, out), _expand(ty, out)), out)
+
+
+def _sub(ts, out, x, y, alpha=1):
+    ty = ts[1] if len(ts) > 1 else None
+    return _add((ts[0], None if ty is None else -ty), out, x, y, alpha)
+
+
+def _rsub(ts, out, x, y, alpha=1):  # y - alpha * x
+    tx, ty = ts[0], ts[1] if len(ts) > 1 else None
+    return _add((ty, None if tx is None else -tx), out, y, x, alpha)
+
+
+defrule([aten.add.Tensor], _add, "linear")
+defrule([aten.sub.Tensor], _sub, "linear")
+defrule([aten.rsub.Tensor], _rsub, "linear")
+defrule([aten.rsub.Scalar], lambda ts, out, x, y, alpha=1: -alpha * ts[0], "linear")
+
+
+def _cat(ts, out, tensors, dim=0):
+    parts = [t if t is not None else torch.zeros_like(x) for t, x in zip(ts[0], tensors)]
+    return aten.cat(parts, dim)
+
+
+def _stack(ts, out, tensors, dim=0):
+    parts = [t if t is not None else torch.zeros_like(x) for t, x in zip(ts[0], tensors)]
+    return aten.stack(parts, dim)
+
+
+defrule([aten.cat], _cat, "linear")
+defrule([aten.stack], _stack, "linear")
+
+
+def _where(ts, out, cond, x, y):
+    tx = ts[1] if ts[1] is not None else torch.zeros((), dtype=out.dtype, device=out.device)
+    ty = ts[2] if ts[2] is not None else torch.zeros((), dtype=out.dtype, device=out.device)
+    return _expand(torch.where(cond, tx, ty), out)
+
+
+defrule([aten.where.self], _where, "linear")
+
+# ------------------------------------------------------------------ bilinear ops
+defjvp(aten.mul.Tensor, lambda t, out, x, y: _expand(t * y, out), lambda t, out, x, y: _expand(x * t, out),
+       kind="bilinear")
+defjvp(aten.mm, lambda t, out, a, b: t @ b, lambda t, out, a, b: a @ t, kind="bilinear")
+defjvp(aten.bmm, lambda t, out, a, b: torch.bmm(t, b), lambda t, out, a, b: torch.bmm(a, t), kind="bilinear")
+defjvp(aten.mv, lambda t, out, a, b: aten.mv(t, b), lambda t, out, a, b: aten.mv(a, t), kind="bilinear")
+defjvp(aten.dot, lambda t, out, a, b: aten.dot(t, b), lambda t, out, a, b: aten.dot(a, t), kind="bilinear")
+defjvp(
+    aten.addmm,
+    lambda t, out, bias, a, b, beta=1, alpha=1: _expand(t * beta, out),
+    lambda t, out, bias, a, b, beta=1, alpha=1: aten.mm(t, b) * alpha if alpha != 1 else aten.mm(t, b),
+    lambda t, out, bias, a, b, beta=1, alpha=1: aten.mm(a, t) * alpha if alpha != 1 else aten.mm(a, t),
+    kind="bilinear",
+)
+defjvp(
+    aten.baddbmm,
+    lambda t, out, bias, a, b, beta=1, alpha=1: _expand(t * beta, out),
+    lambda t, out, bias, a, b, beta=1, alpha=1: torch.bmm(t, b) * alpha,
+    lambda t, out, bias, a, b, beta=1, alpha=1: torch.bmm(a, t) * alpha,
+    kind="bilinear",
+)
+
+
+def _conv_edge(which):
+    def edge(t, out, x, w, b, stride, padding, dilation, transposed, output_padding, groups):
+        if which == 0:
+            return aten.convolution(t, w, None, stride, padding, dilation, transposed, output_padding, groups)
+        if which == 1:
+            return aten.convolution(x, t, None, stride, padding, dilation, transposed, output_padding, groups)
+        shape = [1, -1] + [1] * (out.dim() - 2)
+        return _expand(t.view(shape), out)
+
+    return edge
+
+
+defjvp(aten.convolution, _conv_edge(0), _conv_edge(1), _conv_edge(2), kind="bilinear")
+
+
+def _div(ts, out, x, y, rounding_mode=None):
+    if rounding_mode is not None:
+        return None  # piecewise constant
+    tx, ty = ts[0], ts[1] if len(ts) > 1 else None
+    parts = []
+    if tx is not None:
+        parts.append(_expand(tx / y, out))
+    if ty is not None:
+        parts.append(_expand(-ty * (out / y), out))
+    return add_tangents(*parts)
+
+
+defrule([aten.div.Tensor], _div, "elementwise")
+defrule([aten.div.Tensor_mode], lambda ts, out, x, y, rounding_mode=None: _div(ts, out, x, y, rounding_mode),
+        "elementwise")
+defrule([aten.div.Scalar_mode],
+        lambda ts, out, x, y, rounding_mode=None: None if rounding_mode else ts[0] / y, "linear")
+
+# ------------------------------------------------------------------ elementwise: f'(x) * t
+_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
+_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
+
+
+def _unary(op, deriv, kind="elementwise"):
+    """Register ``f'(x, out) * t`` for a unary op; ``deriv(out, x, *args, **kwargs)``."""
+    defjvp(op, lambda t, out, x, *a, **k: deriv(out, x, *a, **k) * t, kind=kind)
+
+
+def _gelu_d(out, x, approximate="none"):
+    if approximate == "tanh":
+        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
+        th = torch.tanh(inner)
+        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
+    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
+    return cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+
+
+def _silu_d(out, x):
+    s = torch.sigmoid(x)
+    return s * (1 + x * (1 - s))
+
+
+def _mish_d(out, x):
+    tsp = torch.tanh(torch.nn.functional.softplus(x))
+    return tsp + x * torch.sigmoid(x) * (1 - tsp * tsp)
+
+
+def _elu_d(out, x, alpha=1.0, scale=1.0, input_scale=1.0):
+    return torch.where(x > 0, torch.full_like(x, scale), input_scale * (out + scale * alpha))
+
+
+def _softplus_d(out, x, beta=1.0, threshold=20.0):
+    return torch.where(x * beta > threshold, torch.ones_like(x), torch.sigmoid(x * beta))
+
+
+def _hardswish_d(out, x):
+    return torch.where(x < -3, torch.zeros_like(x), torch.where(x <= 3, x / 3 + 0.5, torch.ones_like(x)))
+
+
+def _mask(cond, like):
+    return cond.to(like.dtype)
+
+
+_unary(aten.sigmoid, lambda out, x: out * (1 - out))
+_unary(aten.tanh, lambda out, x: 1 - out * out)
+_unary(aten.relu, lambda out, x: _mask(out > 0, out), kind="mask")
+_unary(aten.gelu, _gelu_d)
+_unary(aten.silu, _silu_d)
+_unary(aten.mish, _mish_d)
+_unary(aten.elu, _elu_d)
+_unary(aten.softplus, _softplus_d)
+_unary(aten.hardswish, _hardswish_d)
+_unary(aten.hardsigmoid, lambda out, x: _mask((x > -3) & (x < 3), x) / 6)
+_unary(aten.leaky_relu, lambda out, x, slope=0.01: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)),
+       kind="mask")
+_unary(aten.hardtanh, lambda out, x, lo=-1.0, hi=1.0: _mask((x > lo) & (x < hi), x), kind="mask")
+_unary(aten.threshold, lambda out, x, thr, value: _mask(x > thr, x), kind="mask")
+_unary(aten.exp, lambda out, x: out)
+_unary(aten.exp2, lambda out, x: out * math.log(2.0))
+_unary(aten.expm1, lambda out, x: out + 1)
+_unary(aten.log, lambda out, x: 1 / x)
+_unary(aten.log2, lambda out, x: 1 / (x * math.log(2.0)))
+_unary(aten.log10, lambda out, x: 1 / (x * math.log(10.0)))
+_unary(aten.log1p, lambda out, x: 1 / (1 + x))
+_unary(aten.sqrt, lambda out, x: 0.5 / out)
+_unary(aten.rsqrt, lambda out, x: -0.5 * out * out * out)
+_unary(aten.reciprocal, lambda out, x: -out * out)
+_unary(aten.sin, lambda out, x: torch.cos(x))
+_unary(aten.cos, lambda out, x: -torch.sin(x))
+_unary(aten.tan, lambda out, x: 1 + out * out)
+_unary(aten.sinh, lambda out, x: torch.cosh(x))
+_unary(aten.cosh, lambda out, x: torch.sinh(x))
+_unary(aten.atan, lambda out, x: 1 / (1 + x * x))
+_unary(aten.asin, lambda out, x: torch.rsqrt(1 - x * x))
+_unary(aten.acos, lambda out, x: -torch.rsqrt(1 - x * x))
+_unary(aten.erf, lambda out, x: (2 / math.sqrt(math.pi)) * torch.exp(-x * x))
+_unary(aten.abs, lambda out, x: torch.sgn(x), kind="mask")
+_unary(aten.square, lambda out, x: 2 * x)
+_unary(aten.clamp_min, lambda out, x, lo: _mask(x >= lo, x), kind="mask")
+_unary(aten.clamp_max, lambda out, x, hi: _mask(x <= hi, x), kind="mask")
+
+
+def _clamp_d(out, x, lo=None, hi=None):
+    keep = torch.ones_like(x, dtype=torch.bool)
+    if lo is not None:
+        keep = keep & (x >= lo)
+    if hi is not None:
+        keep = keep & (x <= hi)
+    return _mask(keep, x)
+
+
+defjvp(aten.clamp.default, lambda t, out, x, lo=None, hi=None: _clamp_d(out, x, lo, hi) * t, kind="mask")
+defrule(aten.log_sigmoid_forward,
+        lambda ts, out, x: (torch.sigmoid(-x) * ts[0], None), "elementwise")
+
+
+def _pow_ts(ts, out, x, e):
+    if e == 0:
+        return None
+    return (e * torch.pow(x, e - 1)) * ts[0]
+
+
+defrule(aten.pow.Tensor_Scalar, _pow_ts, "elementwise")
+defjvp(aten.pow.Tensor_Tensor,
+       lambda t, out, x, e: _expand(torch.where(e == 0, torch.zeros_like(out), e * torch.pow(x, e - 1)) * t, out),
+       lambda t, out, x, e: _expand(out * torch.log(x) * t, out))
+defjvp(aten.pow.Scalar, None, lambda t, out, base, e: out * math.log(base) * t if base > 0 else out * 0 * t)
+
+
+def _minmax(pick_first):
+    def fn(ts, out, x, y):
+        tx = ts[0] if ts[0] is not None else torch.zeros((), dtype=out.dtype, device=out.device)
+        ty = ts[1] if ts[1] is not None else torch.zeros((), dtype=out.dtype, device=out.device)
+        first = (x > y) if pick_first else (x < y)
+        second = (x < y) if pick_first else (x > y)
+        return _expand(torch.where(first, tx, torch.where(second, ty, (tx + ty) / 2)), out)
+
+    return fn
+
+
+defrule(aten.maximum, _minmax(True), "mask")
+defrule(aten.minimum, _minmax(False), "mask")
+
+# ------------------------------------------------------------------ softmax family
+defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)))
+defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - torch.exp(out) * t.sum(dim, keepdim=True))
+
+# ------------------------------------------------------------------ reductions with a selected element
+def _select_reduce(ts, out, x, dim, keepdim=False):
+    values, idx = out
+    t = ts[0]
+    i = idx if keepdim else idx.unsqueeze(dim)
+    tv = t.gather(dim, i)
+    return (tv if keepdim else tv.squeeze(dim)), None
+
+
+defrule([aten.max.dim, aten.min.dim], _select_reduce, "mask")
+
+
+def _pool_with_indices(ndim):
+    def fn(ts, out, x, *args):
+        y, idx = out
+        t = ts[0].flatten(-ndim)
+        return t.gather(-1, idx.flatten(-ndim)).view(y.shape), None
+
+    return fn
+
+
+# Table 4: max-pool's forward mode reads the tangent at the forward's argmax indices.
+defrule(aten.max_pool2d_with_indices, _pool_with_indices(2), "mask")
+defrule(aten.max_pool3d_with_indices, _pool_with_indices(3), "mask")
+defrule(aten.adaptive_max_pool2d, _pool_with_indices(2), "mask")
+defrule(aten.adaptive_max_pool3d, _pool_with_indices(3), "mask")
+
+
+def _var_mean(ts, out, x, dim=None, *, correction=None, keepdim=False):
+    t = ts[0]
+    dims = list(range(x.dim())) if dim is None else [d % max(x.dim(), 1) for d in dim]
+    n = 1
+    for d in dims:
+        n *= x.shape[d]
+    corr = 1 if correction is None else correction
+    mean = x.mean(dims, keepdim=True)
+    tmean = t.mean(dims, keepdim=True)
+    tvar = ((x - mean) * (t - tmean)).sum(dims, keepdim=keepdim) * (2.0 / max(n - corr, 0))
+    return tvar, (tmean if keepdim else tmean.squeeze(dims) if dims else tmean)
+
+
+defrule(aten.var_mean.correction, _var_mean, "elementwise")
+defrule(aten.var.correction, lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0],
+        "elementwise")
+defrule(aten.std.correction,
+        lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "elementwise")
+
+# ------------------------------------------------------------------ normalization
+def _normalize_tangent(t, xhat, rstd, dims, coupled):
+    """Tangent of ``xhat = (x - mean(x)) * rstd(x)`` over ``dims``; ``coupled=False`` holds the stats."""
+    if not coupled:
+        return rstd * t
+    return rstd * (t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True))
+
+
+def _affine_tangent(t_xhat, xhat, w, tw, tb, shape, out):
+    parts = [t_xhat if w is None else (t_xhat * w.view(shape) if t_xhat is not None else None)]
+    if tw is not None:
+        parts.append(xhat * tw.view(shape))
+    if tb is not None:
+        parts.append(_expand(tb.view(shape), out))
+    return add_tangents(*parts)
+
+
+def _batch_norm_tangent(ts, out, x, w, b, mean, invstd, coupled):
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
+    xhat = (x - mean.view(shape)) * invstd.view(shape)
+    t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, invstd.view(shape), dims, coupled)
+    return _affine_tangent(t_xhat, xhat, w, ts[1], ts[2], shape, out)
+
+
+def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
+    y, mean, invstd = out[0], out[1], out[2]
+    coupled = training and current_options().bn == "batch"
+    if not training:
+        mean, invstd = rm, torch.rsqrt(rv + eps)
+    t = _batch_norm_tangent(ts, y, x, w, b, mean, invstd, coupled)
+    return (t,) + (None,) * (len(out) - 1)
+
+
+def _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps):
+    t = _batch_norm_tangent(ts, out[0], x, w, b, rm, torch.rsqrt(rv + eps), False)
+    return (t,) + (None,) * (len(out) - 1)
+
+
+def _bn_native(ts, out, x, w, b, rm, rv, training, momentum, eps):
+    if training:
+        return _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps)
+    return _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps)
+
+
+defrule(aten._native_batch_norm_legit_functional, _bn_functional, "batch")
+defrule(aten._native_batch_norm_legit_no_training, _bn_no_training, "linear")
+defrule(aten.native_batch_norm, _bn_native, "batch")
+
+
+def _layer_norm(ts, out, x, normalized_shape, w, b, eps):
+    y, mean, rstd = out
+    k = len(normalized_shape)
+    dims = list(range(x.dim() - k, x.dim()))
+    xhat = (x - mean) * rstd
+    t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, rstd, dims, True)
+    shape = list(normalized_shape)
+    return _affine_tangent(t_xhat, xhat, w, ts[2], ts[3], shape, y), None, None
+
+
+defrule(aten.native_layer_norm, _layer_norm, "elementwise")
+
+
+def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
+    y, mean, rstd = out
+    xg = x.reshape(N, group, -1)
+    xhat = (xg - mean.reshape(N, group, 1)) * rstd.reshape(N, group, 1)
+    t_xhat = None
+    if ts[0] is not None:
+        t_xhat = _normalize_tangent(ts[0].reshape(N, group, -1), xhat, rstd.reshape(N, group, 1), [-1], True)
+        t_xhat = t_xhat.reshape(x.shape)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return _affine_tangent(t_xhat, xhat.reshape(x.shape), w, ts[1], ts[2], shape, y), None, None
+
+
+defrule(aten.native_group_norm, _group_norm, "elementwise")
+
+# ------------------------------------------------------------------ dropout: the forward's mask
+def _dropout(ts, out, x, p, train=None):
+    if train is False:
+        return ts[0], None
+    if p >= 1:
+        return torch.zeros_like(out[0]), None
+    return ts[0] * (out[1] * (1.0 / (1.0 - p))), None
+
+
+defrule(aten.native_dropout, _dropout, "mask")
+
+
+# ------------------------------------------------------------------ scaled-dot-product attention
+def _attention_probs(q, k, is_causal, attn_mask, scale):
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
+    s = torch.matmul(q, k.transpose(-2, -1)) * scale
+    if is_causal:
+        L, S = q.size(-2), k.size(-2)
+        keep = torch.ones(L, S, dtype=torch.bool, device=q.device).tril()
+        s = s.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return torch.softmax(s, dim=-1), scale
+
+
+def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    if dropout_p > 0:
+        raise NotImplementedError("attention dropout is random: use the fallback")
+    tq, tk, tv = ts[0], ts[1], ts[2]
+    p, scale = _attention_probs(q, k, is_causal, attn_mask, scale)
+    parts = []
+    if tq is not None or tk is not None:
+        ts_ = add_tangents(None if tq is None else torch.matmul(tq, k.transpose(-2, -1)),
+                           None if tk is None else torch.matmul(q, tk.transpose(-2, -1))) * scale
+        tp = p * (ts_ - (p * ts_).sum(-1, keepdim=True))
+        parts.append(torch.matmul(tp, v))
+    if tv is not None:
+        parts.append(torch.matmul(p, tv))
+    return (add_tangents(*parts),) + (None,) * (len(out) - 1)
+
+
+defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear")

@@ -1,0 +1,225 @@
+"""The local Jacobian of one node, whatever the op: a written rule, or the theorem applied to that node.
+
+Order (cheapest and most exact first):
+
+1. a written rule from :mod:`jvpgraph.rules.core`;
+2. PyTorch's decomposition of the op into smaller aten ops, each of which goes through this same chain;
+3. PyTorch's own forward-AD formula for this one node (``torch.func.jvp`` on the op alone);
+4. **the theorem on this node alone**: its backward is the linear map ``w -> J_nodeᵀ w``; differentiating
+   ``<J_nodeᵀ w, t>`` with respect to ``w`` gives ``J_node t`` (the node's flipped VJP);
+5. a :class:`RuleError` that names the op and what each step said.
+
+Each op that needs steps 2-4 is reported once per process (``warnings.warn``), so users know.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.utils._pytree as pytree
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from .registry import Rule, lookup
+
+__all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
+
+#: How a node's local Jacobian was obtained (besides a written rule's own kind).
+FALLBACK_KINDS = ("decomposition", "forward-ad", "flipped-vjp")
+
+_WARNED: set[str] = set()
+
+
+class RuleError(RuntimeError):
+    """No way to get a node's local Jacobian (or a written rule misbehaved)."""
+
+
+def _is_tensor(x):
+    return isinstance(x, torch.Tensor)
+
+
+def _diffable(x):
+    return _is_tensor(x) and (x.is_floating_point() or x.is_complex())
+
+
+def _any_tangent(ts) -> bool:
+    return any(t is not None for t in pytree.tree_leaves(ts))
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. decompositions: run the decomposition, pushing tangents through each aten op it calls
+# --------------------------------------------------------------------------------------------------
+class _TangentMode(TorchDispatchMode):
+    """Carries tangents alongside the tensors of a decomposition, op by op, through :func:`node_jvp`."""
+
+    def __init__(self):
+        super().__init__()
+        self.tangent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(self, x):
+        if not _is_tensor(x):
+            return None
+        hit = self.tangent.get(id(x))
+        return hit[1] if hit is not None and hit[0] is x else None
+
+    def put(self, x, t):
+        if _is_tensor(x) and t is not None:
+            self.tangent[id(x)] = (x, t)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        targs = pytree.tree_map(self.get, args)
+        tkw = pytree.tree_map(self.get, kwargs)
+        if _any_tangent((targs, tkw)):
+            t, _ = node_jvp(func, targs, tkw, out, args, kwargs)
+            if t is not None:
+                for o, to in zip(pytree.tree_leaves(out), pytree.tree_leaves(t, is_leaf=lambda z: z is None)):
+                    self.put(o, to)
+        return out
+
+
+def _decomposition(op):
+    from torch._decomp import decomposition_table
+
+    fn = decomposition_table.get(op)
+    if fn is not None:
+        return fn
+    if isinstance(op, torch._ops.OpOverload) and torch._C._dispatch_has_kernel_for_dispatch_key(
+        op.name(), "CompositeImplicitAutograd"
+    ):
+        return op.decompose
+    return None
+
+
+def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
+    fn = _decomposition(op)
+    if fn is None:
+        raise NotImplementedError("no decomposition")
+    mode = _TangentMode()
+    for x, t in zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves((tangents, tkwargs),
+                                                                          is_leaf=lambda z: z is None)):
+        mode.put(x, t)
+    with mode:
+        dout = fn(*args, **kwargs)
+    if dout is NotImplemented:
+        raise NotImplementedError("decomposition declined these arguments")
+    # the decomposition recomputed the primal: use its outputs' tangents for the node's outputs
+    return pytree.tree_map(lambda o: mode.get(o) if _is_tensor(o) else None, dout)
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. PyTorch's forward-AD formula for this node
+# --------------------------------------------------------------------------------------------------
+def _split(args, kwargs, tangents, tkwargs):
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    pos = [i for i, (x, t) in enumerate(zip(flat, tflat)) if t is not None and _diffable(x)]
+
+    def call(op, *vals):
+        items = list(flat)
+        for i, v in zip(pos, vals):
+            items[i] = v
+        a, k = pytree.tree_unflatten(items, spec)
+        return op(*a, **k)
+
+    return call, [flat[i] for i in pos], [tflat[i] for i in pos]
+
+
+def _float_outputs(out):
+    return [o if _diffable(o) else None for o in pytree.tree_leaves(out)]
+
+
+def _rebuild_like(out, flat_tangents):
+    leaves, spec = pytree.tree_flatten(out)
+    return pytree.tree_unflatten(list(flat_tangents), spec)
+
+
+def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
+    call, primals, ts = _split(args, kwargs, tangents, tkwargs)
+
+    def f(*p):
+        res = call(op, *p)
+        return tuple(o for o in pytree.tree_leaves(res) if _diffable(o))
+
+    _, touts = torch.func.jvp(f, tuple(primals), tuple(ts))
+    it = iter(touts)
+    return _rebuild_like(out, [next(it) if o is not None else None for o in _float_outputs(out)])
+
+
+# --------------------------------------------------------------------------------------------------
+# 4. the theorem on one node: flip its VJP
+# --------------------------------------------------------------------------------------------------
+def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
+    call, primals, ts = _split(args, kwargs, tangents, tkwargs)
+    with torch.enable_grad():
+        leaves = [p.detach().requires_grad_(True) for p in primals]
+        res = call(op, *leaves)
+        outs = [o for o in pytree.tree_leaves(res) if _diffable(o) and o.requires_grad]
+        if not outs:
+            return _rebuild_like(out, [None] * len(pytree.tree_leaves(out)))
+        ws = [torch.zeros_like(o).requires_grad_(True) for o in outs]
+        # J_nodeᵀ w: the node's backward, kept differentiable in w
+        g = torch.autograd.grad(outs, leaves, ws, create_graph=True, allow_unused=True)
+        pairs = [(gi, ti) for gi, ti in zip(g, ts) if gi is not None and gi.requires_grad]
+        if not pairs:
+            jv = [None] * len(ws)
+        else:
+            # d/dw <J_nodeᵀ w, t> = J_node t
+            jv = torch.autograd.grad([p[0] for p in pairs], ws, [p[1] for p in pairs], allow_unused=True)
+    it = iter(jv)
+    flat = []
+    for o in pytree.tree_leaves(res):
+        flat.append(next(it) if (_diffable(o) and o.requires_grad) else None)
+    return _rebuild_like(out, flat)
+
+
+# --------------------------------------------------------------------------------------------------
+# The chain
+# --------------------------------------------------------------------------------------------------
+_STEPS = (("decomposition", _via_decomposition), ("forward-ad", _via_forward_ad),
+          ("flipped-vjp", _via_flipped_vjp))
+
+
+def _op_name(op) -> str:
+    return str(op) if isinstance(op, torch._ops.OpOverload) else getattr(op, "__name__", str(op))
+
+
+def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = None) -> tuple[Any, str]:
+    """Tangent of ``out = op(*args, **kwargs)`` given the inputs' tangents (``None`` = zero).
+
+    Returns ``(tangent_out, how)`` where ``how`` is the written rule's kind or one of
+    :data:`FALLBACK_KINDS`.
+
+    Example:
+        >>> import torch
+        >>> from jvpgraph.rules import node_jvp
+        >>> x = torch.tensor([0.5, 2.0]); t = torch.tensor([1.0, 1.0])
+        >>> out = torch.ops.aten.log.default(x)
+        >>> node_jvp(torch.ops.aten.log.default, (t,), {}, out, (x,), {})
+        (tensor([2.0000, 0.5000]), 'elementwise')
+    """
+    rule = rule or lookup(op)
+    if rule is not None and not _any_tangent(tkwargs):
+        try:
+            return rule.fn(tangents, out, *args, **kwargs), rule.kind
+        except NotImplementedError:
+            pass  # the rule declined these arguments: fall back
+    reasons = []
+    for how, step in _STEPS:
+        try:
+            t = step(op, tangents, tkwargs, out, args, kwargs)
+        except Exception as e:  # noqa: BLE001 - each step may fail in its own way; we report them all
+            reasons.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+            continue
+        name = _op_name(op)
+        if name not in _WARNED:
+            _WARNED.add(name)
+            warnings.warn(f"jvpgraph: no written rule for {name}; its local Jacobian comes from {how}",
+                          stacklevel=2)
+        return t, how
+    raise RuleError(
+        f"no local Jacobian for {_op_name(op)}:\n  " + "\n  ".join(reasons)
+        + "\n  Register one with jvpgraph.rules.defjvp / deflinear / defrule."
+    )

@@ -1,0 +1,35 @@
+"""The rule for a user ``torch.autograd.Function`` kept opaque by tracing (``jvpgraph::autograd_function``).
+
+If the Function defines ``jvp``, that formula is used (through forward-mode dual tensors); otherwise its
+``backward`` is flipped (the theorem on this one node), so the Jv is consistent with the backward the user
+wrote — a straight-through estimator gets the straight-through tangent, not zero.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.autograd.forward_ad as fwAD
+
+from ..trace import _OPAQUE, _flat_outputs, _orig_apply
+from .fallback import _via_flipped_vjp
+from .registry import defrule
+
+_OP = torch.ops.jvpgraph.autograd_function.default
+
+
+def _defines_jvp(cls) -> bool:
+    return getattr(cls, "jvp", None) is not torch.autograd.Function.jvp
+
+
+def _opaque_rule(tangents, out, inputs, key):
+    cls, rebuild = _OPAQUE[key]
+    tin = tangents[0] if tangents and tangents[0] is not None else [None] * len(inputs)
+    if _defines_jvp(cls):
+        with fwAD.dual_level():
+            duals = [x if t is None else fwAD.make_dual(x, t) for x, t in zip(inputs, tin)]
+            outs = _flat_outputs(_orig_apply(cls, *rebuild(duals)))
+            return [fwAD.unpack_dual(o).tangent for o in outs]
+    return _via_flipped_vjp(_OP, (tin, None), {}, out, (inputs, key), {})
+
+
+defrule(_OP, _opaque_rule, "opaque")

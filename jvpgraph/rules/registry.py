@@ -1,0 +1,167 @@
+"""One registry of local Jacobians (edge elements of the graph), JAX style.
+
+Each aten op maps to a :class:`Rule`. A rule computes the tangent of the op's output from the tangents of
+its inputs: the sum, over the op's incoming edges, of "local Jacobian times tangent" — exactly one step of
+the path sums in Appendix C. ``None`` is a symbolic zero everywhere.
+
+* :func:`deflinear` — the op is linear in the listed arguments: its tangent is the op itself applied to the
+  tangents, bias and constant terms dropped (the paper's Tables 2-4).
+* :func:`defjvp` — one function per argument (an *edge*): ``edge(t, out, *args, **kwargs)`` is the local
+  Jacobian of that argument applied to ``t``. Elementwise ops give ``f'(x) * t``.
+* :func:`defrule` — full control: ``fn(tangents, out, *args, **kwargs)`` with ``tangents`` aligned with
+  ``args`` (nested the same way, ``None`` for constants and zeros).
+
+A missing rule is never a crash: :mod:`jvpgraph.rules.fallback` applies the theorem to that node alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import dataclasses
+from typing import Any, Callable
+
+import torch
+
+__all__ = ["Rule", "RULES", "defrule", "defjvp", "deflinear", "lookup", "options", "current_options",
+           "EDGE_KINDS"]
+
+#: Kinds of local Jacobian, used to label edges (``jvpgraph draw``) and in reports.
+EDGE_KINDS = ("linear", "mask", "elementwise", "bilinear", "batch", "structural", "opaque", "fallback")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    fn: Callable[..., Any]  # fn(tangents, out, *args, **kwargs) -> tangent of out
+    kind: str
+    name: str = "rule"
+
+
+RULES: dict[Any, Rule] = {}
+
+
+def _register(ops, rule_for):
+    ops = ops if isinstance(ops, (list, tuple)) else [ops]
+    for op in ops:
+        RULES[op] = rule_for(op)
+
+
+def lookup(op) -> Rule | None:
+    """The rule for an ``OpOverload`` (or its packet), or ``None``."""
+    rule = RULES.get(op)
+    if rule is None and hasattr(op, "overloadpacket"):
+        rule = RULES.get(op.overloadpacket)
+    return rule
+
+
+def defrule(ops, fn: Callable, kind: str):
+    """Register ``fn(tangents, out, *args, **kwargs)`` for ``ops``.
+
+    Example:
+        >>> import torch
+        >>> from jvpgraph.rules.registry import defrule, lookup
+        >>> aten = torch.ops.aten
+        >>> lookup(aten.neg.default).kind
+        'linear'
+    """
+    assert kind in EDGE_KINDS, kind
+    _register(ops, lambda op: Rule(fn, kind, "defrule"))
+
+
+def add_tangents(*ts):
+    """Sum tangents where ``None`` is zero."""
+    acc = None
+    for t in ts:
+        if t is None:
+            continue
+        acc = t if acc is None else acc + t
+    return acc
+
+
+def defjvp(ops, *edges: Callable | None, kind: str = "elementwise"):
+    """Register one local-Jacobian function per positional argument (``None``: no tangent flows).
+
+    ``edges[i](t_i, out, *args, **kwargs)`` returns arg ``i``'s contribution to the output tangent.
+
+    Example:
+        >>> import torch
+        >>> from jvpgraph.rules.registry import lookup
+        >>> rule = lookup(torch.ops.aten.sigmoid.default)
+        >>> x = torch.tensor([0.0]); y = torch.sigmoid(x)
+        >>> rule.fn((torch.tensor([2.0]),), y, x)
+        tensor([0.5000])
+    """
+    assert kind in EDGE_KINDS, kind
+
+    def fn(tangents, out, *args, **kwargs):
+        parts = []
+        for i, t in enumerate(tangents):
+            if t is None:
+                continue
+            edge = edges[i] if i < len(edges) else None
+            if edge is None:
+                raise NotImplementedError(f"no local Jacobian for argument {i}")
+            parts.append(edge(t, out, *args, **kwargs))
+        return add_tangents(*parts)
+
+    _register(ops, lambda op: Rule(fn, kind, "defjvp"))
+
+
+def deflinear(ops, argnums=(0,), kind: str = "linear"):
+    """The op is linear in ``argnums`` (the rest are constants): its tangent is the op on the tangents.
+
+    Example:
+        >>> import torch
+        >>> from jvpgraph.rules.registry import lookup
+        >>> rule = lookup(torch.ops.aten.permute.default)
+        >>> t = torch.randn(2, 3)
+        >>> torch.testing.assert_close(rule.fn((t, None), None, torch.randn(2, 3), [1, 0]), t.T)
+    """
+
+    def rule_for(op):
+        def fn(tangents, out, *args, **kwargs):
+            if any(t is not None for i, t in enumerate(tangents) if i not in argnums):
+                raise NotImplementedError(f"{op} is linear only in arguments {argnums}")
+            targs = list(args)
+            for i in argnums:
+                if i < len(args):
+                    targs[i] = _zeros_if_none(tangents[i], args[i])
+            return op(*targs, **kwargs)
+
+        return Rule(fn, kind, "deflinear")
+
+    _register(ops, rule_for)
+
+
+def _zeros_if_none(t, x):
+    if t is not None:
+        return t
+    if isinstance(x, torch.Tensor):
+        return torch.zeros_like(x)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_zeros_if_none(None, e) for e in x)
+    return x
+
+
+# --------------------------------------------------------------------------------------------------
+# Options seen by rules while the flipped graph is built (BatchNorm mode).
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class Options:
+    bn: str = "batch"
+
+
+_OPTIONS: contextvars.ContextVar[Options] = contextvars.ContextVar("jvpgraph_options", default=Options())
+
+
+def current_options() -> Options:
+    return _OPTIONS.get()
+
+
+@contextlib.contextmanager
+def options(**kw):
+    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **kw))
+    try:
+        yield
+    finally:
+        _OPTIONS.reset(token)

@@ -1,0 +1,346 @@
+"""Tracing: a module or function -> a functional, aten-level ``torch.fx`` graph.
+
+We use ``make_fx`` over ``torch.func.functionalize`` with fake tensors:
+
+* **aten level, functional.** Every node is an ``OpOverload`` with no in-place effects, so each one has
+  a well-defined local Jacobian. In-place ops (``relu_``, ``add_``) become their functional versions.
+* **Parameters and buffers are graph inputs.** The model is called through ``functional_call``, so one
+  trace serves new batches *and* new parameter values after optimizer steps.
+* **BatchNorm's running statistics** are updated in place by ``aten.native_batch_norm``; a small
+  decomposition turns that into ``_native_batch_norm_legit_functional`` whose new statistics come out as
+  values. The trailing ``copy_`` into the buffers is removed from the graph and kept as
+  :attr:`TracedProgram.buffer_updates`, so executing the graph never changes the model.
+* **Fake tensors refuse Python control flow on tensor values** (``if x.sum() > 0``): a real-mode trace
+  would silently specialize on the example batch and be wrong on the next one. We raise a clear error
+  instead. Shapes are specialized: callers key traces on shapes and re-trace on new ones.
+* **Custom ``autograd.Function`` stays opaque.** An aten trace would see through it to the ops of its
+  forward and lose its backward (a straight-through ``round`` would get Jv = 0). While tracing, user
+  Functions are routed to the custom op ``jvpgraph::autograd_function`` whose autograd formula is the
+  Function's own backward.
+
+Why not ``torch.export``: it goes through TorchDynamo (slow to trace, more models it refuses, graph breaks
+are errors) and gives us nothing here that fake-tensor ``make_fx`` does not: we need a flat aten graph of
+one call with shapes, and we guard shapes ourselves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import itertools
+import re
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+
+aten = torch.ops.aten
+
+__all__ = ["TraceError", "TracedProgram", "trace_program", "BN_MODES"]
+
+BN_MODES = ("batch", "frozen", "eval")
+
+
+class TraceError(RuntimeError):
+    """The model could not be traced; the message says where and what to do."""
+
+
+# --------------------------------------------------------------------------------------------------
+# BatchNorm: make the running-statistic update functional.
+# --------------------------------------------------------------------------------------------------
+def _functional_native_batch_norm(x, weight, bias, running_mean, running_var, training, momentum, eps):
+    if training and running_mean is not None and running_var is not None:
+        out, mean, invstd, new_mean, new_var = aten._native_batch_norm_legit_functional(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        running_mean.copy_(new_mean)
+        running_var.copy_(new_var)
+        return out, mean, invstd
+    return NotImplemented
+
+
+_DECOMPOSITIONS = {aten.native_batch_norm.default: _functional_native_batch_norm}
+
+
+# --------------------------------------------------------------------------------------------------
+# Custom autograd.Function: one opaque custom op whose backward is the Function's own.
+# --------------------------------------------------------------------------------------------------
+_ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
+_OPAQUE: dict[int, tuple[type, Callable[[list], tuple]]] = {}
+_OPAQUE_KEYS = itertools.count()
+
+
+def _orig_apply(cls, *args):
+    return _ORIG_APPLY.__get__(None, cls)(*args)
+
+
+def _flat_outputs(out) -> list[torch.Tensor]:
+    return list(out) if isinstance(out, (tuple, list)) else [out]
+
+
+def _run_opaque(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    cls, rebuild = _OPAQUE[key]
+    with torch.no_grad():
+        outs = _flat_outputs(_orig_apply(cls, *rebuild(list(inputs))))
+    ptrs = {i.data_ptr() for i in inputs if isinstance(i, torch.Tensor) and not i.is_meta}
+    # a custom op may not return an alias of its input
+    return [o.clone() if (not o.is_meta and o.data_ptr() in ptrs) else o for o in outs]
+
+
+@torch.library.custom_op("jvpgraph::autograd_function", mutates_args=())
+def autograd_function(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    """Opaque call of a user ``torch.autograd.Function`` (registry key ``key``)."""
+    return _run_opaque(inputs, key)
+
+
+@autograd_function.register_fake
+def _(inputs, key):
+    cls, rebuild = _OPAQUE[key]
+    with torch.no_grad():
+        return [o.clone() for o in _flat_outputs(_orig_apply(cls, *rebuild(list(inputs))))]
+
+
+def _opaque_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[0])
+    ctx.key = inputs[1]
+
+
+def _opaque_backward(ctx, grads):
+    """Recompute the Function under autograd and run *its* backward on ``grads``."""
+    cls, rebuild = _OPAQUE[ctx.key]
+    inputs = list(ctx.saved_tensors)
+    with torch.enable_grad():
+        leaves = [i.detach().requires_grad_(i.is_floating_point() or i.is_complex()) for i in inputs]
+        outs = _flat_outputs(_orig_apply(cls, *rebuild(leaves)))
+        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
+        wrt = [l for l in leaves if l.requires_grad]
+        got = iter(
+            torch.autograd.grad(
+                [o for o, _ in pairs], wrt, [g for _, g in pairs],
+                allow_unused=True, create_graph=torch.is_grad_enabled(),
+            )
+            if pairs and wrt else [None] * len(wrt)
+        )
+        res = [next(got) if l.requires_grad else None for l in leaves]
+    return [torch.zeros_like(i) if r is None else r for i, r in zip(inputs, res)], None
+
+
+autograd_function.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+
+
+def _is_user_function(cls) -> bool:
+    mod = getattr(cls, "__module__", "") or ""
+    return not (mod.startswith("torch.") or mod == "torch")
+
+
+@contextlib.contextmanager
+def _opaque_autograd_functions():
+    """While tracing, route user ``autograd.Function.apply`` calls to the opaque custom op."""
+
+    def apply(cls, *args, **kwargs):
+        if kwargs or not _is_user_function(cls):
+            return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+        flat, spec = pytree.tree_flatten(args)
+        tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
+
+        def rebuild(tensors, flat=flat, spec=spec, tpos=tpos):
+            items = list(flat)
+            for i, t in zip(tpos, tensors):
+                items[i] = t
+            return pytree.tree_unflatten(items, spec)
+
+        key = next(_OPAQUE_KEYS)
+        _OPAQUE[key] = (cls, rebuild)
+        tensors = [flat[i] for i in tpos]
+        with disable_proxy_modes_tracing(), torch.no_grad():  # learn the output structure, record nothing
+            single = isinstance(_orig_apply(cls, *rebuild(tensors)), torch.Tensor)
+        outs = autograd_function(tensors, key)
+        return outs[0] if single else tuple(outs)
+
+    torch.autograd.Function.apply = classmethod(apply)
+    try:
+        yield
+    finally:
+        torch.autograd.Function.apply = _ORIG_APPLY
+
+
+# --------------------------------------------------------------------------------------------------
+# The traced program
+# --------------------------------------------------------------------------------------------------
+@dataclasses.dataclass
+class TracedProgram:
+    """A functional aten graph of one call plus how its inputs and outputs map to the user's.
+
+    Placeholders, in order: parameters (``param_names``), buffers (``buffer_names``), then the flattened
+    user inputs. ``diff_inputs`` are the indices (into the user inputs) that carry a tangent: the
+    floating-point tensors. Outputs are the flattened user outputs (``out_spec`` rebuilds them).
+    """
+
+    gm: fx.GraphModule
+    param_names: list[str]
+    buffer_names: list[str]
+    n_inputs: int
+    in_spec: pytree.TreeSpec
+    out_spec: pytree.TreeSpec
+    diff_inputs: list[int]
+    buffer_updates: dict[str, fx.Node]
+    bn: str
+
+    @property
+    def placeholders(self) -> list[fx.Node]:
+        return [n for n in self.gm.graph.nodes if n.op == "placeholder"]
+
+    @property
+    def input_nodes(self) -> list[fx.Node]:
+        ph = self.placeholders
+        return ph[len(self.param_names) + len(self.buffer_names):]
+
+    @property
+    def output_nodes(self) -> list[Any]:
+        out = next(n for n in reversed(self.gm.graph.nodes) if n.op == "output")
+        return list(out.args[0])
+
+
+def _sanitize(name: str) -> str:
+    name = re.sub(r"\W", "_", name)
+    return name if name and not name[0].isdigit() else "_" + name
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost frame of the traceback outside torch and jvpgraph: the user's line."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and "/jvpgraph/" not in f.filename
+              and "/site-packages/" not in f.filename]
+    if not frames:
+        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/jvpgraph/" not in f.filename]
+    if not frames:
+        return "<unknown location>"
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line}'
+
+
+@contextlib.contextmanager
+def bn_mode_applied(module: nn.Module | None, bn: str):
+    """Temporarily put BatchNorm layers in eval mode for ``bn="eval"``; restores every flag."""
+    if module is None or bn != "eval":
+        yield
+        return
+    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flags = [m.training for m in bns]
+    try:
+        for m in bns:
+            m.training = False
+        yield
+    finally:
+        for m, f in zip(bns, flags):
+            m.training = f
+
+
+def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedProgram:
+    """Trace ``f(*inputs)`` to a :class:`TracedProgram`.
+
+    ``f`` is an ``nn.Module`` (its parameters and buffers become graph inputs) or a plain function
+    (tensors it closes over become constants of the graph).
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> prog = trace_program(nn.Sequential(nn.Linear(3, 2), nn.Tanh()), (torch.randn(4, 3),))
+        >>> [n.target.__name__ for n in prog.gm.graph.nodes if n.op == "call_function"]
+        ['t.default', 'addmm.default', 'tanh.default']
+    """
+    if bn not in BN_MODES:
+        raise ValueError(f"bn={bn!r}: expected one of {BN_MODES}")
+    module = f if isinstance(f, nn.Module) else None
+    params = dict(module.named_parameters()) if module is not None else {}
+    buffers = dict(module.named_buffers()) if module is not None else {}
+    flat_in, in_spec = pytree.tree_flatten(inputs)
+    for i, a in enumerate(flat_in):
+        if not isinstance(a, torch.Tensor):
+            raise TypeError(
+                f"input {i} is a {type(a).__name__}; jvpgraph traces tensor inputs only. "
+                "Bind non-tensor arguments with functools.partial or a lambda."
+            )
+    P, B = len(params), len(buffers)
+    out_spec_box: list = []
+
+    def flat_fn(*flat):
+        state = dict(zip(params, flat[:P]))
+        state.update(zip(buffers, flat[P:P + B]))
+        args = pytree.tree_unflatten(list(flat[P + B:]), in_spec)
+        if module is not None:
+            out = torch.func.functional_call(module, state, args, strict=True, tie_weights=False)
+        else:
+            out = f(*args)
+        flat_out, spec = pytree.tree_flatten(out)
+        for j, o in enumerate(flat_out):
+            if not isinstance(o, torch.Tensor):
+                raise TypeError(f"output {j} is a {type(o).__name__}; outputs must be tensors")
+        out_spec_box.append(spec)
+        return flat_out
+
+    example = [p.detach().requires_grad_(p.is_floating_point()) for p in params.values()]
+    example += [b.detach() for b in buffers.values()]
+    example += [a.detach() for a in flat_in]
+    try:
+        with bn_mode_applied(module, bn), _opaque_autograd_functions():
+            gm = make_fx(
+                torch.func.functionalize(flat_fn, remove="mutations"),
+                decomposition_table=_DECOMPOSITIONS,
+                tracing_mode="fake",
+                _allow_non_fake_inputs=True,
+                record_module_stack=True,
+                record_stack_traces=True,
+            )(*example)
+    except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
+        msg = str(e).split("\n")[0]
+        data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
+        hint = (
+            "The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
+            "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent part "
+            "in a torch.autograd.Function (jvpgraph keeps those opaque)."
+            if data_dep else
+            "jvpgraph traces with make_fx over fake tensors: every op must run on tensors without values."
+        )
+        raise TraceError(
+            f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: {type(e).__name__}: {msg}\n"
+            f"  at {_user_frame(e)}\n  {hint}"
+        ) from e
+
+    graph = gm.graph
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    names = [f"p_{_sanitize(k)}" for k in params] + [f"b_{_sanitize(k)}" for k in buffers]
+    names += [f"x{i}" if len(flat_in) > 1 else "x" for i in range(len(flat_in))]
+    for node, name in zip(placeholders, names):
+        node._rename(name)
+        node.target = node.name
+
+    # Drop `copy_` into buffers (running statistics): keep the new values aside, never write them.
+    buffer_of = {placeholders[P + i]: k for i, k in enumerate(buffers)}
+    updates: dict[str, fx.Node] = {}
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target in (aten.copy_.default,) and node.args[0] in buffer_of:
+            if node.users:
+                raise TraceError(f"unexpected use of an in-place buffer update: {node.format_node()}")
+            updates[buffer_of[node.args[0]]] = node.args[1]
+            graph.erase_node(node)
+        elif node.op == "call_function" and node.target is aten.copy_.default and node.args[0].op == "placeholder":
+            raise TraceError(
+                f"the model writes in place into one of its inputs ({node.args[0].name}); "
+                "jvpgraph needs a function that leaves its inputs unchanged."
+            )
+    # detach/alias of unused values and the like
+    for node in reversed(list(graph.nodes)):
+        if node.op == "call_function" and not node.users and node.target not in (aten.bernoulli.p,):
+            if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable:
+                if node not in updates.values():
+                    graph.erase_node(node)
+    graph.lint()
+    gm.recompile()
+    diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
+    return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
+                         updates, bn)
