@@ -29,22 +29,12 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph, _target_name
 from .rules import RuleError, node_jvp, options
+from .rules.registry import collapse_zeros as _collapse
 
 __all__ = ["FlippedGraph", "FICTITIOUS"]
 
 #: Name of the fictitious node carrying ``v`` in :attr:`FlippedGraph.nx`.
 FICTITIOUS = "v"
-
-
-def _collapse(ts):
-    """Containers whose entries are all zero (``None``) become ``None``."""
-    if isinstance(ts, dict):
-        items = {k: _collapse(t) for k, t in ts.items()}
-        return None if all(t is None for t in items.values()) else items
-    if isinstance(ts, (list, tuple)):
-        items = [_collapse(t) for t in ts]
-        return None if all(t is None for t in items) else type(ts)(items)
-    return ts
 
 
 def _keep_placeholders(node: fx.Node) -> bool:

@@ -136,6 +136,23 @@ def _is_user_function(cls) -> bool:
     return not (mod.startswith("torch.") or mod == "torch")
 
 
+class _ForwardCtx:
+    """Stands in for the autograd ctx when only the structure of a Function's output is wanted."""
+
+    def __init__(self, n):
+        self.needs_input_grad = (False,) * n
+        self.saved_tensors = ()
+
+    def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
+        return lambda *a, **k: None
+
+
+def _forward_only(cls, args):
+    if cls.setup_context is not torch.autograd.Function.setup_context:
+        return cls.forward(*args)
+    return cls.forward(_ForwardCtx(len(args)), *args)
+
+
 @contextlib.contextmanager
 def _opaque_autograd_functions():
     """While tracing, route user ``autograd.Function.apply`` calls to the opaque custom op."""
@@ -156,7 +173,7 @@ def _opaque_autograd_functions():
         _OPAQUE[key] = (cls, rebuild)
         tensors = [flat[i] for i in tpos]
         with disable_proxy_modes_tracing(), torch.no_grad():  # learn the output structure, record nothing
-            single = isinstance(_orig_apply(cls, *rebuild(tensors)), torch.Tensor)
+            single = isinstance(_forward_only(cls, rebuild(tensors)), torch.Tensor)
         outs = autograd_function(tensors, key)
         return outs[0] if single else tuple(outs)
 
@@ -285,7 +302,9 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
 
     example = [p.detach().requires_grad_(p.is_floating_point()) for p in params.values()]
     example += [b.detach() for b in buffers.values()]
-    example += [a.detach() for a in flat_in]
+    # inputs that carry a tangent require grad while tracing, so PyTorch picks differentiable kernels
+    # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
+    example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
     try:
         with bn_mode_applied(module, bn), _opaque_autograd_functions():
             gm = make_fx(

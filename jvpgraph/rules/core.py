@@ -54,13 +54,13 @@ defrule(
 # ------------------------------------------------------------------ linear ops (Tables 2-4: bias off)
 deflinear(
     [
-        aten.view, aten._unsafe_view, aten.view_copy, aten.reshape, aten.expand, aten.expand_copy,
+        aten.reshape, aten.expand, aten.expand_copy,
         aten.permute, aten.permute_copy, aten.transpose, aten.transpose_copy, aten.t, aten.t_copy,
         aten.squeeze, aten.squeeze_copy, aten.unsqueeze, aten.unsqueeze_copy, aten.select, aten.select_copy,
         aten.slice, aten.slice_copy, aten.clone, aten.alias, aten.alias_copy, aten.contiguous,
         aten.repeat, aten.split, aten.split_with_sizes, aten.unbind, aten.unbind_copy, aten.split_copy,
         aten.split_with_sizes_copy, aten.chunk, aten.narrow, aten.unfold, aten.unfold_copy, aten.roll,
-        aten.flip, aten.diagonal, aten.diagonal_copy, aten.as_strided, aten.as_strided_copy, aten.index_select,
+        aten.flip, aten.diagonal, aten.diagonal_copy, aten.index_select,
         aten.gather, aten.index, aten.sum, aten.mean, aten.cumsum, aten.neg, aten.avg_pool1d,
         aten.avg_pool2d, aten.avg_pool3d, aten._adaptive_avg_pool2d, aten._adaptive_avg_pool3d,
         aten.adaptive_avg_pool1d, aten.upsample_nearest1d, aten.upsample_nearest2d, aten.upsample_nearest3d,
@@ -75,10 +75,15 @@ deflinear(
     ]
 )
 deflinear([aten.add.Scalar, aten.sub.Scalar])
-deflinear([aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter, aten.as_strided_scatter,
+deflinear([aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter,
            aten.copy], argnums=(0, 1))
 deflinear([aten.index_put], argnums=(0, 2))
 deflinear([aten.scatter.src, aten.scatter_add, aten.index_add, aten.scatter_reduce.two], argnums=(0, 3))
+
+
+# A tangent need not have its primal's strides (a rule may return a contiguous result where the primal
+# was a transposed view), so views of tangents go through reshape, which copies only when it must.
+defrule([aten.view, aten._unsafe_view, aten.view_copy], lambda ts, out, x, size: ts[0].reshape(size), "linear")
 
 
 def _to_copy(tangents, out, x, *args, **kwargs):
@@ -497,3 +502,26 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
 
 
 defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear")
+
+
+# ------------------------------------------------------------------ embedding_bag (no forward AD in PyTorch)
+def _embedding_bag(ts, out, weight, indices, offsets, scale_grad_by_freq=False, mode=0, sparse=False,
+                   per_sample_weights=None, include_last_offset=False, padding_idx=-1):
+    y, max_indices = out[0], out[3]
+    tw = ts[0]
+    tpsw = ts[6] if len(ts) > 6 else None
+    parts = []
+    if tw is not None:
+        if mode == 2:  # max: the tangent at the forward's argmax rows (Table 4's max-pool, per bag)
+            safe = max_indices.clamp_min(0)
+            parts.append(torch.where(max_indices >= 0, tw.gather(0, safe), torch.zeros_like(y)))
+        else:  # sum / mean: linear in the table
+            parts.append(aten._embedding_bag(tw, indices, offsets, scale_grad_by_freq, mode, sparse,
+                                             per_sample_weights, include_last_offset, padding_idx)[0])
+    if tpsw is not None:  # sum with per-sample weights: bilinear in (table, weights)
+        parts.append(aten._embedding_bag(weight, indices, offsets, scale_grad_by_freq, mode, sparse, tpsw,
+                                         include_last_offset, padding_idx)[0])
+    return (add_tangents(*parts), None, None, None)
+
+
+defrule([aten._embedding_bag, aten._embedding_bag_forward_only], _embedding_bag, "linear")

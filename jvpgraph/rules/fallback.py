@@ -4,9 +4,10 @@ Order (cheapest and most exact first):
 
 1. a written rule from :mod:`jvpgraph.rules.core`;
 2. PyTorch's decomposition of the op into smaller aten ops, each of which goes through this same chain;
-3. PyTorch's own forward-AD formula for this one node (``torch.func.jvp`` on the op alone);
-4. **the theorem on this node alone**: its backward is the linear map ``w -> J_nodeᵀ w``; differentiating
+3. **the theorem on this node alone**: its backward is the linear map ``w -> J_nodeᵀ w``; differentiating
    ``<J_nodeᵀ w, t>`` with respect to ``w`` gives ``J_node t`` (the node's flipped VJP);
+4. PyTorch's own forward-AD formula for this one node (``torch.func.jvp`` on the op alone), run as one
+   opaque op of the flipped graph (so that Jv is not differentiable through it: it comes last);
 5. a :class:`RuleError` that names the op and what each step said.
 
 Each op that needs steps 2-4 is reported once per process (``warnings.warn``), so users know.
@@ -21,12 +22,12 @@ import torch
 import torch.utils._pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .registry import Rule, lookup
+from .registry import Rule, collapse_zeros, lookup
 
 __all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
 
 #: How a node's local Jacobian was obtained (besides a written rule's own kind).
-FALLBACK_KINDS = ("decomposition", "forward-ad", "flipped-vjp")
+FALLBACK_KINDS = ("decomposition", "flipped-vjp", "forward-ad")
 
 _WARNED: set[str] = set()
 
@@ -70,9 +71,12 @@ class _TangentMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        targs = pytree.tree_map(self.get, args)
-        tkw = pytree.tree_map(self.get, kwargs)
+        if not any(_diffable(o) for o in pytree.tree_leaves(out)):
+            return out
+        targs = collapse_zeros(pytree.tree_map(self.get, args))
+        tkw = collapse_zeros(pytree.tree_map(self.get, kwargs)) or {}
         if _any_tangent((targs, tkw)):
+            targs = tuple(targs) if targs is not None else (None,) * len(args)
             t, _ = node_jvp(func, targs, tkw, out, args, kwargs)
             if t is not None:
                 for o, to in zip(pytree.tree_leaves(out), pytree.tree_leaves(t, is_leaf=lambda z: z is None)):
@@ -110,7 +114,7 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
 
 
 # --------------------------------------------------------------------------------------------------
-# 3. PyTorch's forward-AD formula for this node
+# PyTorch's forward-AD formula for this node, run when the graph runs
 # --------------------------------------------------------------------------------------------------
 def _split(args, kwargs, tangents, tkwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
@@ -136,20 +140,58 @@ def _rebuild_like(out, flat_tangents):
     return pytree.tree_unflatten(list(flat_tangents), spec)
 
 
+# op, the (args, kwargs) spec with tensor slots, which tensor slots carry a tangent: one entry per node
+_FORWARD_AD_NODES: dict[int, tuple] = {}
+
+
+def _forward_ad_call(key, tensors, tangents):
+    op, flat, spec, tpos, dpos = _FORWARD_AD_NODES[key]
+
+    def f(*d):
+        items = list(flat)
+        for i, t in zip(tpos, tensors):
+            items[i] = t
+        for i, t in zip(dpos, d):
+            items[i] = t
+        a, k = pytree.tree_unflatten(items, spec)
+        return tuple(o for o in pytree.tree_leaves(op(*a, **k)) if _diffable(o))
+
+    diff = [tensors[tpos.index(i)] for i in dpos]
+    return list(torch.func.jvp(f, tuple(diff), tuple(tangents))[1])
+
+
+@torch.library.custom_op("jvpgraph::forward_ad_node", mutates_args=())
+def forward_ad_node(tensors: list[torch.Tensor], tangents: list[torch.Tensor], key: int) -> list[torch.Tensor]:
+    """Run PyTorch's forward-AD formula of one node (registry ``key``) when the flipped graph runs."""
+    return [t.clone() for t in _forward_ad_call(key, tensors, tangents)]
+
+
+@forward_ad_node.register_fake
+def _(tensors, tangents, key):
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with disable_proxy_modes_tracing(), unset_fake_temporarily():
+        metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors]
+        tmetas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tangents]
+        shapes = [(o.shape, o.dtype) for o in _forward_ad_call(key, metas, tmetas)]
+    dev = tensors[0].device
+    return [torch.empty(sh, dtype=dt, device=dev) for sh, dt in shapes]
+
+
 def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
-    call, primals, ts = _split(args, kwargs, tangents, tkwargs)
-
-    def f(*p):
-        res = call(op, *p)
-        return tuple(o for o in pytree.tree_leaves(res) if _diffable(o))
-
-    _, touts = torch.func.jvp(f, tuple(primals), tuple(ts))
-    it = iter(touts)
-    return _rebuild_like(out, [next(it) if o is not None else None for o in _float_outputs(out)])
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
+    dpos = [i for i in tpos if tflat[i] is not None and _diffable(flat[i])]
+    key = len(_FORWARD_AD_NODES)
+    _FORWARD_AD_NODES[key] = (op, flat, spec, tpos, dpos)
+    touts = iter(forward_ad_node([flat[i] for i in tpos], [tflat[i] for i in dpos], key))
+    return _rebuild_like(out, [next(touts) if o is not None else None for o in _float_outputs(out)])
 
 
 # --------------------------------------------------------------------------------------------------
-# 4. the theorem on one node: flip its VJP
+# 3. the theorem on one node: flip its VJP
 # --------------------------------------------------------------------------------------------------
 def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
     call, primals, ts = _split(args, kwargs, tangents, tkwargs)
@@ -178,8 +220,11 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
 # --------------------------------------------------------------------------------------------------
 # The chain
 # --------------------------------------------------------------------------------------------------
-_STEPS = (("decomposition", _via_decomposition), ("forward-ad", _via_forward_ad),
-          ("flipped-vjp", _via_flipped_vjp))
+# The flipped VJP comes before PyTorch's forward-AD formula: it is traced into ordinary aten ops, so the
+# resulting Jv stays differentiable with respect to the parameters (the regularizer needs that), while
+# the forward-AD step runs as one opaque op.
+_STEPS = (("decomposition", _via_decomposition), ("flipped-vjp", _via_flipped_vjp),
+          ("forward-ad", _via_forward_ad))
 
 
 def _op_name(op) -> str:

@@ -133,6 +133,17 @@ def deflinear(ops, argnums=(0,), kind: str = "linear"):
     _register(ops, rule_for)
 
 
+def collapse_zeros(ts):
+    """Tangent containers whose entries are all zero (``None``) become ``None``."""
+    if isinstance(ts, dict):
+        items = {k: collapse_zeros(t) for k, t in ts.items()}
+        return None if all(t is None for t in items.values()) else items
+    if isinstance(ts, (list, tuple)):
+        items = [collapse_zeros(t) for t in ts]
+        return None if all(t is None for t in items) else type(ts)(items)
+    return ts
+
+
 def _zeros_if_none(t, x):
     if t is not None:
         return t
