@@ -252,9 +252,14 @@ def _mask(cond, like):
     return cond.to(like.dtype)
 
 
-_unary(aten.sigmoid, lambda out, x: out * (1 - out))
-_unary(aten.tanh, lambda out, x: 1 - out * out)
-_unary(aten.relu, lambda out, x: _mask(out > 0, out), kind="mask")
+# Elementwise ops have a diagonal local Jacobian, so J = Jᵀ: the flipped edge is the op's own backward
+# kernel applied to the tangent (one fused kernel, nothing extra to compute or keep in the forward).
+defjvp(aten.sigmoid, lambda t, out, x: aten.sigmoid_backward(t, out))
+defjvp(aten.tanh, lambda t, out, x: aten.tanh_backward(t, out))
+defjvp(aten.relu, lambda t, out, x: aten.threshold_backward(t, out, 0), kind="mask")
+defjvp(aten.threshold, lambda t, out, x, thr, value: aten.threshold_backward(t, x, thr), kind="mask")
+defjvp(aten.hardtanh, lambda t, out, x, lo=-1.0, hi=1.0: aten.hardtanh_backward(t, x, lo, hi), kind="mask")
+defjvp(aten.leaky_relu, lambda t, out, x, slope=0.01: aten.leaky_relu_backward(t, x, slope, False), kind="mask")
 _unary(aten.gelu, _gelu_d)
 _unary(aten.silu, _silu_d)
 _unary(aten.mish, _mish_d)
@@ -262,10 +267,6 @@ _unary(aten.elu, _elu_d)
 _unary(aten.softplus, _softplus_d)
 _unary(aten.hardswish, _hardswish_d)
 _unary(aten.hardsigmoid, lambda out, x: _mask((x > -3) & (x < 3), x) / 6)
-_unary(aten.leaky_relu, lambda out, x, slope=0.01: torch.where(x > 0, torch.ones_like(x), torch.full_like(x, slope)),
-       kind="mask")
-_unary(aten.hardtanh, lambda out, x, lo=-1.0, hi=1.0: _mask((x > lo) & (x < hi), x), kind="mask")
-_unary(aten.threshold, lambda out, x, thr, value: _mask(x > thr, x), kind="mask")
 _unary(aten.exp, lambda out, x: out)
 _unary(aten.exp2, lambda out, x: out * math.log(2.0))
 _unary(aten.expm1, lambda out, x: out + 1)

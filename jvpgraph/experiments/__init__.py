@@ -1,0 +1,1 @@
+"""Experiments: the paper's models and (later) datasets and training loops."""
