@@ -121,7 +121,7 @@ class Traced:
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("const", repr(t))
                     for t in flat_in)
         if self.module is not None:
-            key += (tuple(m.training for m in self.module.modules()),)
+            key += (tuple((id(m), m.training) for m in self.module.modules()),)
             key += (tuple((tuple(p.shape), p.dtype, p.device) for p in self.module.parameters()),)
         return key
 
@@ -242,8 +242,8 @@ def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | 
         >>> x, v = torch.randn(4, 3), torch.randn(4, 3)
         >>> out, jv = g.jvp(x, v)
         >>> torch.testing.assert_close(jv, torch.func.jvp(net, (x,), (v,))[1])
-        >>> print(g.flipped.code.splitlines()[1].strip()[:20])
-        def forward(self, p_
+        >>> print(g.flipped.code.strip().splitlines()[0])
+        def forward(self, p__0_weight, p__0_bias, p__2_weight, p__2_bias, x, v):
     """
     return Traced(f, example_inputs, bn=bn, wrt=wrt)
 

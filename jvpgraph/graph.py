@@ -69,7 +69,9 @@ class Graph:
     @functools.cached_property
     def nx(self) -> nx.DiGraph:
         """networkx view: nodes keyed by fx name, with ``target``, ``shape``, ``dtype``, ``role``, ``module``,
-        ``active``; edges with ``jacobian`` (the local Jacobian's kind) and ``arg`` (argument position)."""
+        ``active``; edges with ``jacobian`` (the local Jacobian's kind), ``rule`` (the registered
+        :class:`~jvpgraph.rules.Rule` whose action is the edge element, ``None`` for the fallback) and
+        ``arg`` (the position of the edge among the node's inputs)."""
         prog = self.program
         roles = {}
         P, B = len(prog.param_names), len(prog.buffer_names)
@@ -87,8 +89,10 @@ class Graph:
                        role=roles.get(node, "output" if node.op == "output" else "op"), module=module,
                        active=node in active or (node.op == "output"))
             kind = edge_kind(node)
+            rule = lookup(node.target) if node.op == "call_function" and node.target is not operator.getitem \
+                else None
             for pos, inp in enumerate(node.all_input_nodes):
-                G.add_edge(inp.name, node.name, jacobian=kind, arg=pos)
+                G.add_edge(inp.name, node.name, jacobian=kind, rule=rule, arg=pos)
         return G
 
     @functools.cached_property

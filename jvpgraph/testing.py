@@ -96,8 +96,8 @@ def finite_differences(f: Callable, x: torch.Tensor, v: torch.Tensor, eps: float
 
     Example:
         >>> import torch
-        >>> finite_differences(torch.sin, torch.zeros(2), torch.ones(2))
-        tensor([1., 1.], dtype=torch.float64)
+        >>> torch.testing.assert_close(finite_differences(torch.sin, torch.zeros(2), torch.ones(2)),
+        ...                            torch.ones(2, dtype=torch.float64))
     """
     g = _copy(f)
     if isinstance(g, nn.Module):
