@@ -23,15 +23,18 @@ import jvpgraph
 from jvpgraph.experiments.models import LeNet
 
 
-def median_time(fn, repeats: int, warmup: int = 3) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def median_times(fns: dict, repeats: int, warmup: int = 3) -> dict:
+    """Median seconds per call of each function, calls interleaved round-robin so drift hits all alike."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
     for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}
 
 
 def bench(name, model, x, repeats):
@@ -41,12 +44,15 @@ def bench(name, model, x, repeats):
     trace_s = time.perf_counter() - t0
     x2 = torch.randn_like(x)
     with torch.no_grad():
-        t_fwd = median_time(lambda: model(x2), repeats)
-        t_func = median_time(lambda: torch.func.jvp(model, (x2,), (v,)), repeats)
-        t_new = median_time(lambda: g.jvp(x2, v), repeats)
         lin = g.linearize(x2, vjp=False)
-        t_rec = median_time(lambda: lin.jvp(v), repeats)
-        t_lin = median_time(lambda: g.linearize(x2, vjp=False), repeats)
+        med = median_times({
+            "forward": lambda: model(x2),
+            "func": lambda: torch.func.jvp(model, (x2,), (v,)),
+            "new": lambda: g.jvp(x2, v),
+            "rec": lambda: lin.jvp(v),
+            "lin": lambda: g.linearize(x2, vjp=False),
+        }, repeats)
+        t_fwd, t_func, t_new, t_rec, t_lin = (med[k] for k in ("forward", "func", "new", "rec", "lin"))
         # correctness in the same run
         ref = torch.func.jvp(model, (x2,), (v,))[1]
         err = ((g.jvp(x2, v)[1] - ref).abs().max() / ref.abs().max()).item()

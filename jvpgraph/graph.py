@@ -97,9 +97,14 @@ class Graph:
 
     @functools.cached_property
     def active_nodes(self) -> set[fx.Node]:
-        """Nodes on some differentiated-input -> output path; all others have a zero tangent."""
+        """Nodes on some differentiated-input -> output path; all others have a zero tangent.
+
+        Nodes computed under ``torch.no_grad()`` are constants (as for autograd) and cut every path.
+        """
         forward: set[fx.Node] = set(self.diff_nodes)
         for node in self.gm.graph.nodes:
+            if node.meta.get("grad_enabled") is False:
+                continue  # computed under torch.no_grad(): a constant for autograd, so for Jv too
             if node.op == "call_function" and any(a in forward for a in node.all_input_nodes):
                 forward.add(node)
         backward: set[fx.Node] = set()

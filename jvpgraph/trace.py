@@ -35,7 +35,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
-from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx
+from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
 
@@ -185,6 +186,30 @@ def _opaque_autograd_functions():
 
 
 # --------------------------------------------------------------------------------------------------
+# Grad mode: ops run under torch.no_grad() (or on detached values) are constants for autograd
+# --------------------------------------------------------------------------------------------------
+class _RecordGradMode(TorchDispatchMode):
+    """Marks every node the tracer records with ``meta["grad_enabled"]``, the grad mode it ran under.
+
+    An aten graph loses ``torch.no_grad()`` blocks (``nn.utils.spectral_norm``'s power iteration, weight
+    standardization statistics, ...); autograd treats their results as constants, and so must Jv.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        mode = get_proxy_mode()
+        graph = mode.tracer.graph if mode is not None else None
+        last = next(reversed(graph.nodes)) if graph is not None else None
+        out = func(*args, **(kwargs or {}))
+        if graph is not None:
+            enabled = torch.is_grad_enabled()
+            node = next(reversed(graph.nodes))
+            while node is not last and node.op != "root":
+                node.meta.setdefault("grad_enabled", enabled)
+                node = node.prev
+        return out
+
+
+# --------------------------------------------------------------------------------------------------
 # The traced program
 # --------------------------------------------------------------------------------------------------
 @dataclasses.dataclass
@@ -286,6 +311,10 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
     out_spec_box: list = []
 
     def flat_fn(*flat):
+        with _RecordGradMode():
+            return _call(*flat)
+
+    def _call(*flat):
         state = dict(zip(params, flat[:P]))
         state.update(zip(buffers, flat[P:P + B]))
         args = pytree.tree_unflatten(list(flat[P + B:]), in_spec)
