@@ -14,8 +14,9 @@ from .flip import FlippedGraph
 from .graph import Graph
 from .rules import RuleError
 from .trace import TraceError
+from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
 __all__ = ["trace", "jvp", "vjp", "linearize", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
-           "RuleError"]
+           "RuleError", "verify", "VerifyReport"]

@@ -1,4 +1,4 @@
-"""Command line: ``jvpgraph demo``.
+"""Command line: ``jvpgraph demo | verify``.
 
 Example:
     >>> from jvpgraph.cli import build_parser
@@ -114,6 +114,55 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout) -> 
     return 0 if ok else 1
 
 
+def build_model(spec: str, size: int, num_classes: int = 10):
+    """A torchvision classifier by name (random weights), or ``package.module:factory`` for your own.
+
+    Example:
+        >>> build_model("resnet18", 32).__class__.__name__
+        'ResNet'
+        >>> build_model("torch.nn:Identity", 32).__class__.__name__
+        'Identity'
+    """
+    import importlib
+
+    if ":" in spec:
+        mod, _, fn = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), fn)
+        except (ImportError, AttributeError) as e:
+            raise SystemExit(f"jvpgraph: cannot load {spec!r}: {e}") from e
+        return factory()
+    import torchvision
+
+    names = torchvision.models.list_models(module=torchvision.models)
+    if spec not in names:
+        raise SystemExit(f"jvpgraph: unknown model {spec!r}: use one of torchvision's classifiers "
+                         f"({', '.join(names[:6])}, ...) or package.module:factory")
+    kwargs = {"weights": None, "num_classes": num_classes}
+    if spec.startswith("vit_"):
+        kwargs["image_size"] = size  # torchvision's ViTs take any image size divisible by the patch size
+    if spec in ("inception_v3", "googlenet"):
+        kwargs["aux_logits"] = False
+        kwargs["init_weights"] = True
+    return torchvision.models.get_model(spec, **kwargs)
+
+
+def verify_cmd(args) -> int:
+    from .verify import verify
+
+    torch.manual_seed(args.seed)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    model = build_model(args.model, args.size).to(dtype)
+    model.train(args.mode == "train")
+    x = torch.randn(args.batch, args.channels, args.size, args.size, dtype=dtype)
+    report = verify(model, x, bn=args.bn, seed=args.seed, name=f"{args.model} [{args.mode}]")
+    print(report)
+    if not report.ok:
+        for c in report.failures:
+            print(f"FAILED: {c.reference}: max rel err {c.max_rel_err:.2e} > {c.tol:.0e}", file=sys.stderr)
+    return 0 if report.ok else 1
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jvpgraph", description="Jv for any PyTorch model by flipping its "
                                  "reverse-mode graph (Appendix C).")
@@ -122,13 +171,25 @@ def build_parser() -> argparse.ArgumentParser:
                                     "every reference")
     d.add_argument("--batch", type=int, default=8)
     d.add_argument("--seed", type=int, default=0)
+    v = sub.add_parser("verify", help="compare jvpgraph's Jv with every reference on a model; exit 1 on failure")
+    v.add_argument("model", help="a torchvision classifier name (e.g. resnet18) or package.module:factory")
+    v.add_argument("--mode", choices=("train", "eval"), default="train")
+    v.add_argument("--bn", choices=("batch", "frozen", "eval"), default="batch")
+    v.add_argument("--batch", type=int, default=2)
+    v.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
+    v.add_argument("--channels", type=int, default=3)
+    v.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    v.add_argument("--seed", type=int, default=0)
     return ap
 
 
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
+    warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     if args.command == "demo":
         return demo(batch=args.batch, seed=args.seed)
+    if args.command == "verify":
+        return verify_cmd(args)
     return 2
 
 

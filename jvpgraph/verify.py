@@ -1,0 +1,205 @@
+"""``jvpgraph.verify``: jvpgraph's Jv against every independent reference that applies, as a report."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+import warnings
+from typing import Callable
+
+import torch
+import torch.nn as nn
+
+from . import testing
+from .api import Traced
+
+__all__ = ["verify", "VerifyReport", "Check", "tolerance"]
+
+
+def tolerance(dtype: torch.dtype, reference: str) -> float:
+    """Max relative error accepted against ``reference`` for Jv computed in ``dtype``.
+
+    Exact references (forward AD, double-backward, the full Jacobian, the adjoint identity) differ from
+    jvpgraph only by rounding: about ``sqrt(eps)``-free accumulations over the depth of the network, so we
+    accept ``1e-4`` in float32 (eps 1.2e-7) and ``1e-9`` in float64 (eps 2.2e-16). Central differences
+    in float64 with step ``1e-7`` carry a truncation error of order ``1e-14`` times the third derivative
+    and a rounding error of order ``1e-9 |f| / |Jv|``: we accept ``1e-6``. They always run in float64: a
+    float32 model is checked through its float64 twin (jvpgraph's Jv of the twin against differences of
+    the twin), because near a kink (a ReLU mask, a max-pool argmax) the float32 model and its twin are
+    different functions.
+
+    Example:
+        >>> import torch
+        >>> tolerance(torch.float32, "double-backward"), tolerance(torch.float64, "finite differences")
+        (0.0001, 1e-06)
+    """
+    if reference == "finite differences":
+        return 1e-6
+    return 1e-9 if dtype == torch.float64 else 1e-4
+
+
+@dataclasses.dataclass
+class Check:
+    reference: str
+    status: str  # "pass" | "FAIL" | "n/a"
+    max_rel_err: float | None = None
+    tol: float | None = None
+    seconds: float | None = None
+    reason: str = ""
+
+
+@dataclasses.dataclass
+class VerifyReport:
+    """Rows of :class:`Check`; ``ok`` is True when no reference disagrees (``n/a`` rows do not count).
+
+    ``str(report)`` is a table.
+    """
+
+    name: str
+    dtype: torch.dtype
+    checks: list[Check]
+    jvp_seconds: float
+    trace_seconds: float
+    fallback_ops: list[str]
+    state_unchanged: bool
+
+    @property
+    def ok(self) -> bool:
+        return self.state_unchanged and all(c.status != "FAIL" for c in self.checks) and \
+            any(c.status == "pass" for c in self.checks)
+
+    @property
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if c.status == "FAIL"]
+
+    def __str__(self) -> str:
+        w = max(len(c.reference) for c in self.checks)
+        lines = [f"jvpgraph verify: {self.name} ({str(self.dtype).replace('torch.', '')}); trace "
+                 f"{self.trace_seconds:.2f} s, Jv {self.jvp_seconds * 1e3:.1f} ms; fallback ops: "
+                 f"{', '.join(self.fallback_ops) or 'none'}",
+                 f"  {'reference'.ljust(w)}  {'status':6}  {'max rel err':>11}  {'tolerance':>9}  {'time':>9}"]
+        for c in self.checks:
+            if c.status == "n/a":
+                lines.append(f"  {c.reference.ljust(w)}  {'n/a':6}  {c.reason}")
+            else:
+                lines.append(f"  {c.reference.ljust(w)}  {c.status:6}  {c.max_rel_err:>11.2e}  {c.tol:>9.0e}  "
+                             f"{c.seconds * 1e3:>7.1f}ms")
+        lines.append(f"  model state unchanged: {'yes' if self.state_unchanged else 'NO'}")
+        lines.append("  verdict: " + ("OK" if self.ok else "FAILED"))
+        return "\n".join(lines)
+
+
+def _reason(e: BaseException) -> str:
+    msg = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {msg}"[:160]
+
+
+def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: str = "batch",
+           max_jacobian_entries: int = 2_000_000, seed: int = 0, name: str | None = None) -> VerifyReport:
+    """Compare jvpgraph's Jv of ``f`` at ``x`` with every reference that applies.
+
+    References: ``torch.func.jvp`` (or why it cannot run), double-backward, the full Jacobian when it has
+    at most ``max_jacobian_entries`` entries, central finite differences on a float64 copy, and the
+    adjoint identity ``<u, Jv> = <Jᵀu, v>`` against autograd. With ``bn="frozen"`` the exact references are
+    replaced by the Jacobian with batch statistics held constant. Train-mode randomness (dropout) is
+    seeded identically for jvpgraph and every reference.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.GELU(), nn.Linear(8, 3)).train()
+        >>> report = verify(net, torch.randn(6, 4))
+        >>> report.ok
+        True
+        >>> print(report)  # doctest: +ELLIPSIS
+        jvpgraph verify: Sequential (float32); ...
+    """
+    name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__qualname__", "function"))
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+    if v is None:
+        v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
+    state = {k: t.clone() for k, t in f.state_dict().items()} if isinstance(f, nn.Module) else {}
+    flags = [m.training for m in f.modules()] if isinstance(f, nn.Module) else []
+
+    def seeded(fn):
+        with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            return fn()
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # fallback ops are listed in the report instead
+        t0 = time.perf_counter()
+        traced = Traced(f, (x,), bn=bn)
+        t_trace = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        jv = seeded(lambda: traced.jvp(x, v)[1])
+    t_jvp = time.perf_counter() - t0
+    nodes = traced.graph.nx.nodes
+    fallback_ops = sorted({f"{nodes[n]['target']} ({how})" for n, how in traced.flipped.how.items()
+                           if how in ("decomposition", "flipped-vjp", "forward-ad")})
+    random = sorted({nodes[n]["target"] for n in nodes if any(
+        r in nodes[n]["target"] for r in ("bernoulli", "dropout", "rand", "normal", "multinomial"))})
+
+    checks: list[Check] = []
+
+    def run(ref_name, fn, tol):
+        try:
+            t0 = time.perf_counter()
+            ref = seeded(fn)
+            dt = time.perf_counter() - t0
+        except Exception as e:  # noqa: BLE001 - a reference that cannot run is reported as such
+            checks.append(Check(ref_name, "n/a", reason=_reason(e)))
+            return
+        err = testing.max_rel_err(jv, ref)
+        checks.append(Check(ref_name, "pass" if err <= tol else "FAIL", err, tol, dt))
+
+    dt = x.dtype
+    if bn == "frozen":
+        run("Jacobian with batch statistics held", lambda: testing.frozen_batchnorm_jvp(f, x, v),
+            tolerance(dt, "exact"))
+    else:
+        run("torch.func.jvp", lambda: testing.func_jvp(f, x, v), tolerance(dt, "exact"))
+        run("double-backward", lambda: testing.double_backward(f, x, v), tolerance(dt, "exact"))
+        with torch.no_grad():
+            n_out = sum(o.numel() for o in torch.utils._pytree.tree_leaves(traced.jvp(x, v)[0]))
+        if n_out * x.numel() <= max_jacobian_entries:
+            run("full Jacobian (jacrev) @ v", lambda: testing.jacobian_times(f, x, v), tolerance(dt, "exact"))
+        else:
+            checks.append(Check("full Jacobian (jacrev) @ v", "n/a",
+                                reason=f"{n_out} x {x.numel()} entries > max_jacobian_entries"))
+        if random:
+            checks.append(Check("central finite differences", "n/a",
+                                reason=f"random ops in the graph ({', '.join(random)}): two forwards differ"))
+        elif dt == torch.float64:
+            run("central finite differences", lambda: testing.finite_differences(f, x, v, eps=1e-7),
+                tolerance(dt, "finite differences"))
+        else:
+            # A float32 model and its float64 twin are different piecewise functions near kinks (ReLU masks,
+            # max-pool argmaxes flip at rounding level): compare the twin's Jv with differences on the twin.
+            def twin():
+                f64 = copy.deepcopy(f).double() if isinstance(f, nn.Module) else f
+                jv64 = Traced(f64, (x.double(),), bn=bn).jvp(x.double(), v.double())[1]
+                return jv64, testing.finite_differences(f64, x, v, eps=1e-7)
+
+            try:
+                t0 = time.perf_counter()
+                jv64, fd = seeded(twin)
+                err = testing.max_rel_err(jv64, fd)
+                tol = tolerance(torch.float64, "finite differences")
+                checks.append(Check("finite differences (float64 twin)", "pass" if err <= tol else "FAIL", err,
+                                    tol, time.perf_counter() - t0))
+            except Exception as e:  # noqa: BLE001
+                checks.append(Check("finite differences (float64 twin)", "n/a", reason=_reason(e)))
+        try:
+            t0 = time.perf_counter()
+            gap = seeded(lambda: testing.adjoint_gap(jv, f, x, v))
+            checks.append(Check("adjoint <u,Jv> = <J^T u,v>", "pass" if gap <= tolerance(dt, "exact") else "FAIL",
+                                gap, tolerance(dt, "exact"), time.perf_counter() - t0))
+        except Exception as e:  # noqa: BLE001
+            checks.append(Check("adjoint <u,Jv> = <J^T u,v>", "n/a", reason=_reason(e)))
+    unchanged = True
+    if isinstance(f, nn.Module):
+        unchanged = all(torch.equal(state[k], t) for k, t in f.state_dict().items()) and \
+            flags == [m.training for m in f.modules()]
+    return VerifyReport(name, dt, checks, t_jvp, t_trace, fallback_ops, unchanged)
