@@ -18,18 +18,16 @@ forward that records what the tangent pass needs and a tangent pass that reuses 
 from __future__ import annotations
 
 import functools
-import operator
 from typing import Any
 
 import networkx as nx
 import torch
 import torch.fx as fx
-import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from .graph import Graph, _target_name
-from .rules import RuleError, node_jvp, options
-from .rules.registry import collapse_zeros as _collapse
+from .graph import Graph
+from .rules import options
+from .rules.propagate import propagate
 
 __all__ = ["FlippedGraph", "FICTITIOUS"]
 
@@ -40,33 +38,6 @@ FICTITIOUS = "v"
 def _keep_placeholders(node: fx.Node) -> bool:
     """Dead-code elimination keeps the signature; every op here is pure (random ops too, if unused)."""
     return node.op in ("placeholder", "output")
-
-
-def _tangents_of(a, tenv):
-    """The tangent structure of an argument: a node's tangent, ``None`` for every constant."""
-    if isinstance(a, fx.Node):
-        return tenv.get(a)
-    if isinstance(a, (list, tuple)):
-        return type(a)(_tangents_of(x, tenv) for x in a)
-    if isinstance(a, dict):
-        return {k: _tangents_of(x, tenv) for k, x in a.items()}
-    return None
-
-
-def _check_tangent(node: fx.Node, out, t):
-    """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name."""
-    outs = pytree.tree_leaves(out)
-    touts = pytree.tree_leaves(t, is_leaf=lambda z: z is None)
-    if len(outs) != len(touts):
-        raise RuleError(f"rule for {_target_name(node)} returned {len(touts)} tangents for {len(outs)} outputs "
-                        f"at node {node.format_node()}")
-    for o, to in zip(outs, touts):
-        if to is None or not isinstance(o, torch.Tensor):
-            continue
-        if tuple(to.shape) != tuple(o.shape) or to.dtype != o.dtype:
-            raise RuleError(
-                f"rule for {_target_name(node)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
-                f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
 
 
 def _tangent_nodes(graph: fx.Graph, n_primal: int) -> set[fx.Node]:
@@ -137,45 +108,10 @@ class FlippedGraph:
         active = g.active_nodes
         placeholders = prog.placeholders
         env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
-        tenv: dict[fx.Node, Any] = {}
-        tan_of = dict(zip(g.diff_nodes, flat[len(placeholders):]))
-        for node in gm.graph.nodes:
-            if node.op == "placeholder":
-                if node in tan_of:
-                    tenv[node] = tan_of[node]
-            elif node.op == "get_attr":
-                env[node] = getattr(gm, node.target)
-            elif node.op == "call_function":
-                args = fx.node.map_arg(node.args, env.__getitem__)
-                kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-                out = node.target(*args, **kwargs)
-                env[node] = out
-                if node not in active:
-                    continue
-                if node.target is operator.getitem:
-                    parent = tenv.get(node.args[0])
-                    t = None if parent is None else parent[node.args[1]]
-                    if t is not None:
-                        tenv[node] = t
-                    continue
-                targs = _collapse(_tangents_of(node.args, tenv))
-                tkw = _collapse(_tangents_of(node.kwargs, tenv)) or {}
-                if targs is None and not tkw:
-                    continue
-                targs = targs if targs is not None else (None,) * len(node.args)
-                targs = tuple(targs) + (None,) * (len(node.args) - len(targs))
-                try:
-                    t, how = node_jvp(node.target, targs, tkw, out, args, kwargs)
-                except RuleError as e:
-                    raise RuleError(f"{e}\n  at node: {node.format_node()}"
-                                    + (f"\n  from:\n{node.meta['stack_trace']}" if node.meta.get("stack_trace")
-                                       else "")) from e
-                _check_tangent(node, out, t)
-                self.how[node.name] = how
-                if t is not None:
-                    tenv[node] = t
-            elif node.op == "output":
-                outs = list(node.args[0])
+        tenv: dict[fx.Node, Any] = dict(zip(g.diff_nodes, flat[len(placeholders):]))
+        propagate(gm.graph, env, tenv, owner=gm, active=active.__contains__, how=self.how)
+        out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
+        outs = list(out_node.args[0])
         values = [env[o] if isinstance(o, fx.Node) else o for o in outs]
         touts = []
         for o, val in zip(outs, values):

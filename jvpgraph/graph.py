@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .rules import lookup
-from .trace import TracedProgram
+from .trace import TracedProgram, grad_enabled, module_of
 
 __all__ = ["Graph"]
 
@@ -83,8 +83,7 @@ class Graph:
             val = node.meta.get("val")
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = val.dtype if isinstance(val, torch.Tensor) else None
-            stack = node.meta.get("nn_module_stack") or {}
-            module = list(stack.values())[-1][0] if stack else ""
+            module = module_of(node)
             G.add_node(node.name, target=_target_name(node), op=node.op, shape=shape, dtype=dtype,
                        role=roles.get(node, "output" if node.op == "output" else "op"), module=module,
                        active=node in active or (node.op == "output"))
@@ -103,7 +102,7 @@ class Graph:
         """
         forward: set[fx.Node] = set(self.diff_nodes)
         for node in self.gm.graph.nodes:
-            if node.meta.get("grad_enabled") is False:
+            if not grad_enabled(node):
                 continue  # computed under torch.no_grad(): a constant for autograd, so for Jv too
             if node.op == "call_function" and any(a in forward for a in node.all_input_nodes):
                 forward.add(node)

@@ -36,6 +36,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_proxy_mode, make_fx
+from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
@@ -91,6 +92,23 @@ def _run_opaque(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
     return [o.clone() if (not o.is_meta and o.data_ptr() in ptrs) else o for o in outs]
 
 
+class _ForwardCtx:
+    """Stands in for the autograd ctx when only the structure of a Function's output is wanted."""
+
+    def __init__(self, n):
+        self.needs_input_grad = (False,) * n
+        self.saved_tensors = ()
+
+    def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
+        return lambda *a, **k: None
+
+
+def _forward_only(cls, args):
+    if cls.setup_context is not torch.autograd.Function.setup_context:
+        return cls.forward(*args)
+    return cls.forward(_ForwardCtx(len(args)), *args)
+
+
 @torch.library.custom_op("jvpgraph::autograd_function", mutates_args=())
 def autograd_function(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
     """Opaque call of a user ``torch.autograd.Function`` (registry key ``key``)."""
@@ -101,7 +119,7 @@ def autograd_function(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor
 def _(inputs, key):
     cls, rebuild = _OPAQUE[key]
     with torch.no_grad():
-        return [o.clone() for o in _flat_outputs(_orig_apply(cls, *rebuild(list(inputs))))]
+        return [o.clone() for o in _flat_outputs(_forward_only(cls, rebuild(list(inputs))))]
 
 
 def _opaque_setup(ctx, inputs, output):
@@ -137,30 +155,24 @@ def _is_user_function(cls) -> bool:
     return not (mod.startswith("torch.") or mod == "torch")
 
 
-class _ForwardCtx:
-    """Stands in for the autograd ctx when only the structure of a Function's output is wanted."""
-
-    def __init__(self, n):
-        self.needs_input_grad = (False,) * n
-        self.saved_tensors = ()
-
-    def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
-        return lambda *a, **k: None
-
-
-def _forward_only(cls, args):
-    if cls.setup_context is not torch.autograd.Function.setup_context:
-        return cls.forward(*args)
-    return cls.forward(_ForwardCtx(len(args)), *args)
-
-
 @contextlib.contextmanager
 def _opaque_autograd_functions():
-    """While tracing, route user ``autograd.Function.apply`` calls to the opaque custom op."""
+    """While tracing, route user ``autograd.Function`` calls to the opaque custom op.
 
-    def apply(cls, *args, **kwargs):
+    Under a functorch transform (our ``functionalize``) PyTorch's ``Function.apply`` hands every call to
+    ``torch.autograd.function._call_custom_function_call``; replacing that hook catches ``F.apply`` however
+    it was bound (``ste = STE.apply`` before tracing included). Old-style Functions (``forward(ctx, ...)``)
+    are refused before that hook, so ``Function.apply`` itself is replaced too (which catches them when
+    ``F.apply`` is looked up at call time).
+    """
+    import torch.autograd.function as function_mod
+
+    orig = function_mod._call_custom_function_call
+
+    def route(cls, args, kwargs):
         if kwargs or not _is_user_function(cls):
-            return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+            return orig(cls, args, kwargs) if torch._C._are_functorch_transforms_active() \
+                else _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
         flat, spec = pytree.tree_flatten(args)
         tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
 
@@ -178,22 +190,60 @@ def _opaque_autograd_functions():
         outs = autograd_function(tensors, key)
         return outs[0] if single else tuple(outs)
 
-    torch.autograd.Function.apply = classmethod(apply)
+    function_mod._call_custom_function_call = route
+    # old-style Functions (forward(ctx, ...)) are refused by apply before that hook: catch F.apply too
+    torch.autograd.Function.apply = classmethod(lambda cls, *args, **kwargs: route(cls, args, kwargs))
     try:
         yield
     finally:
+        function_mod._call_custom_function_call = orig
         torch.autograd.Function.apply = _ORIG_APPLY
 
 
 # --------------------------------------------------------------------------------------------------
 # Grad mode: ops run under torch.no_grad() (or on detached values) are constants for autograd
 # --------------------------------------------------------------------------------------------------
+GRAD_META = "jvpgraph_grad_enabled"  # keys in node.meta["custom"]
+MODULE_META = "jvpgraph_module"
+
+
+def module_of(node: fx.Node) -> str:
+    """Qualified name of the innermost ``nn.Module`` whose forward produced ``node`` ("" at top level)."""
+    return node.meta.get("custom", {}).get(MODULE_META, "")
+
+
+def grad_enabled(node: fx.Node) -> bool:
+    """Whether ``node`` ran with gradients enabled in the user's code (``False``: a constant for Jv)."""
+    return node.meta.get("custom", {}).get(GRAD_META, True)
+
+
+class _SampleGradMode(TorchFunctionMode):
+    """Samples ``torch.is_grad_enabled()`` at every torch-level call of the user's code, before PyTorch's
+    kernels run their own internal guards."""
+
+    def __init__(self, box):
+        super().__init__()
+        self.box = box
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        self.box[0] = torch.is_grad_enabled()
+        return func(*args, **(kwargs or {}))
+
+
 class _RecordGradMode(TorchDispatchMode):
-    """Marks every node the tracer records with ``meta["grad_enabled"]``, the grad mode it ran under.
+    """Marks every node the tracer records with the grad mode of the user's call that produced it.
 
     An aten graph loses ``torch.no_grad()`` blocks (``nn.utils.spectral_norm``'s power iteration, weight
-    standardization statistics, ...); autograd treats their results as constants, and so must Jv.
+    standardization statistics, ...); autograd treats their results as constants, and so must Jv. Guards
+    inside PyTorch's kernels must not cut paths (custom ops run their kernels without grad;
+    ``cosine_similarity`` clamps in place under a guard, which autograd sees as the identity), so the
+    mode is sampled at the torch-function level (:class:`_SampleGradMode`), not at dispatch.
     """
+
+    def __init__(self, box, modules):
+        super().__init__()
+        self.box = box
+        self.modules = modules  # stack of qualified module names, kept by forward hooks
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         mode = get_proxy_mode()
@@ -201,10 +251,12 @@ class _RecordGradMode(TorchDispatchMode):
         last = next(reversed(graph.nodes)) if graph is not None else None
         out = func(*args, **(kwargs or {}))
         if graph is not None:
-            enabled = torch.is_grad_enabled()
+            enabled = self.box[0] or func.namespace not in ("aten", "prims")
             node = next(reversed(graph.nodes))
             while node is not last and node.op != "root":
-                node.meta.setdefault("grad_enabled", enabled)
+                if GRAD_META not in node.meta.get("custom", {}):
+                    node.meta["custom"] = {**node.meta.get("custom", {}), GRAD_META: enabled,
+                                           MODULE_META: self.modules[-1] if self.modules else ""}
                 node = node.prev
         return out
 
@@ -252,14 +304,14 @@ def _sanitize(name: str) -> str:
 
 
 def _user_frame(exc: BaseException) -> str:
-    """The innermost frame of the traceback outside torch and jvpgraph: the user's line."""
+    """The innermost frame of the traceback in the model's code (not torch's, not jvpgraph's)."""
     import traceback
 
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if "/torch/" not in f.filename and "/jvpgraph/" not in f.filename
-              and "/site-packages/" not in f.filename]
-    if not frames:
-        frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/jvpgraph/" not in f.filename]
+    def model_code(f):
+        return not (f.filename.startswith("<") or "/torch/" in f.filename or "/jvpgraph/" in f.filename
+                    or "/functorch/" in f.filename)
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if model_code(f)]
     if not frames:
         return "<unknown location>"
     f = frames[-1]
@@ -267,20 +319,91 @@ def _user_frame(exc: BaseException) -> str:
 
 
 @contextlib.contextmanager
-def bn_mode_applied(module: nn.Module | None, bn: str):
-    """Temporarily put BatchNorm layers in eval mode for ``bn="eval"``; restores every flag."""
-    if module is None or bn != "eval":
+def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
+    """What tracing may touch on the model, put back afterwards, whatever happens:
+
+    * ``bn="eval"``: BatchNorm layers in eval mode for the trace (their ``training`` flags restored);
+    * BatchNorm with ``momentum=None`` reads ``num_batches_tracked`` as a Python number, which a trace
+      cannot do; the momentum only weighs the running-statistic update (never the output or Jv), so it is
+      set to 0.1 while tracing and those layers' updates are dropped (their names go to ``momentum_none``);
+    * tensors that hooks store as plain module attributes (the legacy ``nn.utils.spectral_norm`` sets
+      ``module.weight``) would keep a fake tensor from the trace: every module attribute is restored.
+    """
+    if module is None:
         yield
         return
-    bns = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    flags = [m.training for m in bns]
+    mods = list(module.named_modules())
+    bns = [(n, m) for n, m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    flags = [m.training for _, m in bns]
+    momenta = [m.momentum for _, m in bns]
+    attrs = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for _, m in mods]
     try:
-        for m in bns:
-            m.training = False
+        for name, m in bns:
+            if bn == "eval":
+                m.training = False
+            if m.momentum is None and m.training and m.track_running_stats:
+                momentum_none.append(name)
+                m.momentum = 0.1
         yield
     finally:
-        for m, f in zip(bns, flags):
-            m.training = f
+        for (_, m), f, mom in zip(bns, flags, momenta):
+            m.training, m.momentum = f, mom
+        for m, saved in attrs:
+            for k, v in list(vars(m).items()):
+                if isinstance(v, torch.Tensor) and k not in saved:
+                    delattr(m, k)
+            for k, v in saved.items():
+                m.__dict__[k] = v
+
+
+@contextlib.contextmanager
+def _module_hooks(module: nn.Module | None, stack: list[str]):
+    """Keep ``stack`` = the qualified names of the modules whose forward is running."""
+    if module is None:
+        yield
+        return
+    names = {id(m): n for n, m in module.named_modules()}
+
+    def pre(mod, args):
+        stack.append(names.get(id(mod), type(mod).__name__))
+
+    def post(mod, args, out):
+        if stack:
+            stack.pop()
+
+    h1 = nn.modules.module.register_module_forward_pre_hook(pre)
+    h2 = nn.modules.module.register_module_forward_hook(post)
+    try:
+        yield
+    finally:
+        h1.remove()
+        h2.remove()
+
+
+def _has_leftover_mutations(graph: fx.Graph) -> bool:
+    """In-place ops other than the trailing ``copy_`` into inputs (buffer updates)."""
+    for node in graph.nodes:
+        if node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) \
+                and node.target._schema.is_mutable:
+            if node.target is aten.copy_.default and node.args[0].op == "placeholder":
+                continue
+            return True
+    return False
+
+
+def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
+    """Functionalize the aten graph itself: in-place ops that C++ composite kernels emit below the first
+    functionalization (``squeeze_`` in ``F.linear`` on a vector, ``copy_`` into slices of a ``new_empty``
+    in circular padding, ``clamp_min_``...) become functional. Node metadata ("custom", where the grad
+    mode lives) is carried over."""
+    from torch.fx import traceback as fx_traceback
+
+    def run(*args):
+        with fx_traceback.preserve_node_meta():
+            return fx.Interpreter(gm).run(*args)
+
+    return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake",
+                   _allow_non_fake_inputs=True, record_stack_traces=True)(*example)
 
 
 def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedProgram:
@@ -309,9 +432,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
             )
     P, B = len(params), len(buffers)
     out_spec_box: list = []
+    module_stack: list[str] = []
 
     def flat_fn(*flat):
-        with _RecordGradMode():
+        box = [torch.is_grad_enabled()]
+        with _RecordGradMode(box, module_stack), _SampleGradMode(box), _module_hooks(module, module_stack):
             return _call(*flat)
 
     def _call(*flat):
@@ -335,30 +460,42 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
     try:
-        with bn_mode_applied(module, bn), _opaque_autograd_functions():
+        momentum_none: list[str] = []
+        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions():
             gm = make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
                 decomposition_table=_DECOMPOSITIONS,
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
-                record_module_stack=True,
                 record_stack_traces=True,
             )(*example)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
         msg = str(e).split("\n")[0]
         data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
-        hint = (
-            "The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
-            "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent part "
-            "in a torch.autograd.Function (jvpgraph keeps those opaque)."
-            if data_dep else
-            "jvpgraph traces with make_fx over fake tensors: every op must run on tensors without values."
-        )
+        if "leaf Variable that requires grad is being used in an in-place operation" in str(e):
+            raise TraceError(
+                f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: it writes in place into one "
+                f"of its inputs\n  at {_user_frame(e)}\n  jvpgraph needs a function that leaves its inputs "
+                "unchanged: use the out-of-place op (x * 2, not x.mul_(2)) or clone the input first."
+            ) from e
+        fake_specific = any(k in type(e).__name__ for k in ("Fake", "Unsupported", "DynamicOutputShape",
+                                                              "DataDependent", "GuardOn"))
+        if data_dep:
+            hint = ("The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
+                    "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent "
+                    "part in a torch.autograd.Function (jvpgraph keeps those opaque).")
+        elif fake_specific:
+            hint = ("jvpgraph traces with make_fx over fake tensors (shapes without values); this op cannot run "
+                    "that way.")
+        else:
+            hint = "The model raised this on the example inputs while being traced; it would in eager mode too."
         raise TraceError(
             f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: {type(e).__name__}: {msg}\n"
             f"  at {_user_frame(e)}\n  {hint}"
         ) from e
 
+    if _has_leftover_mutations(gm.graph):
+        gm = _refunctionalize(gm, example)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     names = [f"p_{_sanitize(k)}" for k in params] + [f"b_{_sanitize(k)}" for k in buffers]
@@ -381,6 +518,9 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
                 f"the model writes in place into one of its inputs ({node.args[0].name}); "
                 "jvpgraph needs a function that leaves its inputs unchanged."
             )
+    for name in momentum_none:  # momentum=None layers: the weight of their update was a stand-in
+        for stat in ("running_mean", "running_var", "num_batches_tracked"):
+            updates.pop(f"{name}.{stat}" if name else stat, None)
     # detach/alias of unused values and the like
     for node in reversed(list(graph.nodes)):
         if node.op == "call_function" and not node.users and node.target not in (aten.bernoulli.p,):

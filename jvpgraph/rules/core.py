@@ -43,7 +43,7 @@ defrule(
         aten.bernoulli, aten.detach, aten.sign, aten.round, aten.floor, aten.ceil, aten.trunc,
         aten.eq, aten.ne, aten.lt, aten.gt, aten.le, aten.ge, aten.logical_and, aten.logical_or,
         aten.logical_not, aten.logical_xor, aten.argmax, aten.argmin, aten.isnan, aten.isinf,
-        aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.fill, aten.zero, aten.scalar_tensor,
+        aten.bitwise_and, aten.bitwise_or, aten.bitwise_not, aten.fill.Scalar, aten.zero, aten.scalar_tensor,
         aten.lift_fresh_copy, aten.argsort, aten.floor_divide,
         aten.empty_strided, aten.isfinite, aten.signbit,
     ],
@@ -74,16 +74,31 @@ deflinear(
         aten.expand_as, aten.tile, aten.repeat_interleave.self_int, aten.embedding,
     ]
 )
-deflinear([aten.add.Scalar, aten.sub.Scalar])
+defrule([aten.add.Scalar, aten.sub.Scalar], lambda ts, out, x, other, alpha=1: ts[0], "linear")  # + constant
 deflinear([aten.slice_scatter, aten.select_scatter, aten.diagonal_scatter,
            aten.copy], argnums=(0, 1))
 deflinear([aten.index_put], argnums=(0, 2))
-deflinear([aten.scatter.src, aten.scatter_add, aten.index_add, aten.scatter_reduce.two], argnums=(0, 3))
+deflinear([aten.scatter.src, aten.scatter_add, aten.index_add], argnums=(0, 3))
+
+
+def _scatter_reduce(ts, out, x, dim, index, src, reduce, include_self=True):
+    if reduce not in ("sum", "mean"):
+        raise NotImplementedError(f"scatter_reduce({reduce!r}) is not linear")  # amax/amin/prod: fallback
+    tx = ts[0] if ts[0] is not None else torch.zeros_like(x)
+    tsrc = ts[3] if ts[3] is not None else torch.zeros_like(src)
+    return aten.scatter_reduce.two(tx, dim, index, tsrc, reduce, include_self=include_self)
+
+
+defrule(aten.scatter_reduce.two, _scatter_reduce, "linear")
 
 
 # A tangent need not have its primal's strides (a rule may return a contiguous result where the primal
 # was a transposed view), so views of tangents go through reshape, which copies only when it must.
 defrule([aten.view, aten._unsafe_view, aten.view_copy], lambda ts, out, x, size: ts[0].reshape(size), "linear")
+
+
+defrule(aten.fill.Tensor, lambda ts, out, x, value: None if ts[1] is None else ts[1].expand(out.shape).clone(),
+        "linear")
 
 
 def _to_copy(tangents, out, x, *args, **kwargs):
@@ -335,7 +350,7 @@ defrule(aten.minimum, _minmax(False), "mask")
 
 # ------------------------------------------------------------------ softmax family
 defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)))
-defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - torch.exp(out) * t.sum(dim, keepdim=True))
+defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True))
 
 # ------------------------------------------------------------------ reductions with a selected element
 def _select_reduce(ts, out, x, dim, keepdim=False):
@@ -411,7 +426,11 @@ def _batch_norm_tangent(ts, out, x, w, b, mean, invstd, coupled):
 
 def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
     y, mean, invstd = out[0], out[1], out[2]
-    coupled = training and current_options().bn == "batch"
+    # bn="frozen" holds the *batch* statistics of BatchNorm layers. Instance norm also runs through this op
+    # (as a batch of one with N*C channels and no running statistics): its statistics are per sample and
+    # always differentiated, and so are those of a functional batch_norm without running statistics.
+    per_sample = rm is None or x.shape[0] == 1
+    coupled = training and (current_options().bn != "frozen" or per_sample)
     if not training:
         mean, invstd = rm, torch.rsqrt(rv + eps)
     t = _batch_norm_tangent(ts, y, x, w, b, mean, invstd, coupled)
@@ -514,8 +533,9 @@ def _embedding_bag(ts, out, weight, indices, offsets, scale_grad_by_freq=False, 
     parts = []
     if tw is not None:
         if mode == 2:  # max: the tangent at the forward's argmax rows (Table 4's max-pool, per bag)
-            safe = max_indices.clamp_min(0)
-            parts.append(torch.where(max_indices >= 0, tw.gather(0, safe), torch.zeros_like(y)))
+            bag_size = out[2]
+            picked = tw.gather(0, max_indices.clamp_min(0))
+            parts.append(torch.where((bag_size > 0).unsqueeze(-1), picked, torch.zeros_like(y)))
         else:  # sum / mean: linear in the table
             parts.append(aten._embedding_bag(tw, indices, offsets, scale_grad_by_freq, mode, sparse,
                                              per_sample_weights, include_last_offset, padding_idx)[0])
@@ -526,3 +546,12 @@ def _embedding_bag(ts, out, weight, indices, offsets, scale_grad_by_freq=False, 
 
 
 defrule([aten._embedding_bag, aten._embedding_bag_forward_only], _embedding_bag, "linear")
+
+
+# ------------------------------------------------------------------ prims that decompositions lower to
+prims = torch.ops.prims
+deflinear([prims.broadcast_in_dim, prims.collapse_view, prims.collapse, prims.split_dim, prims.squeeze,
+           prims.transpose, prims.view_of, prims.reshape, prims.rev,
+           prims.sum, prims.neg, prims.cat])
+defrule(prims.convert_element_type,
+        lambda ts, out, x, dtype: ts[0].to(dtype) if out.is_floating_point() or out.is_complex() else None, "linear")

@@ -20,9 +20,8 @@ from typing import Any
 
 import torch
 import torch.utils._pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from .registry import Rule, collapse_zeros, lookup
+from .registry import Rule, lookup
 
 __all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
 
@@ -51,39 +50,6 @@ def _any_tangent(ts) -> bool:
 # --------------------------------------------------------------------------------------------------
 # 2. decompositions: run the decomposition, pushing tangents through each aten op it calls
 # --------------------------------------------------------------------------------------------------
-class _TangentMode(TorchDispatchMode):
-    """Carries tangents alongside the tensors of a decomposition, op by op, through :func:`node_jvp`."""
-
-    def __init__(self):
-        super().__init__()
-        self.tangent: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def get(self, x):
-        if not _is_tensor(x):
-            return None
-        hit = self.tangent.get(id(x))
-        return hit[1] if hit is not None and hit[0] is x else None
-
-    def put(self, x, t):
-        if _is_tensor(x) and t is not None:
-            self.tangent[id(x)] = (x, t)
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        if not any(_diffable(o) for o in pytree.tree_leaves(out)):
-            return out
-        targs = collapse_zeros(pytree.tree_map(self.get, args))
-        tkw = collapse_zeros(pytree.tree_map(self.get, kwargs)) or {}
-        if _any_tangent((targs, tkw)):
-            targs = tuple(targs) if targs is not None else (None,) * len(args)
-            t, _ = node_jvp(func, targs, tkw, out, args, kwargs)
-            if t is not None:
-                for o, to in zip(pytree.tree_leaves(out), pytree.tree_leaves(t, is_leaf=lambda z: z is None)):
-                    self.put(o, to)
-        return out
-
-
 def _decomposition(op):
     from torch._decomp import decomposition_table
 
@@ -98,19 +64,44 @@ def _decomposition(op):
 
 
 def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
+    """Trace PyTorch's decomposition of ``op`` at these shapes into a small graph, then push the tangents
+    through it with the same rules (:func:`~jvpgraph.rules.propagate.propagate`), recursively."""
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
+
+    from .propagate import propagate
+
     fn = _decomposition(op)
     if fn is None:
         raise NotImplementedError("no decomposition")
-    mode = _TangentMode()
-    for x, t in zip(pytree.tree_leaves((args, kwargs)), pytree.tree_leaves((tangents, tkwargs),
-                                                                          is_leaf=lambda z: z is None)):
-        mode.put(x, t)
-    with mode:
-        dout = fn(*args, **kwargs)
-    if dout is NotImplemented:
-        raise NotImplementedError("decomposition declined these arguments")
-    # the decomposition recomputed the primal: use its outputs' tangents for the node's outputs
-    return pytree.tree_map(lambda o: mode.get(o) if _is_tensor(o) else None, dout)
+    flat, spec = pytree.tree_flatten((args, kwargs))
+    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
+
+    def decomposed(*tensors):
+        items = list(flat)
+        for i, t in zip(tpos, tensors):
+            items[i] = t
+        a, k = pytree.tree_unflatten(items, spec)
+        res = fn(*a, **k)
+        if res is NotImplemented:
+            raise NotImplementedError("decomposition declined these arguments")
+        return pytree.tree_leaves(res)
+
+    with disable_proxy_modes_tracing():  # trace the decomposition on its own, not into the caller's graph
+        sub = make_fx(decomposed, tracing_mode="fake", _allow_non_fake_inputs=True)(*[flat[i] for i in tpos])
+    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    env = dict(zip(phs, [flat[i] for i in tpos]))
+    tenv = {ph: tflat[i] for ph, i in zip(phs, tpos) if tflat[i] is not None}
+    _DECOMPOSING.add(op)
+    try:
+        propagate(sub.graph, env, tenv, owner=sub)
+    finally:
+        _DECOMPOSING.discard(op)
+    results = next(n for n in sub.graph.nodes if n.op == "output").args[0]
+    touts = [tenv.get(r) if isinstance(r, torch.fx.Node) else None for r in results]
+    if len(touts) != len(pytree.tree_leaves(out)):
+        raise NotImplementedError("the decomposition's outputs do not match the op's")
+    return _rebuild_like(out, touts)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -145,7 +136,7 @@ _FORWARD_AD_NODES: dict[int, tuple] = {}
 
 
 def _forward_ad_call(key, tensors, tangents):
-    op, flat, spec, tpos, dpos = _FORWARD_AD_NODES[key]
+    op, flat, spec, tpos, dpos, _ = _FORWARD_AD_NODES[key]
 
     def f(*d):
         items = list(flat)
@@ -168,24 +159,31 @@ def forward_ad_node(tensors: list[torch.Tensor], tangents: list[torch.Tensor], k
 
 @forward_ad_node.register_fake
 def _(tensors, tangents, key):
-    from torch._subclasses.fake_tensor import unset_fake_temporarily
-    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
-
-    with disable_proxy_modes_tracing(), unset_fake_temporarily():
-        metas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tensors]
-        tmetas = [torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta") for t in tangents]
-        shapes = [(o.shape, o.dtype) for o in _forward_ad_call(key, metas, tmetas)]
+    shapes = _FORWARD_AD_NODES[key][5]
     dev = tensors[0].device
     return [torch.empty(sh, dtype=dt, device=dev) for sh, dt in shapes]
 
 
 def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
+    if isinstance(op, torch._ops.OpOverload) and op.namespace == "prims":
+        raise NotImplementedError("prims have no forward AD (torch.func.jvp would return a silent zero)")
     flat, spec = pytree.tree_flatten((args, kwargs))
     tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
     dpos = [i for i in tpos if tflat[i] is not None and _diffable(flat[i])]
     key = len(_FORWARD_AD_NODES)
-    _FORWARD_AD_NODES[key] = (op, flat, spec, tpos, dpos)
+    shapes = [(o.shape, o.dtype) for o in _float_outputs(out) if o is not None]
+    _FORWARD_AD_NODES[key] = (op, flat, spec, tpos, dpos, shapes)
+    # Does PyTorch have a forward-AD formula for this op? Ask on meta tensors now (outside the trace),
+    # so a missing one is reported at emission, with the op's name, not when the graph runs.
+    from torch._subclasses.fake_tensor import unset_fake_temporarily
+    from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing
+
+    with disable_proxy_modes_tracing(), unset_fake_temporarily():
+        def meta(t):
+            return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
+
+        _forward_ad_call(key, [meta(flat[i]) for i in tpos], [meta(tflat[i]) for i in dpos])
     touts = iter(forward_ad_node([flat[i] for i in tpos], [tflat[i] for i in dpos], key))
     return _rebuild_like(out, [next(touts) if o is not None else None for o in _float_outputs(out)])
 
@@ -200,8 +198,10 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
         res = call(op, *leaves)
         outs = [o for o in pytree.tree_leaves(res) if _diffable(o) and o.requires_grad]
         if not outs:
-            return _rebuild_like(out, [None] * len(pytree.tree_leaves(out)))
-        ws = [torch.zeros_like(o).requires_grad_(True) for o in outs]
+            raise NotImplementedError("autograd recorded no derivative for this op")
+        # the backward is linear in w, so any w gives the same Jv; ones, not zeros, because some backwards
+        # go through log|w| (logcumsumexp) and would give NaN at w = 0
+        ws = [torch.ones_like(o).requires_grad_(True) for o in outs]
         # J_nodeᵀ w: the node's backward, kept differentiable in w
         g = torch.autograd.grad(outs, leaves, ws, create_graph=True, allow_unused=True)
         pairs = [(gi, ti) for gi, ti in zip(g, ts) if gi is not None and gi.requires_grad]
@@ -225,6 +225,16 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
 # the forward-AD step runs as one opaque op.
 _STEPS = (("decomposition", _via_decomposition), ("flipped-vjp", _via_flipped_vjp),
           ("forward-ad", _via_forward_ad))
+
+
+_DECOMPOSING: set = set()  # ops whose decomposition is being walked (a prim's aten twin may lead back)
+
+
+def _aten_twin(op):
+    """``prims.tanh`` -> ``aten.tanh`` (the overload packet, which resolves on its arguments), or None."""
+    if not isinstance(op, torch._ops.OpOverload) or op.namespace != "prims":
+        return None
+    return getattr(torch.ops.aten, op.overloadpacket.__name__, None)
 
 
 def _op_name(op) -> str:
@@ -251,8 +261,17 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
             return rule.fn(tangents, out, *args, **kwargs), rule.kind
         except NotImplementedError:
             pass  # the rule declined these arguments: fall back
+    twin = _aten_twin(op) if rule is None else None
+    if twin is not None:  # a prim from a decomposition: same math as the aten op of the same name
+        try:
+            return node_jvp(twin, tangents, tkwargs, out, args, kwargs)
+        except RuleError:
+            pass
     reasons = []
     for how, step in _STEPS:
+        if step is _via_decomposition and op in _DECOMPOSING:
+            continue  # already inside this op's decomposition: the other steps must serve
+
         try:
             t = step(op, tangents, tkwargs, out, args, kwargs)
         except Exception as e:  # noqa: BLE001 - each step may fail in its own way; we report them all

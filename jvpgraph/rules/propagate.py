@@ -1,0 +1,101 @@
+"""Push tangents through an fx graph, node by node: the walk that evaluates the flipped graph's path sums.
+
+Used for the model's whole graph (:mod:`jvpgraph.flip`) and for the small graph of one op's decomposition
+(:mod:`jvpgraph.rules.fallback`), so both follow exactly the same rules.
+"""
+
+from __future__ import annotations
+
+import operator
+from typing import Any, Callable
+
+import torch
+import torch.fx as fx
+import torch.utils._pytree as pytree
+
+from .registry import collapse_zeros
+
+__all__ = ["propagate", "tangents_of", "check_tangent"]
+
+
+def _target_name(node: fx.Node) -> str:
+    t = node.target
+    if isinstance(t, str):
+        return t
+    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+
+
+def tangents_of(a, tenv):
+    """The tangent structure of an argument: a node's tangent, ``None`` for every constant."""
+    if isinstance(a, fx.Node):
+        return tenv.get(a)
+    if isinstance(a, (list, tuple)):
+        return type(a)(tangents_of(x, tenv) for x in a)
+    if isinstance(a, dict):
+        return {k: tangents_of(x, tenv) for k, x in a.items()}
+    return None
+
+
+def check_tangent(node: fx.Node, out, t):
+    """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name."""
+    from .fallback import RuleError
+
+    outs = pytree.tree_leaves(out)
+    touts = pytree.tree_leaves(t, is_leaf=lambda z: z is None)
+    if t is not None and len(outs) != len(touts):
+        raise RuleError(f"rule for {_target_name(node)} returned {len(touts)} tangents for {len(outs)} outputs "
+                        f"at node {node.format_node()}")
+    for o, to in zip(outs, touts):
+        if to is None or not isinstance(o, torch.Tensor):
+            continue
+        if tuple(to.shape) != tuple(o.shape) or to.dtype != o.dtype:
+            raise RuleError(
+                f"rule for {_target_name(node)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
+                f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
+
+
+def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
+              active: Callable[[fx.Node], bool] | None = None, how: dict | None = None) -> None:
+    """Evaluate ``graph``'s ``call_function``/``get_attr`` nodes in order, filling ``env`` (primal values)
+    and ``tenv`` (tangents, absent = zero) from the placeholders' entries already there.
+
+    ``active(node)`` false skips a node's tangent (pruned: off every input -> output path); ``how`` gets,
+    per node name, where its local Jacobian came from.
+    """
+    from .fallback import RuleError, node_jvp
+
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            env[node] = getattr(owner, node.target)
+            continue
+        if node.op != "call_function":
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        out = node.target(*args, **kwargs)
+        env[node] = out
+        if active is not None and not active(node):
+            continue
+        if node.target is operator.getitem:
+            parent = tenv.get(node.args[0])
+            t = None if parent is None else parent[node.args[1]]
+            if t is not None:
+                tenv[node] = t
+            continue
+        targs = collapse_zeros(tangents_of(node.args, tenv))
+        tkw = collapse_zeros(tangents_of(node.kwargs, tenv)) or {}
+        if targs is None and not tkw:
+            continue
+        targs = targs if targs is not None else (None,) * len(node.args)
+        targs = tuple(targs) + (None,) * (len(node.args) - len(targs))
+        try:
+            t, kind = node_jvp(node.target, targs, tkw, out, args, kwargs)
+        except RuleError as e:
+            trace = node.meta.get("stack_trace")
+            raise RuleError(f"{e}\n  at node: {node.format_node()}" + (f"\n  from:\n{trace}" if trace else "")) \
+                from e
+        check_tangent(node, out, t)
+        if how is not None:
+            how[node.name] = kind
+        if t is not None:
+            tenv[node] = t
