@@ -160,6 +160,8 @@ def verify_cmd(args) -> int:
     if not report.ok:
         for c in report.failures:
             print(f"FAILED: {c.reference}: max rel err {c.max_rel_err:.2e} > {c.tol:.0e}", file=sys.stderr)
+        for s in report.suspects:
+            print(f"FAILED: suspect op {s}", file=sys.stderr)
     return 0 if report.ok else 1
 
 
