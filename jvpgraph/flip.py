@@ -26,6 +26,7 @@ import torch.fx as fx
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
+from .trace import _has_leftover_mutations, _refunctionalize
 from .rules import options
 from .rules.propagate import propagate
 
@@ -36,8 +37,11 @@ FICTITIOUS = "v"
 
 
 def _keep_placeholders(node: fx.Node) -> bool:
-    """Dead-code elimination keeps the signature; every op here is pure (random ops too, if unused)."""
-    return node.op in ("placeholder", "output")
+    """Dead-code elimination keeps the signature and any op with an effect; the rest is pure (random ops
+    too, if unused)."""
+    if node.op in ("placeholder", "output"):
+        return True
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
 
 
 def _tangent_nodes(graph: fx.Graph, n_primal: int) -> set[fx.Node]:
@@ -132,6 +136,10 @@ class FlippedGraph:
         with options(bn=prog.bn):
             gm = make_fx(lambda *flat: self._joint(*flat), tracing_mode="fake", _allow_non_fake_inputs=True)(
                 *examples, *tangent_examples)
+        if _has_leftover_mutations(gm.graph):
+            # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view of a
+            # fresh buffer): make the emitted graph functional, so pruning and partitioning see values
+            gm = _refunctionalize(gm, [*examples, *tangent_examples])
         names = [n.name for n in prog.placeholders]
         names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
