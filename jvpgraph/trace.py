@@ -480,7 +480,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
             ) from e
         fake_specific = any(k in type(e).__name__ for k in ("Fake", "Unsupported", "DynamicOutputShape",
                                                               "DataDependent", "GuardOn"))
-        if data_dep:
+        if "setup_context" in str(e):
+            hint = ("An old-style torch.autograd.Function (forward(ctx, ...)) whose .apply was bound to a name "
+                    "before tracing cannot be kept opaque: call MyFunction.apply(...) directly, or give the "
+                    "Function a setup_context staticmethod (new style).")
+        elif data_dep:
             hint = ("The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
                     "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent "
                     "part in a torch.autograd.Function (jvpgraph keeps those opaque).")

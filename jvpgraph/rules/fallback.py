@@ -164,6 +164,26 @@ def _(tensors, tangents, key):
     return [torch.empty(sh, dtype=dt, device=dev) for sh, dt in shapes]
 
 
+def _check_forward_ad(op, flat, spec, tpos, dpos, tensors, tangents):
+    """Raise unless PyTorch's forward AD gives a tangent for every floating output of ``op``.
+
+    (``torch.func.jvp`` returns a silent zero for an op with no formula, so we ask with dual tensors,
+    whose tangent is ``None`` then.)"""
+    import torch.autograd.forward_ad as fwAD
+
+    with fwAD.dual_level():
+        items = list(flat)
+        for i, t in zip(tpos, tensors):
+            items[i] = t
+        for i, t in zip(dpos, tangents):
+            items[i] = fwAD.make_dual(items[i], t)
+        a, k = pytree.tree_unflatten(items, spec)
+        res = op(*a, **k)
+        for o in pytree.tree_leaves(res):
+            if _diffable(o) and fwAD.unpack_dual(o).tangent is None:
+                raise NotImplementedError("PyTorch's forward AD gives no tangent for this op")
+
+
 def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
     if isinstance(op, torch._ops.OpOverload) and op.namespace == "prims":
         raise NotImplementedError("prims have no forward AD (torch.func.jvp would return a silent zero)")
@@ -183,7 +203,8 @@ def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
         def meta(t):
             return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device="meta")
 
-        _forward_ad_call(key, [meta(flat[i]) for i in tpos], [meta(tflat[i]) for i in dpos])
+        _check_forward_ad(op, flat, spec, tpos, dpos, [meta(flat[i]) for i in tpos],
+                          [meta(tflat[i]) for i in dpos])
     touts = iter(forward_ad_node([flat[i] for i in tpos], [tflat[i] for i in dpos], key))
     return _rebuild_like(out, [next(touts) if o is not None else None for o in _float_outputs(out)])
 

@@ -1,0 +1,268 @@
+"""Errors are clear: they name the input, the shapes, the op, or the user's line."""
+
+from __future__ import annotations
+
+import inspect
+import re
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jvpgraph
+from jvpgraph.rules import RULES, defjvp, defrule
+
+aten = torch.ops.aten
+D = torch.float64
+
+
+def _f2(x, y):
+    return torch.sigmoid(x) * y.sum()
+
+
+# ------------------------------------------------------------------ tangents
+def test_tangent_wrong_shape_names_input_and_both_shapes():
+    x, y = torch.randn(3, 4, dtype=D), torch.randn(2, 5, dtype=D)
+    traced = jvpgraph.trace(_f2, x, y)
+    with pytest.raises(ValueError) as e:
+        traced.jvp((x, y), (torch.randn(3, 4, dtype=D), torch.randn(5, 2, dtype=D)))
+    msg = str(e.value)
+    assert "input 1" in msg and "(5, 2)" in msg and "(2, 5)" in msg, msg
+    with pytest.raises(ValueError) as e:
+        jvpgraph.jvp(torch.sin, (x,), (torch.randn(4, 3, dtype=D),))
+    msg = str(e.value)
+    assert "input 0" in msg and "(4, 3)" in msg and "(3, 4)" in msg, msg
+
+
+def test_tangent_wrong_dtype():
+    x = torch.randn(3, 4, dtype=D)
+    with pytest.raises(ValueError) as e:
+        jvpgraph.jvp(torch.tanh, (x,), (torch.randn(3, 4, dtype=torch.float32),))
+    msg = str(e.value)
+    assert "input 0" in msg and "float32" in msg and "float64" in msg, msg
+
+
+def test_tangent_wrong_device():
+    x = torch.randn(3, 4, dtype=D)
+    with pytest.raises(ValueError) as e:
+        jvpgraph.jvp(torch.tanh, (x,), (torch.empty(3, 4, dtype=D, device="meta"),))
+    msg = str(e.value)
+    assert "input 0" in msg and "meta" in msg and "cpu" in msg, msg
+
+
+def test_tangent_for_integer_input():
+    x, i = torch.randn(4, 3, dtype=D), torch.tensor([0, 2])
+    f = lambda x, i: x[i]  # noqa: E731
+    with pytest.raises(ValueError) as e:
+        jvpgraph.jvp(f, (x, i), (torch.randn_like(x), torch.ones(2)))
+    msg = str(e.value)
+    assert "input 1" in msg and "integer" in msg and "None" in msg, msg
+    # what the message suggests works, and so does a tangent for the differentiable inputs only
+    v = torch.randn_like(x)
+    _, jv1 = jvpgraph.jvp(f, (x, i), (v, None))
+    _, jv2 = jvpgraph.jvp(f, (x, i), (v,))
+    torch.testing.assert_close(jv1, v[i], rtol=0, atol=0)
+    torch.testing.assert_close(jv2, v[i], rtol=0, atol=0)
+
+
+def test_wrong_number_of_tangents():
+    x = torch.randn(3, dtype=D)
+    with pytest.raises(ValueError, match=r"2 tangents for 1 inputs"):
+        jvpgraph.jvp(torch.sin, (x,), (x, x))
+
+
+def test_tangent_not_a_tensor():
+    x = torch.randn(3, dtype=D)
+    with pytest.raises(TypeError, match=r"tangent for input 0 is a float"):
+        jvpgraph.jvp(torch.sin, (x,), (1.0,))
+
+
+def test_none_tangent_is_zero():
+    x, y = torch.randn(3, 4, dtype=D), torch.randn(2, 5, dtype=D)
+    vx = torch.randn_like(x)
+    _, jv = jvpgraph.jvp(_f2, (x, y), (vx, None))
+    torch.testing.assert_close(jv, torch.func.jvp(_f2, (x, y), (vx, torch.zeros_like(y)))[1])
+
+
+# ------------------------------------------------------------------ tracing
+def _branchy(x):
+    if x.sum() > 0:  # data-dependent control flow
+        return x * 2
+    return x
+
+
+class _ItemModel(nn.Module):
+    def forward(self, x):
+        scale = x.abs().max().item()  # a Python number from a tensor value (an unbacked symbol)
+        return x * int(scale * 3)  # ... that has to become a concrete int here
+
+
+def _line_of(fn, needle):
+    src, start = inspect.getsourcelines(fn)
+    for k, line in enumerate(src):
+        if needle in line:
+            return start + k, line.strip()
+    raise AssertionError(needle)
+
+
+@pytest.mark.parametrize("f,needle", [(_branchy, "if x.sum() > 0"),
+                                      (_ItemModel(), "return x * int(scale * 3)")],
+                         ids=["if-sum", "item-in-module"])
+def test_data_dependent_control_flow_names_the_user_line(f, needle):
+    x = torch.randn(3, 4)
+    with pytest.raises(jvpgraph.TraceError) as e:
+        jvpgraph.trace(f, x)
+    msg = str(e.value)
+    fn = f if not isinstance(f, nn.Module) else type(f).forward
+    lineno, line = _line_of(fn, needle)
+    assert needle in msg, msg
+    assert __file__ in msg and f"line {lineno}" in msg, msg
+    assert re.search(r"branch|\.item\(\)", msg), msg  # it says what to do
+    with pytest.raises(jvpgraph.TraceError):
+        jvpgraph.jvp(f, (x,), (x,))
+
+
+def test_trace_error_is_runtime_error_subclass():
+    assert issubclass(jvpgraph.TraceError, RuntimeError)
+
+
+def test_non_tensor_input_and_output():
+    x = torch.randn(3)
+    with pytest.raises(TypeError, match=r"input 1 is a int"):
+        jvpgraph.trace(lambda x, n: x * n, x, 3)
+    with pytest.raises(jvpgraph.TraceError, match=r"output 1 is a int"):
+        jvpgraph.trace(lambda x: (x, 3), x)
+
+
+def test_not_callable():
+    with pytest.raises(TypeError, match="nn.Module or a function"):
+        jvpgraph.trace(3, torch.randn(2))
+
+
+def test_in_place_write_into_integer_input():
+    x, i = torch.randn(3, 4), torch.tensor([0, 1])
+    with pytest.raises(jvpgraph.TraceError, match=r"writes in place into one of its inputs"):
+        jvpgraph.trace(lambda x, i: x[i.add_(1)], x, i)
+
+
+def test_in_place_write_into_float_input():
+    x = torch.randn(3, 4)
+    with pytest.raises(jvpgraph.TraceError, match=r"writes in place into one of its inputs"):
+        jvpgraph.trace(lambda x: x.mul_(2), x)
+
+
+def test_bn_mode_validated():
+    net = nn.Sequential(nn.Linear(3, 2), nn.BatchNorm1d(2))
+    x = torch.randn(4, 3)
+    with pytest.raises(ValueError, match="nonsense"):
+        jvpgraph.trace(net, x, bn="nonsense")
+    with pytest.raises(ValueError, match=r"'batch'.*'frozen'.*'eval'"):
+        jvpgraph.jvp(net, (x,), (x,), bn="nonsense")
+    with pytest.raises(ValueError, match="nonsense"):
+        jvpgraph.linearize(net, x, bn="nonsense")
+
+
+def test_wrt_must_be_floating_input():
+    with pytest.raises(ValueError, match=r"input 1 is not a floating-point"):
+        jvpgraph.trace(lambda x, i: x[i], torch.randn(3), torch.tensor([0]), wrt=[1])
+    with pytest.raises(ValueError, match=r"input 5"):
+        jvpgraph.trace(lambda x: x, torch.randn(3), wrt=[5])
+
+
+def test_vjp_needs_a_recorded_forward():
+    x = torch.randn(3)
+    with pytest.raises(RuntimeError, match=r"vjp=True"):
+        jvpgraph.trace(torch.sin, x).linearize(x, vjp=False).vjp(torch.ones(3))
+
+
+# ------------------------------------------------------------------ rules
+@pytest.fixture
+def restore_rules(monkeypatch):
+    """Every key a test (re)registers is put back by monkeypatch when the test ends."""
+
+    def guard(*ops):
+        for op in ops:  # setitem of an absent key is undone by deleting it; RULES.get(op) None == no rule
+            monkeypatch.setitem(RULES, op, RULES.get(op))
+
+    return guard
+
+
+def _broken_shape(ts, out, x):
+    return ts[0][..., :1]  # wrong shape
+
+
+def _broken_dtype(ts, out, x):
+    return ts[0].float()
+
+
+def _broken_arity(ts, out, *a, **k):
+    return (ts[0], ts[0])
+
+
+@pytest.mark.parametrize("broken,what", [(_broken_shape, r"shape \(3, 1\)"), (_broken_dtype, "float32"),
+                                         (_broken_arity, r"2 tangents for 1 outputs")],
+                         ids=["shape", "dtype", "arity"])
+def test_broken_rule_raises_rule_error_naming_the_op(restore_rules, broken, what):
+    original = RULES[aten.sigmoid]
+    restore_rules(aten.sigmoid)
+    defrule(aten.sigmoid, broken, "elementwise")
+    x = torch.randn(3, 4, dtype=D)
+    with pytest.raises(jvpgraph.RuleError) as e:
+        jvpgraph.trace(lambda x: torch.sigmoid(x) * 2, x)
+    msg = str(e.value)
+    assert "sigmoid" in msg and re.search(what, msg), msg
+    # restored afterwards by monkeypatch (checked in the next test too)
+    assert RULES[aten.sigmoid] is not original
+
+
+def test_registry_restored_after_broken_rule_test():
+    x, v = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    _, jv = jvpgraph.jvp(torch.sigmoid, (x,), (v,))
+    torch.testing.assert_close(jv, torch.func.jvp(torch.sigmoid, (x,), (v,))[1])
+
+
+def test_rule_declining_falls_back(restore_rules):
+    """A rule that raises NotImplementedError declines: the fallback chain gives the right answer."""
+    restore_rules(aten.gelu)
+
+    def declines(ts, out, x, approximate="none"):
+        raise NotImplementedError
+
+    defrule(aten.gelu, declines, "elementwise")
+    x, v = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    traced = jvpgraph.trace(torch.nn.functional.gelu, x)
+    _, jv = traced.jvp(x, v)
+    torch.testing.assert_close(jv, torch.func.jvp(torch.nn.functional.gelu, (x,), (v,))[1], rtol=1e-9, atol=1e-12)
+    assert traced.flipped.how["gelu"] in jvpgraph.rules.FALLBACK_KINDS
+
+
+# A custom op with no autograd formula, no decomposition and no forward AD: nothing can differentiate it.
+@torch.library.custom_op("jvpgraph_tests::cube", mutates_args=())
+def _cube(x: torch.Tensor) -> torch.Tensor:
+    return x * x * x
+
+
+@_cube.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def test_op_without_any_derivative_raises_rule_error():
+    op = torch.ops.jvpgraph_tests.cube
+    x = torch.randn(3, dtype=D)
+    with pytest.raises(jvpgraph.RuleError) as e:
+        jvpgraph.trace(lambda x: op(x) + 1, x)
+    msg = str(e.value)
+    assert "jvpgraph_tests.cube" in msg or "jvpgraph_tests::cube" in msg, msg
+    for step in ("decomposition", "flipped-vjp", "forward-ad"):
+        assert step in msg, msg  # what each step said
+    assert "defjvp" in msg  # what to do
+
+
+def test_registered_rule_for_custom_op_is_used(restore_rules):
+    op = torch.ops.jvpgraph_tests.cube
+    x, v = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    restore_rules(op)
+    defjvp(op, lambda t, out, x: 3 * x * x * t)
+    _, jv = jvpgraph.jvp(lambda x: op(x) + 1, (x,), (v,))
+    torch.testing.assert_close(jv, 3 * x * x * v)

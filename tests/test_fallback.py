@@ -1,0 +1,306 @@
+"""The fallback chain: ops without a written rule (and without forward AD in PyTorch) still get a correct Jv,
+and each fallback step is exercised on its own.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import jvpgraph
+import jvpgraph.rules.fallback as fallback
+from jvpgraph.rules import FALLBACK_KINDS, RULES
+
+from conftest import (F64, assert_adjoint, assert_all_close, double_backward_jvp, func_jvp, jac_times_v,
+                      jvpgraph_jvp, random_tangents)
+
+aten = torch.ops.aten
+D = torch.float64
+
+
+def rn(*shape, scale=1.0, seed=None):
+    g = None if seed is None else torch.Generator().manual_seed(seed)
+    return torch.randn(*shape, dtype=D, generator=g) * scale
+
+
+def _check(f, inputs, expect_how=None, func_jvp_fails=False):
+    tangents = random_tangents(inputs)
+    out, jv = jvpgraph_jvp(f, inputs, tangents)
+    assert_all_close(out, f(*inputs), "primal", **F64)
+    assert_all_close(jv, jac_times_v(f, inputs, tangents), "vs jacobian @ v", **F64)
+    assert_adjoint(f, inputs, tangents, jv)
+    if func_jvp_fails:  # the point of the fallback: PyTorch's forward AD cannot do this one
+        assert func_jvp(f, inputs, tangents) is None
+    if expect_how is not None:
+        how = jvpgraph.trace(f, *inputs).flipped.how
+        assert expect_how & set(how.values()), how
+    return jv
+
+
+# ------------------------------------------------------------------ ops without forward AD in PyTorch
+GRID = lambda: (rn(2, 3, 5, 4), torch.rand(2, 4, 3, 2, dtype=D) * 2.2 - 1.1)  # noqa: E731
+
+
+@pytest.mark.parametrize("mode,padding,align", [("bilinear", "zeros", False), ("bilinear", "border", True),
+                                                ("nearest", "zeros", True), ("bicubic", "border", False)])
+def test_grid_sample(mode, padding, align):
+    f = lambda x, g: F.grid_sample(x, g, mode=mode, padding_mode=padding, align_corners=align)  # noqa: E731
+    _check(f, GRID(), expect_how=set(FALLBACK_KINDS))
+
+
+def test_grid_sample_3d():
+    f = lambda x, g: F.grid_sample(x, g, align_corners=False)  # noqa: E731
+    _check(f, (rn(1, 2, 3, 4, 3), torch.rand(1, 2, 3, 2, 3, dtype=D) * 2 - 1))
+
+
+def test_affine_grid_then_grid_sample():
+    f = lambda x, theta: F.grid_sample(x, F.affine_grid(theta, [2, 3, 5, 4], align_corners=False),  # noqa: E731
+                                       align_corners=False)
+    theta = torch.eye(2, 3, dtype=D).expand(2, 2, 3) + rn(2, 2, 3, scale=0.1)
+    _check(f, (rn(2, 3, 5, 4), theta))
+
+
+@pytest.mark.parametrize("mode", ["sum", "mean", "max"])
+def test_embedding_bag(mode):
+    f = lambda w, i, o: F.embedding_bag(i, w, o, mode=mode)  # noqa: E731
+    inputs = (rn(8, 3), torch.tensor([1, 2, 4, 5, 4, 3, 2, 6, 7]), torch.tensor([0, 3, 4, 6]))
+    _check(f, inputs, func_jvp_fails=(mode == "max"))
+
+
+def test_embedding_bag_per_sample_weights():
+    f = lambda w, i, o, p: F.embedding_bag(i, w, o, mode="sum", per_sample_weights=p)  # noqa: E731
+    _check(f, (rn(8, 3), torch.tensor([1, 2, 4, 5, 4, 3, 2, 6, 7]), torch.tensor([0, 3, 4, 6]), rn(9)))
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5])
+def test_cdist(p):
+    f = lambda a, b: torch.cdist(a, b, p=p)  # noqa: E731
+    _check(f, (rn(2, 4, 3), rn(2, 5, 3)), func_jvp_fails=True)
+
+
+def test_cdist_mm_mode():
+    f = lambda a, b: torch.cdist(a, b, compute_mode="use_mm_for_euclid_dist")  # noqa: E731
+    _check(f, (rn(4, 3), rn(5, 3)))
+
+
+@pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
+def test_pdist(p):
+    _check(lambda a: F.pdist(a, p=p), (rn(5, 3),), func_jvp_fails=True)
+
+
+@pytest.mark.parametrize("p,margin,reduction", [(1, 1.0, "mean"), (2, 0.5, "none")])
+def test_multi_margin_loss(p, margin, reduction):
+    target = torch.tensor([0, 2, 1, 3])
+    f = lambda a: F.multi_margin_loss(a, target, p=p, margin=margin, reduction=reduction)  # noqa: E731
+    _check(f, (rn(4, 5),), func_jvp_fails=True)
+
+
+@pytest.mark.xfail(strict=True, raises=jvpgraph.TraceError,
+                   reason="LIMITATION: aten._ctc_loss has a data-dependent output shape for fake tensors "
+                          "(DynamicOutputShapeException), so a model with F.ctc_loss cannot be traced")
+def test_ctc_loss():
+    targets = torch.tensor([[1, 2], [2, 2]])
+    f = lambda lp: F.ctc_loss(lp.log_softmax(2), targets, [5, 5], [2, 2])  # noqa: E731
+    _check(f, (rn(5, 2, 4),))
+
+
+@pytest.mark.parametrize("name,f,build", [
+    ("max_all", lambda a: a.max(), lambda: (rn(3, 4),)),
+    ("sort", lambda a: a.sort(1).values, lambda: (rn(3, 4),)),
+    ("topk", lambda a: a.topk(2, 1).values, lambda: (rn(3, 4),)),
+    ("solve", lambda a, b: torch.linalg.solve(a, b), lambda: (rn(3, 3) + 3 * torch.eye(3, dtype=D), rn(3, 2))),
+    ("det", torch.linalg.det, lambda: (rn(3, 3),)),
+    ("svdvals", torch.linalg.svdvals, lambda: (rn(3, 4),)),
+    ("logsumexp", lambda a: a.logsumexp(1), lambda: (rn(3, 4),)),
+    ("vector_norm", lambda a: torch.linalg.vector_norm(a, dim=1), lambda: (rn(3, 4),)),
+    ("glu", lambda a: F.glu(a, 1), lambda: (rn(3, 4),)),
+    ("prelu", F.prelu, lambda: (rn(3, 4), torch.rand(4, dtype=D))),
+    ("lerp", torch.lerp, lambda: (rn(3, 4), rn(3, 4), torch.rand(3, 4, dtype=D))),
+    ("xlogy", torch.xlogy, lambda: (rn(3, 4), torch.rand(3, 4, dtype=D) + 0.1)),
+    ("sinc", torch.sinc, lambda: (rn(3, 4),)),
+    ("clamp_tensor", torch.clamp, lambda: (rn(3, 4), rn(3, 4) - 1, rn(3, 4) + 1)),
+    ("binary_cross_entropy", lambda a, b: F.binary_cross_entropy(a.sigmoid(), b.sigmoid()),
+     lambda: (rn(3, 4), rn(3, 4))),
+])
+def test_fallback_ops(name, f, build):
+    _check(f, build(), expect_how=set(FALLBACK_KINDS))
+
+
+def test_local_response_norm():
+    _check(lambda a: F.local_response_norm(a, 2), (rn(2, 4, 3),))
+
+
+@pytest.mark.parametrize("name,f,build", [
+    pytest.param(name, f, build, id=name)
+    for name, f, build in [
+        ("amax", lambda a: a.amax(1), lambda: (rn(3, 4),)),
+        ("prod", lambda a: a.prod(1), lambda: (rn(3, 4),)),
+        ("cumprod", lambda a: a.cumprod(1), lambda: (rn(3, 4),)),
+        ("atan2", torch.atan2, lambda: (rn(3, 4), rn(3, 4))),
+        ("hypot", torch.hypot, lambda: (rn(3, 4), rn(3, 4))),
+        ("fmod", lambda a: torch.fmod(a, 1.3), lambda: (rn(3, 4, scale=3),)),
+    ]])
+def test_fallback_ops_through_prims(name, f, build):
+    _check(f, build(), expect_how=set(FALLBACK_KINDS))
+
+
+def test_logcumsumexp():
+    _check(lambda a: torch.logcumsumexp(a, 1), (rn(3, 4),))
+
+
+# ------------------------------------------------------------------ each step on its own
+@pytest.fixture
+def without_rule(monkeypatch):
+    def remove(op):
+        assert op in RULES
+        monkeypatch.delitem(RULES, op)
+
+    return remove
+
+
+@pytest.mark.parametrize("op,f", [
+    (aten.gelu, F.gelu), (aten.silu, F.silu), (aten.softplus, F.softplus), (aten.elu, F.elu),
+    (aten.hardswish, F.hardswish), (aten.mish, F.mish),
+    (aten._softmax, lambda x: torch.softmax(x, -1)),
+    (aten.native_layer_norm, lambda x: F.layer_norm(x, (5,))),
+    (aten.relu, torch.relu), (aten.leaky_relu, F.leaky_relu),
+    (aten.native_batch_norm, lambda x: F.batch_norm(x, None, None, training=True)),
+    (aten.log_sigmoid_forward, F.logsigmoid),
+])
+def test_deleted_rule_decomposition(without_rule, op, f):
+    without_rule(op)
+    x = rn(3, 5, scale=2.0, seed=0)
+    traced = jvpgraph.trace(f, x)
+    v = rn(3, 5, seed=1)
+    _, jv = traced.jvp(x, v)
+    torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
+    assert set(traced.flipped.how.values()) & set(FALLBACK_KINDS), traced.flipped.how
+
+
+@pytest.mark.parametrize("op,f", [(aten.sigmoid, torch.sigmoid), (aten.tanh, torch.tanh), (aten.exp, torch.exp),
+                                  (aten.sin, torch.sin), (aten.abs, torch.abs)])
+def test_deleted_rule_full_chain_prims(without_rule, op, f):
+    without_rule(op)
+    x, v = rn(3, 5, seed=0), rn(3, 5, seed=1)
+    traced = jvpgraph.trace(f, x)
+    _, jv = traced.jvp(x, v)
+    # the node's name, not op.__name__: FX renames a node that would shadow a Python builtin (abs -> abs_1)
+    names = [n.name for n in traced.graph.gm.graph.nodes
+             if n.op == "call_function" and getattr(n.target, "overloadpacket", None) is op]
+    assert len(names) == 1, names
+    assert traced.flipped.how[names[0]] in FALLBACK_KINDS
+    torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
+
+
+def _only(monkeypatch, step):
+    steps = dict(fallback._STEPS)
+    monkeypatch.setattr(fallback, "_STEPS", ((step, steps[step]),))
+
+
+OPS_FOR_STEPS = [(aten.sigmoid, torch.sigmoid), (aten.tanh, torch.tanh), (aten.gelu, F.gelu),
+                 (aten._softmax, lambda x: torch.softmax(x, -1)),
+                 (aten.native_layer_norm, lambda x: F.layer_norm(x, (5,)))]
+
+
+@pytest.mark.parametrize("op,f", OPS_FOR_STEPS)
+def test_only_flipped_vjp_step(monkeypatch, without_rule, op, f):
+    _only(monkeypatch, "flipped-vjp")
+    without_rule(op)
+    x, v = rn(3, 5, seed=0), rn(3, 5, seed=1)
+    traced = jvpgraph.trace(f, x)
+    _, jv = traced.jvp(x, v)
+    torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
+    assert "flipped-vjp" in traced.flipped.how.values(), traced.flipped.how
+
+
+def test_flipped_vjp_step_keeps_jv_differentiable(monkeypatch, without_rule):
+    """The flipped VJP is traced into ordinary aten ops, so Jv stays differentiable in the parameters."""
+    _only(monkeypatch, "flipped-vjp")
+    without_rule(aten.sigmoid)
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 5), nn.Sigmoid(), nn.Linear(5, 2)).double()
+    x, v = rn(3, 4, seed=0), rn(3, 4, seed=1)
+    _, jv = jvpgraph.jvp(net, (x,), (v,))
+    params = list(net.parameters())
+    got = torch.autograd.grad(jv.pow(2).sum(), params, allow_unused=True)
+    ref_jv = torch.autograd.functional.jvp(net, x, v, create_graph=True)[1]
+    want = torch.autograd.grad(ref_jv.pow(2).sum(), params, allow_unused=True)
+    assert got[0] is not None and got[2] is not None
+    for g, w, p in zip(got, want, params):
+        torch.testing.assert_close(torch.zeros_like(p) if g is None else g, torch.zeros_like(p) if w is None else w,
+                                   **F64)
+
+
+@pytest.mark.parametrize("op,f", OPS_FOR_STEPS[:3])
+def test_only_forward_ad_step(monkeypatch, without_rule, op, f):
+    _only(monkeypatch, "forward-ad")
+    without_rule(op)
+    x, v = rn(3, 5, seed=0), rn(3, 5, seed=1)
+    traced = jvpgraph.trace(f, x)
+    _, jv = traced.jvp(x, v)
+    torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
+    assert "forward-ad" in traced.flipped.how.values(), traced.flipped.how
+
+
+def test_forward_ad_step_outside_tracing():
+    """The forward-AD step itself (on real tensors) is PyTorch's formula for that one node."""
+    x, t = rn(6, seed=0), rn(6, seed=1)
+    got = fallback._via_forward_ad(aten.sigmoid.default, (t,), {}, torch.sigmoid(x), (x,), {})
+    torch.testing.assert_close(got, torch.func.jvp(torch.sigmoid, (x,), (t,))[1], **F64)
+
+
+def test_only_decomposition_step_reports_what_failed(monkeypatch, without_rule):
+    """With the decomposition step alone, an op whose decomposition reaches a prim without a rule raises a
+    RuleError naming the op and the inner failure (never a silent zero)."""
+    _only(monkeypatch, "decomposition")
+    without_rule(aten.tanh)
+    with pytest.raises(jvpgraph.RuleError) as e:
+        jvpgraph.trace(torch.tanh, rn(3, 5))
+    assert "aten.tanh" in str(e.value) and "decomposition" in str(e.value)
+
+
+def test_no_step_left_raises_rule_error(monkeypatch, without_rule):
+    monkeypatch.setattr(fallback, "_STEPS", ())
+    without_rule(aten.sigmoid)
+    with pytest.raises(jvpgraph.RuleError, match=r"aten\.sigmoid"):
+        jvpgraph.trace(torch.sigmoid, rn(3))
+
+
+def test_fallback_warns_once_per_op(monkeypatch):
+    monkeypatch.setattr(fallback, "_WARNED", set())
+    a, b = rn(4, 3), rn(5, 3)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jvpgraph.trace(lambda a, b: torch.cdist(a, b) + torch.cdist(b, a).T, a, b)
+        jvpgraph.trace(lambda a, b: torch.cdist(a, b), a, b)
+    msgs = [str(w.message) for w in caught if "no written rule" in str(w.message)]
+    assert len(msgs) == 1 and "_cdist_forward" in msgs[0] and "flipped-vjp" in msgs[0], msgs
+
+
+def test_fallback_inside_model_matches_double_backward():
+    """A model mixing written rules and fallback nodes (grid_sample, cdist), train mode with BatchNorm."""
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(2, 3, 3, padding=1)
+            self.bn = nn.BatchNorm2d(3)
+            self.proto = nn.Parameter(torch.randn(4, 3))
+
+        def forward(self, x, grid):
+            h = torch.sigmoid(self.bn(self.conv(x)))
+            h = F.grid_sample(h, grid, align_corners=False)  # (N, 3, 3, 2)
+            feats = h.flatten(2).transpose(1, 2)  # (N, 6, 3)
+            return torch.cdist(feats, self.proto.expand(feats.shape[0], 4, 3))
+
+    torch.manual_seed(0)
+    net = Net().double().train()
+    x, grid = rn(2, 2, 5, 5, seed=0), torch.rand(2, 3, 2, 2, dtype=D) * 2 - 1
+    vx, vg = rn(2, 2, 5, 5, seed=1), rn(2, 3, 2, 2, seed=2)
+    _, jv = jvpgraph.jvp(net, (x, grid), (vx, vg))
+    torch.testing.assert_close(jv, double_backward_jvp(net, (x, grid), (vx, vg))[0], **F64)
+    torch.testing.assert_close(jv, jac_times_v(net, (x, grid), (vx, vg))[0], **F64)
