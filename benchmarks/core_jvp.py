@@ -23,17 +23,21 @@ import jvpgraph
 from jvpgraph.experiments.models import LeNet
 
 
-def median_times(fns: dict, repeats: int, warmup: int = 3) -> dict:
-    """Median seconds per call of each function, calls interleaved round-robin so drift hits all alike."""
-    for fn in fns.values():
-        for _ in range(warmup):
-            fn()
+def median_times(fns: dict, repeats: int, rounds: int = 5, warmup: int = 2) -> dict:
+    """Median seconds per call of each function. Calls run in blocks (one function at a time, a couple of
+    warm-up calls first) and the blocks rotate over ``rounds``, so slow drift of the machine hits every
+    function alike while each block sees the allocator in its own steady state (interleaving single calls
+    made LeNet's numbers swing by 3x here: each call then finds the freed memory of another)."""
     times = {k: [] for k in fns}
-    for _ in range(repeats):
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
         for k, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t0)
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
     return {k: statistics.median(v) for k, v in times.items()}
 
 

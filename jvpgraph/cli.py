@@ -60,8 +60,11 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout) -> 
     p(f"traced in {t_trace:.2f} s: {n_ops} aten ops; flipped graph with v: {n_flip} aten calls; "
       f"ops through the fallback: {len(fallbacks) or 'none'}")
     p("")
-    p("first lines of the emitted flipped graph (primal and tangent interleaved; `v` is the fictitious node):")
-    for line in g.flipped.code.strip().splitlines()[1:1 + show_code]:
+    lines = g.flipped.code.strip().splitlines()[1:]
+    start = next((i for i, line in enumerate(lines) if "(v," in line), 0)
+    p(f"the emitted flipped graph: {start} forward lines, then the tangent pass, which starts at the fictitious "
+      f"node v:")
+    for line in lines[start:start + show_code]:
         p("  " + (line.strip()[:118]))
     p("  ...")
     p("")
