@@ -45,6 +45,8 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
         0.5
     """
     a, b = a.detach().double(), b.detach().double()
+    if b.numel() == 0:
+        return 0.0 if a.numel() == 0 else float("inf")
     scale = b.abs().max().item()
     err = (a - b).abs().max().item()
     return err / scale if scale > 0 else err

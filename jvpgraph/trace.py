@@ -29,6 +29,7 @@ import contextlib
 import dataclasses
 import itertools
 import re
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -459,16 +460,29 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
     # inputs that carry a tangent require grad while tracing, so PyTorch picks differentiable kernels
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
-    try:
-        momentum_none: list[str] = []
+    def run_trace(example):
         with tracing_state(module, bn, momentum_none), _opaque_autograd_functions():
-            gm = make_fx(
+            return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
                 decomposition_table=_DECOMPOSITIONS,
                 tracing_mode="fake",
                 _allow_non_fake_inputs=True,
                 record_stack_traces=True,
             )(*example)
+
+    momentum_none: list[str] = []
+    try:
+        try:
+            gm = run_trace(example)
+        except RuntimeError as e:
+            if "is not differentiable with respect to argument" not in str(e):
+                raise
+            # an input that an op refuses to differentiate (a running statistic passed as an input, the weight
+            # of multi_margin_loss): trace again with inputs not requiring grad; its tangent then goes through
+            # the op's rule, or the fallback says which op cannot take it
+            momentum_none.clear()
+            example = example[:P + B] + [a.detach() for a in example[P + B:]]
+            gm = run_trace(example)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
         msg = str(e).split("\n")[0]
         data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
@@ -518,10 +532,13 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
             updates[buffer_of[node.args[0]]] = node.args[1]
             graph.erase_node(node)
         elif node.op == "call_function" and node.target is aten.copy_.default and node.args[0].op == "placeholder":
-            raise TraceError(
-                f"the model writes in place into one of its inputs ({node.args[0].name}); "
-                "jvpgraph needs a function that leaves its inputs unchanged."
-            )
+            # e.g. F.batch_norm(x, running_mean, running_var, training=True) with the statistics passed as
+            # inputs: the graph reads the new value internally; only the write-back to the caller's tensor is
+            # dropped (jvpgraph never writes into what it is given), which changes neither outputs nor Jv
+            warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into its "
+                          f"input {node.args[0].name}; jvpgraph does not write into its inputs (outputs and Jv "
+                          "are unaffected)", stacklevel=3)
+            graph.erase_node(node)
     for name in momentum_none:  # momentum=None layers: the weight of their update was a stand-in
         for stat in ("running_mean", "running_var", "num_batches_tracked"):
             updates.pop(f"{name}.{stat}" if name else stat, None)

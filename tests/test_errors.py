@@ -139,10 +139,15 @@ def test_not_callable():
         jvpgraph.trace(3, torch.randn(2))
 
 
-def test_in_place_write_into_integer_input():
-    x, i = torch.randn(3, 4), torch.tensor([0, 1])
-    with pytest.raises(jvpgraph.TraceError, match=r"writes in place into one of its inputs"):
-        jvpgraph.trace(lambda x, i: x[i.add_(1)], x, i)
+def test_in_place_write_into_integer_input_is_dropped_with_a_warning():
+    """The graph reads the written value; only the write-back into the caller's tensor is dropped."""
+    x, i = torch.randn(3, 4, dtype=D), torch.tensor([0, 1])
+    v = torch.randn_like(x)
+    with pytest.warns(UserWarning, match=r"writes in place into its input"):
+        out, jv = jvpgraph.jvp(lambda x, i: x[i.add_(1)], (x, i), (v, None))
+    assert i.tolist() == [0, 1]  # the caller's tensor is untouched
+    torch.testing.assert_close(out, x[[1, 2]])
+    torch.testing.assert_close(jv, v[[1, 2]])
 
 
 def test_in_place_write_into_float_input():

@@ -400,6 +400,18 @@ defrule(aten.std.correction,
         lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "elementwise")
 
 # ------------------------------------------------------------------ normalization
+def _stats_tangents(t, xc, rstd, dims, keepdim):
+    """Tangents of the statistics a normalization returns: ``mean`` and ``rstd = (var + eps)^-1/2`` over
+    ``dims`` (``xc = x - mean``): ``t_mean = mean(t)``, ``t_rstd = -rstd³ mean(xc (t - t_mean))``."""
+    if t is None:
+        return None, None
+    t_mean = t.mean(dims, keepdim=True)
+    t_rstd = -(rstd * rstd * rstd) * (xc * (t - t_mean)).mean(dims, keepdim=True)
+    if not keepdim:
+        t_mean, t_rstd = t_mean.squeeze(dims), t_rstd.squeeze(dims)
+    return t_mean, t_rstd
+
+
 def _normalize_tangent(t, xhat, rstd, dims, coupled):
     """Tangent of ``xhat = (x - mean(x)) * rstd(x)`` over ``dims``; ``coupled=False`` holds the stats."""
     if not coupled:
@@ -426,6 +438,8 @@ def _batch_norm_tangent(ts, out, x, w, b, mean, invstd, coupled):
 
 def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
     y, mean, invstd = out[0], out[1], out[2]
+    if not training and (ts[3] is not None or ts[4] is not None):
+        raise NotImplementedError("tangents of the running statistics: use the fallback")
     # bn="frozen" holds the *batch* statistics of BatchNorm layers. Instance norm also runs through this op
     # (as a batch of one with N*C channels and no running statistics): its statistics are per sample and
     # always differentiated, and so are those of a functional batch_norm without running statistics.
@@ -434,10 +448,18 @@ def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
     if not training:
         mean, invstd = rm, torch.rsqrt(rv + eps)
     t = _batch_norm_tangent(ts, y, x, w, b, mean, invstd, coupled)
-    return (t,) + (None,) * (len(out) - 1)
+    t_mean = t_invstd = None
+    if coupled:  # the returned batch statistics move with x too (they are constants when frozen)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0] + list(range(2, x.dim()))
+        t_mean, t_invstd = _stats_tangents(ts[0], x - mean.view(shape), invstd.view(shape), dims, False)
+    return (t, t_mean, t_invstd) + (None,) * (len(out) - 3)
 
 
 def _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps):
+    if ts[3] is not None or ts[4] is not None:
+        # running statistics passed as differentiated inputs (a functional batch_norm in eval mode): rare
+        raise NotImplementedError("tangents of the running statistics: use the fallback")
     t = _batch_norm_tangent(ts, out[0], x, w, b, rm, torch.rsqrt(rv + eps), False)
     return (t,) + (None,) * (len(out) - 1)
 
@@ -460,7 +482,8 @@ def _layer_norm(ts, out, x, normalized_shape, w, b, eps):
     xhat = (x - mean) * rstd
     t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, rstd, dims, True)
     shape = list(normalized_shape)
-    return _affine_tangent(t_xhat, xhat, w, ts[2], ts[3], shape, y), None, None
+    return (_affine_tangent(t_xhat, xhat, w, ts[2], ts[3], shape, y),
+            *_stats_tangents(ts[0], x - mean, rstd, dims, True))
 
 
 defrule(aten.native_layer_norm, _layer_norm, "elementwise")
@@ -468,14 +491,17 @@ defrule(aten.native_layer_norm, _layer_norm, "elementwise")
 
 def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
     y, mean, rstd = out
-    xg = x.reshape(N, group, -1)
+    per_group = (C // group) * HxW  # explicit: reshape(-1) is ambiguous for an empty batch
+    xg = x.reshape(N, group, per_group)
     xhat = (xg - mean.reshape(N, group, 1)) * rstd.reshape(N, group, 1)
     t_xhat = None
     if ts[0] is not None:
-        t_xhat = _normalize_tangent(ts[0].reshape(N, group, -1), xhat, rstd.reshape(N, group, 1), [-1], True)
+        t_xhat = _normalize_tangent(ts[0].reshape(N, group, per_group), xhat, rstd.reshape(N, group, 1), [-1], True)
         t_xhat = t_xhat.reshape(x.shape)
     shape = [1, -1] + [1] * (x.dim() - 2)
-    return _affine_tangent(t_xhat, xhat.reshape(x.shape), w, ts[1], ts[2], shape, y), None, None
+    tg = None if ts[0] is None else ts[0].reshape(N, group, per_group)
+    return (_affine_tangent(t_xhat, xhat.reshape(x.shape), w, ts[1], ts[2], shape, y),
+            *_stats_tangents(tg, xg - mean.reshape(N, group, 1), rstd.reshape(N, group, 1), [-1], False))
 
 
 defrule(aten.native_group_norm, _group_norm, "elementwise")
