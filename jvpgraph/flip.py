@@ -36,7 +36,7 @@ __all__ = ["FlippedGraph", "FICTITIOUS"]
 FICTITIOUS = "v"
 
 
-def _keep_placeholders(node: fx.Node) -> bool:
+def _is_impure(node: fx.Node) -> bool:
     """Dead-code elimination keeps the signature and any op with an effect; the rest is pure (random ops
     too, if unused)."""
     if node.op in ("placeholder", "output"):
@@ -60,7 +60,8 @@ def _primal_first(graph: fx.Graph, n_primal: int) -> None:
     slower than primal-then-tangent, because the allocator hands out fresh pages for each pair of
     same-size buffers alive together."""
     out = next(n for n in graph.nodes if n.op == "output")
-    for n in [n for n in graph.nodes if n.op == "call_function" and n in _tangent_nodes(graph, n_primal)]:
+    tangent = _tangent_nodes(graph, n_primal)
+    for n in [n for n in graph.nodes if n.op == "call_function" and n in tangent]:
         out.prepend(n)
 
 
@@ -146,7 +147,7 @@ class FlippedGraph:
         for node, name in zip(phs, names):
             node._rename(name)
             node.target = node.name
-        gm.graph.eliminate_dead_code(is_impure_node=_keep_placeholders)
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         _primal_first(gm.graph, n_primal=len(names) - len(self.graph.wrt))
         gm.graph.lint()
         gm.recompile()
@@ -212,7 +213,7 @@ class FlippedGraph:
             env[n] = fwd.node_copy(n, lambda a: env[a])
         fwd.output(tuple(env[o] if isinstance(o, fx.Node) else o
                          for o in [*primal_outs, *new_bufs, *saved]))
-        fwd.eliminate_dead_code(is_impure_node=_keep_placeholders)
+        fwd.eliminate_dead_code(is_impure_node=_is_impure)
 
         tan = fx.Graph()
         tenv: dict[fx.Node, fx.Node] = {}
@@ -223,7 +224,7 @@ class FlippedGraph:
             if n in on_tangent:
                 tenv[n] = tan.node_copy(n, lambda a: tenv[a])
         tan.output(tuple(tenv[t] if isinstance(t, fx.Node) else t for t in tangent_outs))
-        tan.eliminate_dead_code(is_impure_node=_keep_placeholders)
+        tan.eliminate_dead_code(is_impure_node=_is_impure)
         fwd_gm = fx.GraphModule(gm, fwd)
         tan_gm = fx.GraphModule(gm, tan)
         return fwd_gm, tan_gm, len(saved)
