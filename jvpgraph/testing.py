@@ -37,7 +37,8 @@ def _copy(f: Callable) -> Callable:
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` (absolute error when ``b`` is all zeros).
+    """``max|a - b| / max|b|`` over the finite entries (absolute error when ``b`` is all zeros); entries
+    that are not finite must match exactly (NaN with NaN), else the error is infinite.
 
     Example:
         >>> import torch
@@ -47,6 +48,14 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.detach().double(), b.detach().double()
     if b.numel() == 0:
         return 0.0 if a.numel() == 0 else float("inf")
+    finite = torch.isfinite(a) & torch.isfinite(b)
+    # non-finite entries must agree exactly (nan with nan, inf with inf of the same sign)
+    same = (a == b) | (torch.isnan(a) & torch.isnan(b))
+    if bool((~finite & ~same).any()):
+        return float("inf")
+    if not bool(finite.any()):
+        return 0.0
+    a, b = a[finite], b[finite]
     scale = b.abs().max().item()
     err = (a - b).abs().max().item()
     return err / scale if scale > 0 else err

@@ -389,7 +389,8 @@ def _var_mean(ts, out, x, dim=None, *, correction=None, keepdim=False):
     corr = 1 if correction is None else correction
     mean = x.mean(dims, keepdim=True)
     tmean = t.mean(dims, keepdim=True)
-    tvar = ((x - mean) * (t - tmean)).sum(dims, keepdim=keepdim) * (2.0 / max(n - corr, 0))
+    dof = n - corr  # <= 0: PyTorch returns inf/nan variances; so does their tangent
+    tvar = ((x - mean) * (t - tmean)).sum(dims, keepdim=keepdim) * (2.0 / dof if dof > 0 else float("inf"))
     return tvar, (tmean if keepdim else tmean.squeeze(dims) if dims else tmean)
 
 
