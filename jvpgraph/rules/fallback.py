@@ -227,10 +227,11 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
         g = torch.autograd.grad(outs, leaves, ws, create_graph=True, allow_unused=True)
         pairs = [(gi, ti) for gi, ti in zip(g, ts) if gi is not None and gi.requires_grad]
         if not pairs:
-            jv = [None] * len(ws)
-        else:
-            # d/dw <J_nodeᵀ w, t> = J_node t
-            jv = torch.autograd.grad([p[0] for p in pairs], ws, [p[1] for p in pairs], allow_unused=True)
+            # Jᵀw does not depend on w through autograd: the backward itself is not differentiable (a custom
+            # op's backward that is another opaque op). Not a zero Jacobian: refuse, the next step may serve.
+            raise NotImplementedError("the op's backward is not differentiable in its grad_output")
+        # d/dw <J_nodeᵀ w, t> = J_node t
+        jv = torch.autograd.grad([p[0] for p in pairs], ws, [p[1] for p in pairs], allow_unused=True)
     it = iter(jv)
     flat = []
     for o in pytree.tree_leaves(res):
