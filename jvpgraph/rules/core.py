@@ -582,3 +582,27 @@ deflinear([prims.broadcast_in_dim, prims.collapse_view, prims.collapse, prims.sp
            prims.sum, prims.neg, prims.cat])
 defrule(prims.convert_element_type,
         lambda ts, out, x, dtype: ts[0].to(dtype) if out.is_floating_point() or out.is_complex() else None, "linear")
+
+
+# ------------------------------------------------------------------ vector norm (subgradient 0 at 0)
+def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
+    """``d||x||_p = sum(sign(x) |x|^(p-1) t) / ||x||^(p-1)``; 0 where the norm is 0, as PyTorch's own
+    derivative does (its decomposition through ``pow(sum, 1/p)`` would give inf * 0 = NaN there)."""
+    if ord == 0:
+        return None  # counts nonzeros: piecewise constant
+    if math.isinf(ord) or ord < 1:
+        raise NotImplementedError("inf and p < 1 norms: use the fallback")
+    t = ts[0]
+    dims = list(range(x.dim())) if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0) else dim
+    xd = x if dtype is None else x.to(dtype)
+    td = t if dtype is None else t.to(dtype)
+    if ord == 2:
+        num = (xd * td).sum(dims, keepdim=keepdim)
+        den = out
+    else:
+        num = (torch.sgn(xd) * xd.abs().pow(ord - 1) * td).sum(dims, keepdim=keepdim)
+        den = out.pow(ord - 1)
+    return torch.where(out == 0, torch.zeros_like(out), num / torch.where(out == 0, torch.ones_like(den), den))
+
+
+defrule(aten.linalg_vector_norm, _vector_norm, "elementwise")
