@@ -271,6 +271,10 @@ add(
                               reason="LIMITATION: scatter_reduce(reduce='prod') has no local Jacobian jvpgraph can "
                               "get: no decomposition, its backward branches on data (a guard under fake tensors) "
                               "and PyTorch has no forward-AD formula; tracing raises a RuleError naming the op")),
+    C("vector_norm_2", lambda x: torch.linalg.vector_norm(x, dim=1), lambda: (rn(3, 5),)),
+    C("vector_norm_3_keepdim", lambda x: torch.linalg.vector_norm(x, 3, dim=(0, 1), keepdim=True), lambda: (rn(3, 5),)),
+    C("vector_norm_zero_row", lambda x: torch.linalg.vector_norm(x * (torch.arange(3, dtype=D) > 0)[:, None], dim=1),
+      lambda: (rn(3, 5),)),
     C("masked_fill_tensor_value", lambda x, m, y: x.masked_fill(m, y),
       lambda: (rn(3, 4), torch.rand(3, 4) > 0.5, rn(()))),
     C("fill_tensor_value", lambda x, y: torch.zeros(3, dtype=D).fill_(y) * x, lambda: (rn(3), rn(()))),
