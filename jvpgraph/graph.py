@@ -16,27 +16,24 @@ import torch
 import torch.fx as fx
 
 from .rules import lookup
+from .rules.registry import op_name
 from .trace import TracedProgram, grad_enabled, module_of
 
 __all__ = ["Graph"]
 
 
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return t
-    if t is operator.getitem:
-        return "getitem"
-    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
+def node_rule(node: fx.Node):
+    """The registered rule of ``node``'s op (``None`` for inputs, ``getitem`` and ops left to the fallback)."""
+    if node.op != "call_function" or node.target is operator.getitem:
+        return None
+    return lookup(node.target)
 
 
-def edge_kind(node: fx.Node) -> str:
+def edge_kind(node: fx.Node, rule=None) -> str:
     """Kind of the local Jacobian on the edges entering ``node`` (see :data:`jvpgraph.rules.EDGE_KINDS`)."""
-    if node.op != "call_function":
+    if node.op != "call_function" or node.target is operator.getitem:
         return "structural"
-    if node.target is operator.getitem:
-        return "structural"
-    rule = lookup(node.target)
+    rule = rule or node_rule(node)
     return rule.kind if rule is not None else "fallback"
 
 
@@ -84,12 +81,11 @@ class Graph:
             shape = tuple(val.shape) if isinstance(val, torch.Tensor) else None
             dtype = val.dtype if isinstance(val, torch.Tensor) else None
             module = module_of(node)
-            G.add_node(node.name, target=_target_name(node), op=node.op, shape=shape, dtype=dtype,
+            G.add_node(node.name, target=op_name(node.target), op=node.op, shape=shape, dtype=dtype,
                        role=roles.get(node, "output" if node.op == "output" else "op"), module=module,
                        active=node in active or (node.op == "output"))
-            kind = edge_kind(node)
-            rule = lookup(node.target) if node.op == "call_function" and node.target is not operator.getitem \
-                else None
+            rule = node_rule(node)
+            kind = edge_kind(node, rule)
             for pos, inp in enumerate(node.all_input_nodes):
                 G.add_edge(inp.name, node.name, jacobian=kind, rule=rule, arg=pos)
         return G

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from .registry import Rule, lookup
+from .registry import Rule, lookup, op_name
 
 __all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
 
@@ -259,10 +259,6 @@ def _aten_twin(op):
     return getattr(torch.ops.aten, op.overloadpacket.__name__, None)
 
 
-def _op_name(op) -> str:
-    return str(op) if isinstance(op, torch._ops.OpOverload) else getattr(op, "__name__", str(op))
-
-
 def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = None) -> tuple[Any, str]:
     """Tangent of ``out = op(*args, **kwargs)`` given the inputs' tangents (``None`` = zero).
 
@@ -299,13 +295,13 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
         except Exception as e:  # noqa: BLE001 - each step may fail in its own way; we report them all
             reasons.append(f"{how}: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
             continue
-        name = _op_name(op)
+        name = op_name(op)
         if name not in _WARNED:
             _WARNED.add(name)
             warnings.warn(f"jvpgraph: no written rule for {name}; its local Jacobian comes from {how}",
                           stacklevel=2)
         return t, how
     raise RuleError(
-        f"no local Jacobian for {_op_name(op)}:\n  " + "\n  ".join(reasons)
+        f"no local Jacobian for {op_name(op)}:\n  " + "\n  ".join(reasons)
         + "\n  Register one with jvpgraph.rules.defjvp / deflinear / defrule."
     )

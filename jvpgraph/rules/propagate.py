@@ -13,16 +13,9 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .registry import collapse_zeros
+from .registry import collapse_zeros, op_name
 
 __all__ = ["propagate", "tangents_of", "check_tangent"]
-
-
-def _target_name(node: fx.Node) -> str:
-    t = node.target
-    if isinstance(t, str):
-        return t
-    return str(t) if isinstance(t, torch._ops.OpOverload) else getattr(t, "__name__", str(t))
 
 
 def tangents_of(a, tenv):
@@ -43,14 +36,14 @@ def check_tangent(node: fx.Node, out, t):
     outs = pytree.tree_leaves(out)
     touts = pytree.tree_leaves(t, is_leaf=lambda z: z is None)
     if t is not None and len(outs) != len(touts):
-        raise RuleError(f"rule for {_target_name(node)} returned {len(touts)} tangents for {len(outs)} outputs "
+        raise RuleError(f"rule for {op_name(node.target)} returned {len(touts)} tangents for {len(outs)} outputs "
                         f"at node {node.format_node()}")
     for o, to in zip(outs, touts):
         if to is None or not isinstance(o, torch.Tensor):
             continue
         if tuple(to.shape) != tuple(o.shape) or to.dtype != o.dtype:
             raise RuleError(
-                f"rule for {_target_name(node)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
+                f"rule for {op_name(node.target)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
                 f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
 
 

@@ -46,6 +46,13 @@ def _register(ops, rule_for):
         RULES[op] = rule_for(op)
 
 
+def op_name(target) -> str:
+    """A readable name for an fx node target: ``aten.sigmoid.default``, ``getitem``, or a placeholder's name."""
+    if isinstance(target, str):
+        return target
+    return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
+
+
 def lookup(op) -> Rule | None:
     """The rule for an ``OpOverload`` (or its packet), or ``None``."""
     rule = RULES.get(op)
