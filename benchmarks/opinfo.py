@@ -50,12 +50,10 @@ def _check_sample(op, sample, seed: int) -> tuple[str, str]:
         for i, x in zip(pos, xs):
             items[i] = x
         inp, args, kwargs = pytree.tree_unflatten(items, spec)
-        out = op(inp, *args, **kwargs)
+        out = op.gradcheck_wrapper(op, inp, *args, **kwargs)  # e.g. symmetrizes cholesky's input
         outs = _float_leaves(out)
         return tuple(outs) if len(outs) != 1 else outs[0]
 
-    if float(sample.kwargs.get("dropout_p", 0) or 0) > 0 or any(k in op.name for k in ("dropout", "rrelu", "bernoulli")):
-        return "skip", "random (dropout): jvpgraph's graph and eager draw their masks differently"
     xs = tuple(flat[i].detach() for i in pos)
     gen = torch.Generator().manual_seed(seed)
     vs = tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs)
@@ -69,12 +67,15 @@ def _check_sample(op, sample, seed: int) -> tuple[str, str]:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            _, jv = jvpgraph.trace(f, *xs).jvp(xs, vs)
+            traced = jvpgraph.trace(f, *xs)
+            torch.manual_seed(seed)  # random ops (dropout, normal) draw the same numbers in every evaluation
+            _, jv = traced.jvp(xs, vs)
     except Exception as e:  # noqa: BLE001
         return "error", f"jvpgraph: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
     jv = _float_leaves(jv)
     if op.supports_forward_ad:
         try:
+            torch.manual_seed(seed)
             ref = _float_leaves(torch.func.jvp(f, xs, vs)[1])
             name, tol = "torch.func.jvp", RTOL
         except Exception:  # noqa: BLE001 - fall through to the other references
@@ -84,7 +85,9 @@ def _check_sample(op, sample, seed: int) -> tuple[str, str]:
     def finite_differences():
         eps = 1e-7
         with torch.no_grad():
+            torch.manual_seed(seed)
             plus = _float_leaves(f(*(x + eps * v for x, v in zip(xs, vs))))
+            torch.manual_seed(seed)
             minus = _float_leaves(f(*(x - eps * v for x, v in zip(xs, vs))))
         return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
 
@@ -94,6 +97,7 @@ def _check_sample(op, sample, seed: int) -> tuple[str, str]:
 
     if ref is None:
         try:
+            torch.manual_seed(seed)
             ref = _float_leaves(torch.autograd.functional.jvp(f, xs, vs)[1])
             name, tol = "double-backward", RTOL
         except Exception:  # noqa: BLE001

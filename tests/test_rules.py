@@ -661,3 +661,24 @@ def test_sdpa_dropout_shares_the_forward_mask():
     with seeded(3):
         minus = f(q - eps * v)
     torch.testing.assert_close(jv, (plus - minus) / (2 * eps), rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("is_causal", [False, True])
+def test_flash_attention_logsumexp_output_has_its_tangent(is_causal):
+    """The CPU flash kernel also returns the row-wise logsumexp; its tangent is softmax . ds, not zero."""
+    aten = torch.ops.aten
+    g = torch.Generator().manual_seed(0)
+    xs = tuple(torch.randn(2, 3, n, 8, dtype=torch.float64, generator=g) for n in (4, 6, 6))
+    vs = tuple(torch.randn(x.shape, dtype=torch.float64, generator=g) for x in xs)
+
+    def f(q, k, v):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=is_causal)[:2]
+        return out, lse
+
+    _, (t_out, t_lse) = jvpgraph.jvp(f, xs, vs)
+    eps = 1e-6
+    plus = f(*(x + eps * v for x, v in zip(xs, vs)))
+    minus = f(*(x - eps * v for x, v in zip(xs, vs)))
+    fd = [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+    assert t_lse.abs().max() > 0.1
+    assert_all_close([t_out, t_lse], fd, rtol=1e-6, atol=1e-8)

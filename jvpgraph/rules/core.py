@@ -537,15 +537,19 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
         raise NotImplementedError("attention dropout is random: use the fallback")
     tq, tk, tv = ts[0], ts[1], ts[2]
     p, scale = _attention_probs(q, k, is_causal, attn_mask, scale)
-    parts = []
+    parts, t_lse = [], None
     if tq is not None or tk is not None:
         ts_ = add_tangents(None if tq is None else torch.matmul(tq, k.transpose(-2, -1)),
                            None if tk is None else torch.matmul(q, tk.transpose(-2, -1))) * scale
-        tp = p * (ts_ - (p * ts_).sum(-1, keepdim=True))
+        t_lse = (p * ts_).sum(-1)  # d logsumexp(s) = softmax(s) . ds
+        tp = p * (ts_ - t_lse.unsqueeze(-1))
         parts.append(torch.matmul(tp, v))
     if tv is not None:
         parts.append(torch.matmul(p, tv))
-    return (add_tangents(*parts),) + (None,) * (len(out) - 1)
+    rest = [None] * (len(out) - 1)
+    if rest and t_lse is not None:  # flash_for_cpu's second output: the row-wise logsumexp
+        rest[0] = t_lse.to(out[1].dtype).reshape(out[1].shape)
+    return (add_tangents(*parts), *rest)
 
 
 defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear")
