@@ -295,3 +295,30 @@ def test_fallback_inside_model_matches_double_backward():
     _, jv = jvpgraph.jvp(net, (x, grid), (vx, vg))
     torch.testing.assert_close(jv, double_backward_jvp(net, (x, grid), (vx, vg))[0], **F64)
     torch.testing.assert_close(jv, jac_times_v(net, (x, grid), (vx, vg))[0], **F64)
+
+
+@pytest.mark.parametrize("step", ["flipped-vjp", "forward-ad"])
+def test_fallback_steps_align_tangents_after_a_list_argument(step):
+    """index_put(x, [i, j], values): the indices list (no tangent, collapsed to one ``None``) comes before
+    ``values``; each step must still pair ``values`` with its own tangent, and kwargs left out are zeros."""
+    x, tx = rn(4, 5, seed=0), rn(4, 5, seed=1)
+    vals, tvals = rn(3, seed=2), rn(3, seed=3)
+    i, j = torch.tensor([0, 2, 3]), torch.tensor([1, 1, 4])
+    op = aten.index_put.default
+    out = op(x, [i, j], vals)
+    fn = dict(fallback._STEPS)[step]
+    got = fn(op, (tx, None, tvals), {}, out, (x, [i, j], vals), {})
+    want = torch.func.jvp(lambda a, b: op(a, [i, j], b), (x, vals), (tx, tvals))[1]
+    torch.testing.assert_close(got, want, **F64)
+    # a kwarg without a tangent is left out of tkwargs (as propagate passes it)
+    got = fn(op, (tx, None, tvals), {}, out, (x, [i, j], vals), {"accumulate": False})
+    torch.testing.assert_close(got, want, **F64)
+
+
+def test_empty_tangents_give_a_zero_tangent():
+    """det of a 0x0 matrix is 1 and depends on nothing: no fallback step can run on empty tensors, and none
+    needs to."""
+    x = torch.zeros(0, 0, dtype=torch.float64)
+    out, jv = jvpgraph.jvp(torch.linalg.det, (x,), (torch.zeros_like(x),))
+    ref_out, ref = torch.func.jvp(torch.linalg.det, (x,), (torch.zeros_like(x),))
+    torch.testing.assert_close((out, jv), (ref_out, ref), **F64)

@@ -47,6 +47,24 @@ def _any_tangent(ts) -> bool:
     return any(t is not None for t in pytree.tree_leaves(ts))
 
 
+def _aligned_tangents(args, kwargs, tangents, tkwargs) -> list:
+    """The tangents as a flat list aligned with ``pytree.tree_flatten((args, kwargs))``: a collapsed zero
+    (``None`` for a whole list argument, a kwarg left out) stands for one ``None`` per leaf it covers."""
+
+    def walk(a, t):
+        if t is None:
+            return [None] * len(pytree.tree_leaves(a))
+        if isinstance(a, (list, tuple)) and isinstance(t, (list, tuple)):
+            return [x for ai, ti in zip(a, t, strict=True) for x in walk(ai, ti)]
+        if isinstance(a, dict) and isinstance(t, dict):
+            return [x for k, ai in a.items() for x in walk(ai, t.get(k))]
+        return [t]
+
+    flat = walk(tuple(args), tuple(tangents) + (None,) * (len(args) - len(tangents)))
+    flat += walk(dict(kwargs), dict(tkwargs or {}))
+    return flat
+
+
 # --------------------------------------------------------------------------------------------------
 # 2. decompositions: run the decomposition, pushing tangents through each aten op it calls
 # --------------------------------------------------------------------------------------------------
@@ -74,7 +92,7 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
     if fn is None:
         raise NotImplementedError("no decomposition")
     flat, spec = pytree.tree_flatten((args, kwargs))
-    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
 
     def decomposed(*tensors):
@@ -109,7 +127,7 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
 # --------------------------------------------------------------------------------------------------
 def _split(args, kwargs, tangents, tkwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
-    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
     pos = [i for i, (x, t) in enumerate(zip(flat, tflat)) if t is not None and _diffable(x)]
 
     def call(op, *vals):
@@ -188,7 +206,7 @@ def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
     if isinstance(op, torch._ops.OpOverload) and op.namespace == "prims":
         raise NotImplementedError("prims have no forward AD (torch.func.jvp would return a silent zero)")
     flat, spec = pytree.tree_flatten((args, kwargs))
-    tflat = pytree.tree_leaves((tangents, tkwargs), is_leaf=lambda z: z is None)
+    tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
     dpos = [i for i in tpos if tflat[i] is not None and _diffable(flat[i])]
     key = len(_FORWARD_AD_NODES)
@@ -279,6 +297,9 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
             return rule.fn(tangents, out, *args, **kwargs), rule.kind
         except NotImplementedError:
             pass  # the rule declined these arguments: fall back
+    live = [t for t in pytree.tree_leaves((tangents, tkwargs)) if isinstance(t, torch.Tensor)]
+    if live and all(t.numel() == 0 for t in live):
+        return None, "structural"  # every tangent is empty (det of a 0x0 matrix): no path carries anything
     twin = _aten_twin(op) if rule is None else None
     if twin is not None:  # a prim from a decomposition: same math as the aten op of the same name
         try:
