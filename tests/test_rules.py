@@ -264,13 +264,19 @@ add(
     *[C(f"scatter_reduce_{red}", (lambda red: lambda x, s, i: x.scatter_reduce(1, i, s, red))(red),
         lambda: (rn(3, 5), rn(3, 4), torch.randint(0, 5, (3, 4))), written=False)
       for red in ("amax", "amin")],
-    # PyTorch's forward AD has no formula for reduce="prod" and silently gives a zero tangent: not a reference
+    # reduce="prod": PyTorch's forward AD gives wrong tangents here (not a reference); zeros in src are exact
     C("scatter_reduce_prod", lambda x, s, i: x.scatter_reduce(1, i, s, "prod"),
-      lambda: (rn(3, 5), rn(3, 4), torch.randint(0, 5, (3, 4))), written=False, forward_ad=False,
-      marks=pytest.mark.xfail(strict=True, raises=jvpgraph.RuleError,
-                              reason="LIMITATION: scatter_reduce(reduce='prod') has no local Jacobian jvpgraph can "
-                              "get: no decomposition, its backward branches on data (a guard under fake tensors) "
-                              "and PyTorch has no forward-AD formula; tracing raises a RuleError naming the op")),
+      lambda: (rn(3, 5), rn(3, 4), torch.randint(0, 5, (3, 4))), forward_ad=False),
+    *[C(f"scatter_reduce_prod_zeros_self{inc}", lambda x, s, i, inc=inc: x.scatter_reduce(0, i, s, "prod",
+                                                                                          include_self=inc),
+        lambda: (rn(4, 3) * (torch.rand(4, 3) > 0.3), rn(6, 3) * (torch.rand(6, 3) > 0.4),
+                 torch.randint(0, 4, (6, 3))), forward_ad=False) for inc in (True, False)],
+    *[C(f"index_reduce_prod_self{inc}", lambda x, s, i, inc=inc: x.index_reduce(1, i, s, "prod", include_self=inc),
+        lambda: (rn(3, 4), rn(3, 6) * (torch.rand(3, 6) > 0.3), torch.randint(0, 4, (6,))), forward_ad=False)
+      for inc in (True, False)],
+    C("masked_index_put_accumulate",
+      lambda x, m, i, v: torch.ops.aten._unsafe_masked_index_put_accumulate(x, m, [i], v),
+      lambda: (rn(5, 3), torch.rand(6, 3) > 0.5, torch.randint(0, 5, (6,)), rn(6, 3))),
     C("vector_norm_2", lambda x: torch.linalg.vector_norm(x, dim=1), lambda: (rn(3, 5),)),
     C("vector_norm_3_keepdim", lambda x: torch.linalg.vector_norm(x, 3, dim=(0, 1), keepdim=True), lambda: (rn(3, 5),)),
     C("vector_norm_zero_row", lambda x: torch.linalg.vector_norm(x * (torch.arange(3, dtype=D) > 0)[:, None], dim=1),
@@ -682,3 +688,34 @@ def test_flash_attention_logsumexp_output_has_its_tangent(is_causal):
     fd = [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
     assert t_lse.abs().max() > 0.1
     assert_all_close([t_out, t_lse], fd, rtol=1e-6, atol=1e-8)
+
+
+def _central_differences(f, xs, vs, eps=1e-6):
+    plus = f(*(x + eps * v for x, v in zip(xs, vs)))
+    minus = f(*(x - eps * v for x, v in zip(xs, vs)))
+    return (plus - minus) / (2 * eps)
+
+
+# PyTorch has no derivative at all for the legacy scatter(..., reduce=...) nor a right reverse-mode Jacobian for
+# as_strided_scatter with a storage offset (autograd.functional.jacobian disagrees with finite differences):
+# finite differences are the reference
+FD_ONLY = [
+    ("scatter_legacy_multiply", lambda x, s: x.scatter(1, IDX34, s, reduce="multiply"),
+     lambda: (rn(3, 5), rn(3, 6) * (torch.rand(3, 6) > 0.3))),
+    ("scatter_legacy_add", lambda x, s: x.scatter(1, IDX34, s, reduce="add"), lambda: (rn(3, 5), rn(3, 6))),
+    ("scatter_value_multiply", lambda x: x.scatter(1, IDX34, 2.5, reduce="multiply"), lambda: (rn(3, 5),)),
+    ("scatter_value_add", lambda x: x.scatter(1, IDX34, 2.5, reduce="add"), lambda: (rn(3, 5),)),
+    ("as_strided_scatter_offset", lambda x, s: torch.as_strided_scatter(x, s, (2, 2), (1, 2), 1),
+     lambda: (rn(3, 3), rn(2, 2))),
+]
+IDX34 = torch.tensor([[0, 1, 1, 4], [2, 2, 2, 0], [3, 1, 0, 4]])
+
+
+@pytest.mark.parametrize("name,f,build", FD_ONLY, ids=[c[0] for c in FD_ONLY])
+def test_rule_matches_finite_differences(name, f, build):
+    torch.manual_seed(0)
+    xs = build()
+    vs = tuple(torch.randn_like(x) for x in xs)
+    _, jv = jvpgraph.jvp(f, xs, vs)
+    torch.testing.assert_close(jv, _central_differences(f, xs, vs), rtol=1e-6, atol=1e-8)
+    assert all(h not in FALLBACK_KINDS for h in _how(f, xs, "batch").values())

@@ -81,15 +81,75 @@ deflinear([aten.index_put], argnums=(0, 2))
 deflinear([aten.scatter.src, aten.scatter_add, aten.index_add], argnums=(0, 3))
 
 
+deflinear([aten.as_strided_scatter], argnums=(0, 1))
+deflinear([aten._unsafe_masked_index_put_accumulate], argnums=(0, 3))
+
+
+def _scatter_prod_tangent(x, tx, dim, index, src, tsrc, include_self):
+    """Tangent of ``scatter_reduce(x, dim, index, src, "prod", include_self)``.
+
+    Each output is a product over the elements ``E`` scattered into it (``x``'s own entry when
+    ``include_self``); its tangent is ``sum_e t_e prod_{e' != e} e'``. Zeros are kept exact, without dividing
+    by them: with no zero in ``E`` it is ``P * sum_e t_e / e``; with one zero, ``P * t_zero`` where ``P`` is
+    the product of the non-zero elements; with two or more, 0.
+    """
+    src = src[tuple(slice(0, n) for n in index.shape)]  # only the part of src that index covers is read
+    tsrc = torch.zeros_like(src) if tsrc is None else tsrc[tuple(slice(0, n) for n in index.shape)]
+    tx = torch.zeros_like(x) if tx is None else tx
+    one, zero = torch.ones_like(x), torch.zeros_like(x)
+    x_zero, s_zero = x == 0, src == 0
+    xs, ss = torch.where(x_zero, 1.0, x), torch.where(s_zero, 1.0, src)
+    base = (lambda own: own) if include_self else (lambda own: torch.zeros_like(own))
+    n_zero = base(x_zero.to(x.dtype)).scatter_add(dim, index, s_zero.to(x.dtype))
+    prod = (xs if include_self else one).scatter_reduce(dim, index, ss, "prod", include_self=True)
+    ratio = base(torch.where(x_zero, zero, tx / xs)).scatter_add(dim, index, torch.where(s_zero, 0.0, tsrc / ss))
+    at_zero = base(torch.where(x_zero, tx, zero)).scatter_add(dim, index, torch.where(s_zero, tsrc, 0.0))
+    t = torch.where(n_zero == 0, prod * ratio, torch.where(n_zero == 1, prod * at_zero, zero))
+    if not include_self:  # positions no index points at keep x (and its tangent)
+        hit = zero.scatter_add(dim, index, torch.ones_like(src)) > 0
+        t = torch.where(hit, t, tx)
+    return t
+
+
 def _scatter_reduce(ts, out, x, dim, index, src, reduce, include_self=True):
+    if reduce == "prod":
+        return _scatter_prod_tangent(x, ts[0], dim, index, src, ts[3], include_self)
     if reduce not in ("sum", "mean"):
-        raise NotImplementedError(f"scatter_reduce({reduce!r}) is not linear")  # amax/amin/prod: fallback
+        raise NotImplementedError(f"scatter_reduce({reduce!r}) is not linear")  # amax/amin: fallback
     tx = ts[0] if ts[0] is not None else torch.zeros_like(x)
     tsrc = ts[3] if ts[3] is not None else torch.zeros_like(src)
     return aten.scatter_reduce.two(tx, dim, index, tsrc, reduce, include_self=include_self)
 
 
+def _scatter_with_reduce(ts, out, x, dim, index, src, *, reduce):
+    # the legacy scatter(..., reduce="add"|"multiply"): include_self, only index's part of src is read
+    if reduce == "multiply":
+        return _scatter_prod_tangent(x, ts[0], dim, index, src, ts[3], True)
+    tx = ts[0] if ts[0] is not None else torch.zeros_like(x)
+    tsrc = torch.zeros_like(src) if ts[3] is None else ts[3]
+    return aten.scatter.reduce(tx, dim, index, tsrc, reduce="add")
+
+
+def _scatter_value_reduce(ts, out, x, dim, index, value, *, reduce):
+    # x[index] *= value (a constant scalar) or x[index] += value
+    return aten.scatter.value_reduce(ts[0], dim, index, value, reduce="multiply") if reduce == "multiply" else ts[0]
+
+
+def _index_reduce(ts, out, x, dim, index, source, reduce, *, include_self=True):
+    if reduce != "prod":
+        raise NotImplementedError(f"index_reduce({reduce!r}): use the fallback")  # mean/amax/amin
+    dim = dim % max(x.dim(), 1)
+    shape = [1] * source.dim()
+    if source.dim():
+        shape[dim] = -1
+    idx = index.reshape(shape).expand(source.shape)  # the same reduction, written as a scatter
+    return _scatter_prod_tangent(x, ts[0], dim, idx, source, ts[3], include_self)
+
+
 defrule(aten.scatter_reduce.two, _scatter_reduce, "linear")
+defrule(aten.scatter.reduce, _scatter_with_reduce, "linear")
+defrule(aten.scatter.value_reduce, _scatter_value_reduce, "linear")
+defrule(aten.index_reduce, _index_reduce, "linear")
 
 
 # A tangent need not have its primal's strides (a rule may return a contiguous result where the primal
