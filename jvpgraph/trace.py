@@ -392,6 +392,19 @@ def _has_leftover_mutations(graph: fx.Graph) -> bool:
     return False
 
 
+class _AtenViews(fx.Interpreter):
+    """Runs a graph with each aliasing prim (``prims.broadcast_in_dim``, ``prims.view_of``... which a walked
+    decomposition leaves behind) replaced by its aten implementation: functionalization refuses
+    non-aten ops whose outputs alias their inputs."""
+
+    def call_function(self, target, args, kwargs):
+        if (isinstance(target, torch._ops.OpOverload) and target.namespace == "prims"
+                and any(r.alias_info is not None for r in target._schema.returns)
+                and getattr(target, "impl_aten", None) is not None):
+            return target.impl_aten(*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
 def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
     """Functionalize the aten graph itself: in-place ops that C++ composite kernels emit below the first
     functionalization (``squeeze_`` in ``F.linear`` on a vector, ``copy_`` into slices of a ``new_empty``
@@ -401,7 +414,7 @@ def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
 
     def run(*args):
         with fx_traceback.preserve_node_meta():
-            return fx.Interpreter(gm).run(*args)
+            return _AtenViews(gm).run(*args)
 
     return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake",
                    _allow_non_fake_inputs=True, record_stack_traces=True)(*example)

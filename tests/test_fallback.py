@@ -322,3 +322,14 @@ def test_empty_tangents_give_a_zero_tangent():
     out, jv = jvpgraph.jvp(torch.linalg.det, (x,), (torch.zeros_like(x),))
     ref_out, ref = torch.func.jvp(torch.linalg.det, (x,), (torch.zeros_like(x),))
     torch.testing.assert_close((out, jv), (ref_out, ref), **F64)
+
+
+def test_aliasing_prims_from_a_walked_decomposition_survive_refunctionalization():
+    """matrix_norm(ord=2, keepdim=True) leaves prims.broadcast_in_dim (an aliasing non-aten op) in the joint
+    walk next to in-place ops; functionalizing that graph must not refuse it."""
+    x, v = rn(2, 2, seed=0), rn(2, 2, seed=1)
+    f = lambda z: torch.linalg.matrix_norm(z, ord=2, dim=(-2, -1), keepdim=True)  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, jv = jvpgraph.jvp(f, (x,), (v,))
+    torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
