@@ -412,6 +412,18 @@ defrule(aten.minimum, _minmax(False), "mask")
 defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)))
 defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True))
 
+
+
+def _logcumsumexp(t, out, x, dim):
+    # t_i = sum_{j<=i} exp(x_j - y_i) t_j, with the positive and negative parts of t summed in log space so
+    # that neither exp(x) nor exp(-y) overflows however wide x ranges
+    pos = torch.logcumsumexp(x + torch.log(t.clamp(min=0)), dim)
+    neg = torch.logcumsumexp(x + torch.log((-t).clamp(min=0)), dim)
+    return torch.exp(pos - out) - torch.exp(neg - out)
+
+
+defjvp(aten.logcumsumexp, _logcumsumexp)
+
 # ------------------------------------------------------------------ reductions with a selected element
 def _select_reduce(ts, out, x, dim, keepdim=False):
     values, idx = out
