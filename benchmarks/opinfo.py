@@ -14,118 +14,11 @@ import argparse
 import json
 import sys
 import time
-import warnings
 from pathlib import Path
 
 import torch
-import torch.utils._pytree as pytree
 
-import jvpgraph
-from jvpgraph import testing
-
-RTOL = 1e-7  # float64; finite differences are held to 1e-5 (step 1e-7)
-
-
-def _float_leaves(x):
-    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-
-
-def check_sample(op, sample, seed: int = 0) -> tuple[str, str]:
-    """('pass'|'fail'|'error'|'skip', detail) for one sample."""
-    try:
-        return _check_sample(op, sample, seed)
-    except Exception as e:  # noqa: BLE001 - a reference that cannot run on this sample (as_strided on a copy)
-        return "skip", f"no reference runs: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
-
-
-def _check_sample(op, sample, seed: int) -> tuple[str, str]:
-    structure = (sample.input, sample.args, sample.kwargs)
-    flat, spec = pytree.tree_flatten(structure)
-    pos = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
-    if not pos:
-        return "skip", "no floating-point input"
-
-    def f(*xs):
-        items = list(flat)
-        for i, x in zip(pos, xs):
-            items[i] = x
-        inp, args, kwargs = pytree.tree_unflatten(items, spec)
-        out = op.gradcheck_wrapper(op, inp, *args, **kwargs)  # e.g. symmetrizes cholesky's input
-        outs = _float_leaves(out)
-        return tuple(outs) if len(outs) != 1 else outs[0]
-
-    xs = tuple(flat[i].detach() for i in pos)
-    gen = torch.Generator().manual_seed(seed)
-    vs = tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs)
-    try:
-        with torch.no_grad():
-            out = f(*xs)
-    except Exception as e:  # noqa: BLE001
-        return "skip", f"the sample itself fails: {type(e).__name__}"
-    if not _float_leaves(out):
-        return "skip", "no floating-point output"
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            traced = jvpgraph.trace(f, *xs)
-            torch.manual_seed(seed)  # random ops (dropout, normal) draw the same numbers in every evaluation
-            _, jv = traced.jvp(xs, vs)
-    except Exception as e:  # noqa: BLE001
-        return "error", f"jvpgraph: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
-    jv = _float_leaves(jv)
-    if op.supports_forward_ad:
-        try:
-            torch.manual_seed(seed)
-            ref = _float_leaves(torch.func.jvp(f, xs, vs)[1])
-            name, tol = "torch.func.jvp", RTOL
-        except Exception:  # noqa: BLE001 - fall through to the other references
-            ref = None
-    else:
-        ref = None
-    def finite_differences():
-        eps = 1e-7
-        with torch.no_grad():
-            torch.manual_seed(seed)
-            plus = _float_leaves(f(*(x + eps * v for x, v in zip(xs, vs))))
-            torch.manual_seed(seed)
-            minus = _float_leaves(f(*(x - eps * v for x, v in zip(xs, vs))))
-        return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
-
-    finite = [torch.isfinite(o) for o in _float_leaves(out)]
-
-    def worst(a, b):
-        # where the function's own value is inf/nan its derivative is undefined (PyTorch gives nan, a
-        # decomposition 0): those entries are not compared
-        if len(a) != len(b) or len(a) != len(finite):
-            return float("inf")
-        return max((testing.max_rel_err(torch.where(m, x, 0.0), torch.where(m, y, 0.0))
-                    for x, y, m in zip(a, b, finite)), default=0.0)
-
-    if ref is None:
-        try:
-            torch.manual_seed(seed)
-            ref = _float_leaves(torch.autograd.functional.jvp(f, xs, vs)[1])
-            name, tol = "double-backward", RTOL
-        except Exception:  # noqa: BLE001
-            ref, name, tol = finite_differences(), "finite differences", 1e-5
-    err = worst(jv, ref)
-    if err <= tol:
-        return "pass", f"vs {name}: {err:.1e}"
-    if name == "torch.func.jvp":  # a second reference: PyTorch's backward formula, differentiated once more
-        try:
-            torch.manual_seed(seed)
-            db = _float_leaves(torch.autograd.functional.jvp(f, xs, vs)[1])
-            if worst(jv, db) <= RTOL:
-                return "pass", (f"torch.func.jvp disagrees ({err:.1e}); double-backward agrees "
-                                f"({worst(jv, db):.1e})")
-        except Exception:  # noqa: BLE001
-            pass
-    if name != "finite differences":  # who is right? finite differences arbitrate
-        fd = finite_differences()
-        if worst(jv, fd) <= 1e-3 and 100 * worst(jv, fd) <= worst(ref, fd):  # FD picks the closer answer
-            return "pass", (f"{name} disagrees with finite differences ({worst(ref, fd):.1e}); jvpgraph agrees "
-                            f"({worst(jv, fd):.1e})")
-    return "fail", f"vs {name}: rel err {err:.1e}"
+from jvpgraph.testing import check_opinfo_sample as check_sample
 
 
 def write_report(rows, out: Path, final: bool) -> str:

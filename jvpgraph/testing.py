@@ -23,27 +23,36 @@ Example:
 from __future__ import annotations
 
 import copy
+import warnings
 from typing import Callable
 
 import torch
 import torch.nn as nn
+import torch.utils._pytree as pytree
+
+from . import api
 
 __all__ = ["func_jvp", "double_backward", "jacobian_times", "finite_differences", "adjoint_gap", "max_rel_err",
-           "frozen_batchnorm_jvp"]
+           "frozen_batchnorm_jvp", "check_opinfo_sample"]
 
 
 def _copy(f: Callable) -> Callable:
     return copy.deepcopy(f) if isinstance(f, nn.Module) else f
 
 
-def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """``max|a - b| / max|b|`` over the finite entries (absolute error when ``b`` is all zeros); entries
-    that are not finite must match exactly (NaN with NaN), else the error is infinite.
+def max_rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
+    """``max|a - b| / max(max|b|, floor)`` over the finite entries (absolute error when that scale is 0);
+    entries that are not finite must match exactly (NaN with NaN), else the error is infinite.
+
+    ``floor`` keeps a reference that is zero up to rounding (a Jacobian that cancels exactly, such as
+    ``x / |x|`` along one element) from turning rounding noise into a large relative error.
 
     Example:
         >>> import torch
         >>> max_rel_err(torch.tensor([1.0, 2.0]), torch.tensor([1.0, 4.0]))
         0.5
+        >>> max_rel_err(torch.tensor([3e-16]), torch.tensor([-1e-16]), floor=1e-3) < 1e-12
+        True
     """
     a, b = a.detach().double(), b.detach().double()
     if b.numel() == 0:
@@ -56,7 +65,7 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     if not bool(finite.any()):
         return 0.0
     a, b = a[finite], b[finite]
-    scale = b.abs().max().item()
+    scale = max(b.abs().max().item(), floor)
     err = (a - b).abs().max().item()
     return err / scale if scale > 0 else err
 
@@ -177,3 +186,146 @@ def frozen_batchnorm_jvp(model: nn.Module, x: torch.Tensor, v: torch.Tensor) -> 
             m.running_var = stats[name][1].clone()
             m.eval()
     return torch.func.jvp(ref, (x,), (v,))[1]
+
+
+# --------------------------------------------------------------------------------------------------
+# PyTorch's OpInfo database
+# --------------------------------------------------------------------------------------------------
+_OPINFO_RTOL = 1e-7  # float64; finite differences are held to 1e-5 (step 1e-7)
+# tangents are N(0, 1): a reference below 1e-3 everywhere is (near) zero, and errors are taken relative to 1e-3
+# (so an absolute error below 1e-10 passes where the exact Jv is 0 and both sides are rounding noise)
+_OPINFO_FLOOR = 1e-3
+
+
+def _float_leaves(x):
+    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+
+
+def check_opinfo_sample(op, sample, seed: int = 0) -> tuple[str, str]:
+    """Check jvpgraph's Jv on one sample of a PyTorch OpInfo entry (``op_db``, float64 on the CPU).
+
+    The function differentiated is ``op.gradcheck_wrapper(op, sample.input, *sample.args, **sample.kwargs)``
+    in all its floating-point tensor arguments, with random tangents drawn from ``seed``; the outputs compared
+    are its floating-point tensors. References, in order: ``torch.func.jvp`` when the entry supports forward
+    AD (double-backward as a second opinion when they disagree), else double-backward, else central finite
+    differences; finite differences arbitrate a disagreement. Random ops draw the same numbers in every
+    evaluation (the global seed is reset before each). Entries where the function's value is inf/nan are not
+    compared (the derivative is undefined there).
+
+    Returns ``(status, detail)`` with status ``"pass"``, ``"fail"``, ``"error"`` (jvpgraph raised) or ``"skip"``
+    (nothing to differentiate, or no reference can run).
+
+    Example:
+        >>> import torch
+        >>> from torch.testing._internal.common_methods_invocations import op_db
+        >>> sigmoid = next(o for o in op_db if o.name == "sigmoid")
+        >>> sample = next(iter(sigmoid.sample_inputs("cpu", torch.float64)))
+        >>> check_opinfo_sample(sigmoid, sample)[0]
+        'pass'
+    """
+    try:
+        with torch.random.fork_rng(devices=[]):  # the caller's RNG is left as it was
+            return _check_opinfo_sample(op, sample, seed)
+    except Exception as e:  # noqa: BLE001 - a reference that cannot run on this sample (as_strided on a copy)
+        return "skip", f"no reference runs: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:200]
+
+
+def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
+    structure = (sample.input, sample.args, sample.kwargs)
+    flat, spec = pytree.tree_flatten(structure)
+    pos = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    if not pos:
+        return "skip", "no floating-point input"
+
+    def f(*xs):
+        items = list(flat)
+        for i, x in zip(pos, xs):
+            items[i] = x
+        inp, args, kwargs = pytree.tree_unflatten(items, spec)
+        out = op.gradcheck_wrapper(op, inp, *args, **kwargs)  # e.g. symmetrizes cholesky's input
+        outs = _float_leaves(out)
+        return tuple(outs) if len(outs) != 1 else outs[0]
+
+    xs = tuple(flat[i].detach() for i in pos)
+    gen = torch.Generator().manual_seed(seed)
+    vs = tuple(torch.randn(x.shape, generator=gen, dtype=x.dtype) for x in xs)
+    try:
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            out = f(*xs)
+            torch.manual_seed(seed + 1)
+            random = any(not torch.equal(a, b) for a, b in zip(_float_leaves(out), _float_leaves(f(*xs))))
+    except Exception as e:  # noqa: BLE001
+        return "skip", f"the sample itself fails: {type(e).__name__}"
+    if not _float_leaves(out):
+        return "skip", "no floating-point output"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            traced = api.trace(f, *xs)
+            torch.manual_seed(seed)  # random ops (dropout, normal) draw the same numbers in every evaluation
+            got, jv = traced.jvp(xs, vs)
+    except Exception as e:  # noqa: BLE001
+        return "error", f"jvpgraph: {type(e).__name__}: {(str(e).splitlines() or [''])[0]}"[:300]
+    if random and any(not torch.equal(a, b) for a, b in zip(_float_leaves(got), _float_leaves(out))):
+        # a random op (attention dropout) whose graph draws its numbers in another order than eager: no
+        # reference sees the same mask, so nothing can be compared (tests/test_rules.py checks such ops on
+        # the mask jvpgraph drew)
+        return "skip", "random: jvpgraph's graph and eager draw different numbers under the same seed"
+    jv = _float_leaves(jv)
+
+    def run_reference(jvp_fn):
+        torch.manual_seed(seed)
+        primal, tangent = jvp_fn(f, xs, vs)
+        if random and any(not torch.equal(a, b) for a, b in zip(_float_leaves(primal), _float_leaves(out))):
+            raise RuntimeError("draws other random numbers than eager under the same seed")
+        return _float_leaves(tangent)
+
+    def finite_differences():
+        eps = 1e-7
+        with torch.no_grad():
+            torch.manual_seed(seed)
+            plus = _float_leaves(f(*(x + eps * v for x, v in zip(xs, vs))))
+            torch.manual_seed(seed)
+            minus = _float_leaves(f(*(x - eps * v for x, v in zip(xs, vs))))
+        return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
+
+    finite = [torch.isfinite(o) for o in _float_leaves(out)]
+
+    def worst(a, b):
+        # where the function's own value is inf/nan its derivative is undefined (PyTorch gives nan, a
+        # decomposition 0): those entries are not compared
+        if len(a) != len(b) or len(a) != len(finite):
+            return float("inf")
+        return max((max_rel_err(torch.where(m, x, 0.0), torch.where(m, y, 0.0), floor=_OPINFO_FLOOR)
+                    for x, y, m in zip(a, b, finite)), default=0.0)
+
+    double_backward = lambda g, p, t: torch.autograd.functional.jvp(g, p, t)  # noqa: E731
+    refs = ([("torch.func.jvp", torch.func.jvp)] if op.supports_forward_ad else []) + \
+        [("double-backward", double_backward)]
+    ref = None
+    for name, fn in refs:
+        try:
+            ref, tol = run_reference(fn), _OPINFO_RTOL
+            break
+        except Exception:  # noqa: BLE001 - fall through to the next reference
+            continue
+    if ref is None:
+        ref, name, tol = finite_differences(), "finite differences", 1e-5
+    err = worst(jv, ref)
+    if err <= tol:
+        return "pass", f"vs {name}: {err:.1e}"
+    if name == "torch.func.jvp":  # a second reference: PyTorch's backward formula, differentiated once more
+        try:
+            db = run_reference(double_backward)
+            if worst(jv, db) <= _OPINFO_RTOL:
+                return "pass", (f"torch.func.jvp disagrees ({err:.1e}); double-backward agrees "
+                                f"({worst(jv, db):.1e})")
+        except Exception:  # noqa: BLE001
+            pass
+    if name != "finite differences":  # who is right? finite differences arbitrate
+        fd = finite_differences()
+        if worst(jv, fd) <= 1e-3 and 100 * worst(jv, fd) <= worst(ref, fd):  # FD picks the closer answer
+            return "pass", (f"{name} disagrees with finite differences ({worst(ref, fd):.1e}); jvpgraph agrees "
+                            f"({worst(jv, fd):.1e})")
+    return "fail", f"vs {name}: rel err {err:.1e}"

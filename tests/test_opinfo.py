@@ -1,0 +1,69 @@
+"""A fast slice of PyTorch's own OpInfo database: one or two entries per family of ops a network uses, the
+first samples of each, float64 on the CPU, each judged by :func:`jvpgraph.testing.check_opinfo_sample`
+(``torch.func.jvp``, double-backward and finite differences as references).
+
+The whole database (548 entries with a backward, every sample) is ``python benchmarks/opinfo.py``; its report
+is benchmarks/results/opinfo.md.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+pytest.importorskip("expecttest")  # OpInfo's module imports it
+from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
+
+from jvpgraph.testing import check_opinfo_sample  # noqa: E402
+
+FAST = [
+    # elementwise nonlinearities
+    "sigmoid", "tanh", "nn.functional.gelu", "nn.functional.silu", "nn.functional.softplus", "nn.functional.elu",
+    "nn.functional.hardswish", "erf", "expm1", "pow", "div.no_rounding_mode", "atan2", "hypot", "clamp",
+    # softmax family, normalization
+    "softmax", "log_softmax", "nn.functional.layer_norm", "nn.functional.batch_norm",
+    "nn.functional.group_norm", "nn.functional.instance_norm", "nn.functional.normalize", "linalg.vector_norm",
+    "var_mean", "std",
+    # linear maps
+    "nn.functional.conv2d", "nn.functional.conv_transpose2d", "nn.functional.linear", "matmul", "addmm", "bmm",
+    "einsum", "cdist",
+    # pooling, resampling, padding
+    "nn.functional.max_pool2d", "nn.functional.avg_pool2d", "nn.functional.adaptive_avg_pool2d", "grid_sampler_2d",
+    "nn.functional.interpolate.bilinear", "nn.functional.pad.reflect", "nn.functional.pad.circular",
+    # attention, embeddings, losses
+    # (scaled_dot_product_attention and embedding_bag are left out: their OpInfo samples include attention
+    # dropout, whose draws no reference reproduces, and max_norm, which writes into the weight; both are in
+    # the full sweep's report)
+    "nn.functional.cross_entropy", "nn.functional.binary_cross_entropy_with_logits", "nn.functional.mse_loss",
+    # reductions, indexing, scatter
+    "sum", "mean", "prod", "cumsum", "max.reduction_with_dim", "amax", "cat", "stack", "where", "gather",
+    "index_select", "scatter_reduce.prod", "index_reduce.prod", "as_strided_scatter",
+    # linear algebra
+    "linalg.det", "linalg.cholesky",
+]
+MAX_SAMPLES = 3
+
+
+def _entry(full_name):
+    for op in op_db:
+        if full_name in (op.name, f"{op.name}.{op.variant_test_name}") and (
+                op.variant_test_name == "" or full_name.endswith(op.variant_test_name)):
+            return op
+    raise LookupError(f"no OpInfo entry {full_name!r} in this torch")
+
+
+@pytest.mark.parametrize("name", FAST)
+def test_opinfo_entry(name):
+    op = _entry(name)
+    samples = list(op.sample_inputs("cpu", torch.float64, requires_grad=False))
+    # the first samples, and the last (OpInfo lists corner cases such as empty or 0-d tensors at either end)
+    picked = samples[:MAX_SAMPLES] + samples[-1:] if len(samples) > MAX_SAMPLES else samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = [check_opinfo_sample(op, s, seed=k) for k, s in enumerate(picked)]
+    judged = [r for r in results if r[0] != "skip"]
+    assert judged, f"{name}: no sample could be judged: {results}"
+    bad = [r for r in judged if r[0] != "pass"]
+    assert not bad, f"{name}: {len(bad)}/{len(judged)} samples fail: {bad[:3]}"
