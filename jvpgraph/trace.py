@@ -420,6 +420,34 @@ def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
                    _allow_non_fake_inputs=True, record_stack_traces=True)(*example)
 
 
+@contextlib.contextmanager
+def _rng_untouched(f):
+    """Tracing runs on fake tensors and draws no random numbers; a function that reseeds the global RNG
+    (``torch.manual_seed`` inside ``forward``) would still change the caller's: restore it, and say that the
+    graph does not replay the reseeding."""
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    before = torch.get_rng_state()
+    seeded = []
+    real_seed = torch.manual_seed
+
+    def manual_seed(seed):  # noticed even when the function restores the state afterwards (freeze_rng_state)
+        seeded.append(seed)
+        return real_seed(seed)
+
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed = torch.random.manual_seed = manual_seed
+        try:
+            yield
+        finally:
+            torch.manual_seed = torch.random.manual_seed = real_seed
+        changed = bool(seeded) or not torch.equal(before, torch.get_rng_state())
+    if changed:
+        warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} reseeds the global random number "
+                      "generator while it runs (torch.manual_seed or set_rng_state); the traced graph does not "
+                      "replay that: its random ops (dropout) draw from the caller's generator. Seed before "
+                      "calling instead.", stacklevel=4)
+
+
 def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedProgram:
     """Trace ``f(*inputs)`` to a :class:`TracedProgram`.
 
@@ -474,7 +502,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
     def run_trace(example):
-        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions():
+        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions(), _rng_untouched(f):
             return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
                 decomposition_table=_DECOMPOSITIONS,

@@ -215,3 +215,20 @@ def test_legacy_spectral_norm_hook_state_untouched():
         assert type(t) is torch.Tensor and not isinstance(t, torch._subclasses.FakeTensor), (k, type(t))
         assert torch.equal(t, attrs[k]), k
     copy.deepcopy(net)
+
+
+def test_function_that_reseeds_leaves_the_callers_rng_and_warns():
+    """A forward that calls torch.manual_seed would change the caller's RNG while being traced; tracing
+    restores it and says that the graph does not replay the reseeding."""
+    import torch.nn.functional as F
+
+    def f(x):
+        torch.manual_seed(42)
+        return F.dropout(x, 0.5)
+
+    x = torch.randn(5)
+    torch.manual_seed(0)
+    before = torch.get_rng_state()
+    with pytest.warns(UserWarning, match="reseeds the global random number generator"):
+        jvpgraph.trace(f, x)
+    assert torch.equal(before, torch.get_rng_state())
