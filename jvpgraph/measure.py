@@ -1,0 +1,93 @@
+"""Measuring a call: peak tensor memory on any device (the CPU included), and wall time.
+
+``torch.cuda.max_memory_allocated`` exists only for CUDA; on the CPU the process RSS is noisy and never goes
+down. :class:`PeakTensorMemory` instead watches every aten op while a block runs and keeps the running total
+of bytes held by the tensor storages created inside it (views share their base's storage and are counted
+once; storages that existed before — parameters, inputs — are not counted). Its ``peak`` is the largest
+that total got: the working memory of the block, comparable between two ways of computing the same thing.
+
+Example:
+    >>> import torch
+    >>> x = torch.randn(1000)  # made outside: not counted
+    >>> with PeakTensorMemory() as m:
+    ...     y = x * 2          # 4000 bytes (1000 float32)
+    ...     z = y + 1          # 4000 more while y is alive: 8000 at the peak
+    ...     del y
+    >>> m.peak
+    8000
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable
+
+import torch
+import torch.utils._pytree as pytree
+from torch.multiprocessing.reductions import StorageWeakRef
+from torch.utils._python_dispatch import TorchDispatchMode
+
+__all__ = ["PeakTensorMemory", "peak_memory", "timeit"]
+
+
+class PeakTensorMemory(TorchDispatchMode):
+    """Context manager: ``peak`` (bytes) of the storages created inside the block and alive at once.
+
+    It sees the ops autograd runs in a backward pass and those that ``torch.func`` transforms lower to;
+    it adds Python overhead to each op, so time a call without it.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._live: dict[int, tuple[StorageWeakRef, int]] = {}
+        self.current = 0
+        self.peak = 0
+
+    def _collect(self):
+        dead = [k for k, (ref, _) in self._live.items() if ref.expired()]
+        for k in dead:
+            self.current -= self._live.pop(k)[1]
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self._collect()
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+                st = t.untyped_storage()
+                key = st._cdata
+                if key not in self._live and st.nbytes() > 0:
+                    self._live[key] = (StorageWeakRef(st), st.nbytes())
+                    self.current += st.nbytes()
+        self.peak = max(self.peak, self.current)
+        return out
+
+
+def peak_memory(fn: Callable[[], object]) -> int:
+    """Peak bytes of tensor storage that ``fn()`` holds at once (see :class:`PeakTensorMemory`).
+
+    Example:
+        >>> import torch
+        >>> w = torch.randn(64, 64)
+        >>> peak_memory(lambda: (w @ w).sum()) >= 64 * 64 * 4
+        True
+    """
+    with PeakTensorMemory() as m:
+        fn()
+    return m.peak
+
+
+def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` in seconds over ``repeat`` calls after ``warmup`` calls.
+
+    Example:
+        >>> timeit(lambda: sum(range(1000)), repeat=3) < 1.0
+        True
+    """
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]

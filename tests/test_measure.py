@@ -1,0 +1,42 @@
+"""The peak-memory meter used by the benchmarks counts what it should."""
+
+from __future__ import annotations
+
+import torch
+
+from jvpgraph.measure import PeakTensorMemory, peak_memory, timeit
+
+MB = 1 << 20
+
+
+def test_views_count_once_and_inputs_not_at_all():
+    x = torch.zeros(MB // 4)  # 1 MiB, made outside
+    with PeakTensorMemory() as m:
+        y = x + 1             # 1 MiB
+        _ = y.view(-1, 4).t()  # views: nothing new
+        _ = y[::2]
+    assert m.peak == MB
+
+
+def test_freed_storage_lowers_the_running_total():
+    with PeakTensorMemory() as m:
+        for _ in range(5):
+            y = torch.ones(MB // 4) * 2  # each iteration frees the last one
+        del y
+        torch.ones(1)  # one more op, so the meter sees the last free
+    assert MB <= m.peak <= 3 * MB  # never five live at once (ones and its product: two at a time)
+    assert m.current < MB  # the last one was freed
+
+
+def test_backward_pass_memory_is_seen():
+    w = torch.randn(256, 256, requires_grad=True)
+    x = torch.randn(64, 256)
+    fwd = peak_memory(lambda: torch.tanh(x @ w).sum())
+    both = peak_memory(lambda: torch.autograd.grad(torch.tanh(x @ w).sum(), w))
+    assert both > fwd  # the gradient (256x256) and the saved activations
+
+
+def test_timeit_is_a_median():
+    calls = []
+    assert timeit(lambda: calls.append(1), repeat=5, warmup=2) >= 0
+    assert len(calls) == 7
