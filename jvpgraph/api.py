@@ -11,7 +11,7 @@ import torch.utils._pytree as pytree
 
 from .flip import FlippedGraph
 from .graph import Graph
-from .trace import BN_MODES, trace_program
+from .trace import BN_MODES, _data_dependent, trace_program
 
 __all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp"]
 
@@ -129,6 +129,11 @@ class Traced:
         flat_in = pytree.tree_leaves(inputs)
         key = self._key(flat_in)
         hit = self._cache.get(key)
+        if hit is not None and hit.graph.program.values is not None:
+            # traced at particular values (data-dependent shapes or branches): valid for those values only
+            now = [*self._state(), *flat_in]
+            if any(not torch.equal(a.detach(), b) for a, b in zip(now, hit.graph.program.values)):
+                hit = None
         if hit is None:
             prog = trace_program(self.f, inputs, bn=self.bn)
             wrt = self.wrt
@@ -136,7 +141,14 @@ class Traced:
                 for i in wrt:
                     if i >= len(flat_in) or not flat_in[i].is_floating_point():
                         raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
-            hit = _Compiled(Graph(prog, wrt))
+            try:
+                hit = _Compiled(Graph(prog, wrt))
+            except Exception as e:  # noqa: BLE001
+                if prog.values is not None or not _data_dependent(e):
+                    raise
+                # the walk of the flipped graph met a size that depends on values: trace on the values
+                prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
+                hit = _Compiled(Graph(prog, wrt))
             self._cache[key] = hit
         return hit
 

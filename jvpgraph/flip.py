@@ -129,18 +129,20 @@ class FlippedGraph:
 
     def _emit(self) -> fx.GraphModule:
         prog = self.graph.program
-        examples = _placeholder_examples(prog.gm)
+        # a trace specialized to values (data-dependent shapes) is walked on those values, for real
+        mode = "fake" if prog.values is None else "real"
+        examples = _placeholder_examples(prog.gm) if prog.values is None else [t.clone() for t in prog.values]
         inputs = prog.input_nodes
         n_front = len(prog.placeholders)
         # fresh tensors: make_fx would give one placeholder to a tensor passed twice
-        tangent_examples = [torch.empty_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
+        tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
         with options(bn=prog.bn):
-            gm = make_fx(lambda *flat: self._joint(*flat), tracing_mode="fake", _allow_non_fake_inputs=True)(
+            gm = make_fx(lambda *flat: self._joint(*flat), tracing_mode=mode, _allow_non_fake_inputs=True)(
                 *examples, *tangent_examples)
         if _has_leftover_mutations(gm.graph):
             # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view of a
             # fresh buffer): make the emitted graph functional, so pruning and partitioning see values
-            gm = _refunctionalize(gm, [*examples, *tangent_examples])
+            gm = _refunctionalize(gm, [*examples, *tangent_examples], mode)
         names = [n.name for n in prog.placeholders]
         names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -65,7 +65,22 @@ def _functional_native_batch_norm(x, weight, bias, running_mean, running_var, tr
     return NotImplemented
 
 
+def _ctc_loss_tensor_lengths(log_probs, targets, input_lengths, target_lengths, *args, **kwargs):
+    # With lengths as lists, the C++ composite builds a tensor from them with a raw copy that tracing does
+    # not see (the graph would divide by an uninitialized tensor): pass them as tensor constants instead.
+    def as_tensor(lengths):
+        if isinstance(lengths, torch.Tensor):
+            return lengths
+        return torch.tensor(list(lengths), dtype=torch.long, device=log_probs.device)
+
+    return torch.nn.functional.ctc_loss(log_probs, targets, as_tensor(input_lengths), as_tensor(target_lengths),
+                                        *args, **kwargs)
+
+
 _DECOMPOSITIONS = {aten.native_batch_norm.default: _functional_native_batch_norm}
+#: torch-level functions rewritten while tracing, before their C++ composite runs (it is
+#: CompositeImplicitAutograd: a decomposition table never sees it)
+_TORCH_REWRITES = {torch.nn.functional.ctc_loss: _ctc_loss_tensor_lengths}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -228,7 +243,7 @@ class _SampleGradMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.box[0] = torch.is_grad_enabled()
-        return func(*args, **(kwargs or {}))
+        return _TORCH_REWRITES.get(func, func)(*args, **(kwargs or {}))
 
 
 class _RecordGradMode(TorchDispatchMode):
@@ -283,6 +298,9 @@ class TracedProgram:
     diff_inputs: list[int]
     buffer_updates: dict[str, fx.Node]
     bn: str
+    #: For a trace specialized to values (data-dependent shapes or branches): the placeholders' values it was
+    #: traced at (parameters, buffers, inputs). ``None`` for an ordinary trace, valid for any values.
+    values: list[torch.Tensor] | None = None
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -405,7 +423,41 @@ class _AtenViews(fx.Interpreter):
         return super().call_function(target, args, kwargs)
 
 
-def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
+_EMPTY = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
+          aten.new_empty.default, aten.new_empty_strided.default}
+# ops that overwrite every element of their first argument (or draw into it): reading an empty tensor is fine
+_OVERWRITES = {"copy", "bernoulli", "uniform", "normal", "random", "exponential", "geometric", "cauchy",
+               "log_normal", "fill", "zero", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
+               "randn_like", "randint_like", "as_strided", "view", "_unsafe_view", "expand", "sym_size",
+               "sym_stride", "sym_numel"}
+
+
+def _warn_on_uninitialized_reads(graph: fx.Graph, f) -> None:
+    """A C++ composite that fills a tensor with a raw copy (``at::tensor(list)``) leaves only ``empty`` in
+    the trace: the graph would then compute with uninitialized memory. Say so, naming the op, rather than
+    return a silently wrong value."""
+    for node in graph.nodes:
+        if node.op != "call_function" or node.target not in _EMPTY:
+            continue
+        for user in node.users:
+            name = getattr(user.target, "__name__", str(user.target)).split(".")[0]
+            if user.op == "call_function" and name.rstrip("_") not in _OVERWRITES:
+                warnings.warn(
+                    f"jvpgraph: in {getattr(f, '__qualname__', type(f).__name__)}, {user.target} reads a "
+                    f"tensor that the trace created empty and never filled (a C++ composite filled it with a raw "
+                    f"copy that tracing cannot see); outputs and Jv may be wrong. Pass such values as tensors "
+                    f"(e.g. lengths as a tensor, not a list).\n  at node: {user.format_node()}", stacklevel=3)
+                return
+
+
+def _data_dependent(e: BaseException) -> bool:
+    """Did fake tracing fail because a shape or a branch depends on tensor values?"""
+    text = type(e).__name__ + str(e)
+    return any(k in text for k in ("DataDependent", "data-dependent", "data dependent", "DynamicOutputShape",
+                                    "GuardOnDataDependentSymNode"))
+
+
+def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> fx.GraphModule:
     """Functionalize the aten graph itself: in-place ops that C++ composite kernels emit below the first
     functionalization (``squeeze_`` in ``F.linear`` on a vector, ``copy_`` into slices of a ``new_empty``
     in circular padding, ``clamp_min_``...) become functional. Node metadata ("custom", where the grad
@@ -416,12 +468,12 @@ def _refunctionalize(gm: fx.GraphModule, example: list) -> fx.GraphModule:
         with fx_traceback.preserve_node_meta():
             return _AtenViews(gm).run(*args)
 
-    return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode="fake",
+    return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode=mode,
                    _allow_non_fake_inputs=True, record_stack_traces=True)(*example)
 
 
 @contextlib.contextmanager
-def _rng_untouched(f):
+def _rng_untouched(f, draws: bool = False):
     """Tracing runs on fake tensors and draws no random numbers; a function that reseeds the global RNG
     (``torch.manual_seed`` inside ``forward``) would still change the caller's: restore it, and say that the
     graph does not replay the reseeding."""
@@ -440,7 +492,8 @@ def _rng_untouched(f):
             yield
         finally:
             torch.manual_seed = torch.random.manual_seed = real_seed
-        changed = bool(seeded) or not torch.equal(before, torch.get_rng_state())
+        # (a trace on real values draws real random numbers: only an explicit reseed counts then)
+        changed = bool(seeded) or (not draws and not torch.equal(before, torch.get_rng_state()))
     if changed:
         warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} reseeds the global random number "
                       "generator while it runs (torch.manual_seed or set_rng_state); the traced graph does not "
@@ -448,11 +501,13 @@ def _rng_untouched(f):
                       "calling instead.", stacklevel=4)
 
 
-def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedProgram:
+def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
+                  specialize: BaseException | None = None) -> TracedProgram:
     """Trace ``f(*inputs)`` to a :class:`TracedProgram`.
 
     ``f`` is an ``nn.Module`` (its parameters and buffers become graph inputs) or a plain function
-    (tensors it closes over become constants of the graph).
+    (tensors it closes over become constants of the graph). ``specialize``: the data-dependent error that a
+    trace on fake tensors met later (emitting the flipped graph); trace on the real values right away.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -501,20 +556,23 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
     # inputs that carry a tangent require grad while tracing, so PyTorch picks differentiable kernels
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
-    def run_trace(example):
-        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions(), _rng_untouched(f):
+    def run_trace(example, mode):
+        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions(), \
+                _rng_untouched(f, draws=mode == "real"):
             return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
                 decomposition_table=_DECOMPOSITIONS,
-                tracing_mode="fake",
+                tracing_mode=mode,
                 _allow_non_fake_inputs=True,
                 record_stack_traces=True,
+                # on real values, a value read (.item(), a branch on x.sum() > 0, aten.equal in cov's checks)
+                # becomes a constant of this trace: the trace is specialized to these values anyway
+                _error_on_data_dependent_ops=mode != "real",
             )(*example)
 
-    momentum_none: list[str] = []
-    try:
+    def run_trace_retrying(example, mode):
         try:
-            gm = run_trace(example)
+            return run_trace(example, mode), example
         except RuntimeError as e:
             if "is not differentiable with respect to argument" not in str(e):
                 raise
@@ -523,7 +581,34 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
             # the op's rule, or the fallback says which op cannot take it
             momentum_none.clear()
             example = example[:P + B] + [a.detach() for a in example[P + B:]]
-            gm = run_trace(example)
+            return run_trace(example, mode), example
+
+    momentum_none: list[str] = []
+    mode, values = "fake", None
+    try:
+        try:
+            if specialize is not None:
+                raise specialize
+            gm, example = run_trace_retrying(example, "fake")
+        except Exception as e:  # noqa: BLE001
+            if not _data_dependent(e):
+                raise
+            # Sizes or branches that depend on values (a branch on nonzero's count, `if x.sum() > 0`, .item(),
+            # lstsq, cov's checks): trace again on the real values, where every size and value read is a
+            # number (on copies: the real run must not write into the caller's buffers). The graph holds for
+            # these values only: jvpgraph.trace re-traces when they change.
+            where = _user_frame(e)
+            momentum_none.clear()
+            mode = "real"
+            example = [t.detach().clone().requires_grad_(t.requires_grad) for t in example]
+            gm, example = run_trace_retrying(example, "real")
+            values = [t.detach() for t in example]
+            warnings.warn(
+                f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} has shapes or branches that depend on "
+                f"tensor values ({type(e).__name__}: {str(e).splitlines()[0][:120]})\n  at {where}\n  so it was "
+                "traced at these values: jvpgraph traces it again whenever its inputs or parameters change "
+                "(correct, but a trace per call). Make the shapes and branches depend on shapes only for one "
+                "trace to serve every batch.", stacklevel=3)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
         msg = str(e).split("\n")[0]
         data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
@@ -554,7 +639,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
         ) from e
 
     if _has_leftover_mutations(gm.graph):
-        gm = _refunctionalize(gm, example)
+        gm = _refunctionalize(gm, example, mode)
     graph = gm.graph
     placeholders = [n for n in graph.nodes if n.op == "placeholder"]
     names = [f"p_{_sanitize(k)}" for k in params] + [f"b_{_sanitize(k)}" for k in buffers]
@@ -589,8 +674,9 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch") -> TracedPro
             if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable:
                 if node not in updates.values():
                     graph.erase_node(node)
+    _warn_on_uninitialized_reads(graph, f)
     graph.lint()
     gm.recompile()
     diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
     return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
-                         updates, bn)
+                         updates, bn, values)

@@ -682,3 +682,24 @@ def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
 
 
 defrule(aten.linalg_vector_norm, _vector_norm, "elementwise")
+
+
+# ------------------------------------------------------------------ CTC loss (no forward AD in PyTorch)
+def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
+    # Each sequence's loss depends on its own slice log_probs[:, b] only, so one backward pass with
+    # grad = 1 gives every row of the Jacobian at once: J v = sum over (time, class) of grad * v, per sequence.
+    # The second output (log_alpha, kept for the backward) gets no tangent.
+    if any(t is not None for t in ts[1:]):
+        raise NotImplementedError("tangents of targets or lengths")
+    nll, log_alpha = out[0], out[1]
+    backward = aten._ctc_loss_backward.Tensor if isinstance(input_lengths, torch.Tensor) \
+        else aten._ctc_loss_backward.default
+    grad = backward(torch.ones_like(nll), log_probs, targets, input_lengths, target_lengths, nll, log_alpha,
+                    blank, zero_infinity)
+    batch_dim = 1 if log_probs.dim() == 3 else None  # (T, B, C), or (T, C) for one unbatched sequence
+    t = grad * ts[0]
+    t = t.sum(dim=(0, 2)) if batch_dim is not None else t.sum()
+    return t.reshape(nll.shape), None
+
+
+defrule([aten._ctc_loss.default, aten._ctc_loss.Tensor], _ctc_loss, "batch")

@@ -29,6 +29,14 @@ def tangents_of(a, tenv):
     return None
 
 
+def _same_shape(a, b) -> bool:
+    """Equal shapes, where sizes that depend on values (masked_select's, under fake tensors) count as equal
+    unless they are known to differ."""
+    from torch.fx.experimental.symbolic_shapes import guard_or_true
+
+    return len(a) == len(b) and all(guard_or_true(x == y) for x, y in zip(a, b))
+
+
 def check_tangent(node: fx.Node, out, t):
     """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name."""
     from .fallback import RuleError
@@ -41,7 +49,7 @@ def check_tangent(node: fx.Node, out, t):
     for o, to in zip(outs, touts):
         if to is None or not isinstance(o, torch.Tensor):
             continue
-        if tuple(to.shape) != tuple(o.shape) or to.dtype != o.dtype:
+        if not _same_shape(to.shape, o.shape) or to.dtype != o.dtype:
             raise RuleError(
                 f"rule for {op_name(node.target)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
                 f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
