@@ -63,17 +63,47 @@ class Linearized:
         return pytree.tree_unflatten(list(touts), self._out_spec)
 
     def vjp(self, *cotangents, create_graph: bool = False):
-        """``Jᵀ u`` by the ordinary backward pass of the recorded forward (differentiated inputs only)."""
+        """``Jᵀ u`` for the differentiated inputs: the exact transpose of :meth:`jvp`.
+
+        By the ordinary backward pass of the recorded forward; or, with ``bn="frozen"`` (batch statistics
+        held constant, which the forward's own backward does not do) or a forward recorded without autograd,
+        by the backward pass of the tangent pass itself (linear in ``v``: its gradient is ``Jᵀu``).
+        ``create_graph=True`` keeps the result differentiable in the parameters.
+        """
         us = pytree.tree_leaves(cotangents[0] if len(cotangents) == 1 else cotangents)
         wrt = [self._inputs[i] for i in self._compiled.graph.wrt]
-        if not all(w.requires_grad for w in wrt) or not any(o.requires_grad for o in self._flat_out):
-            raise RuntimeError("this forward was recorded without autograd: call linearize(..., vjp=True) with "
-                               "gradients enabled to use vjp()")
+        recorded = all(w.requires_grad for w in wrt) and any(o.requires_grad for o in self._flat_out)
+        if self._traced.bn == "frozen" or not recorded:
+            return self._transposed_tangent_pass(us, create_graph)
         pairs = [(o, u) for o, u in zip(self._flat_out, us) if o.requires_grad]
         grads = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs], retain_graph=True,
                                     create_graph=create_graph, allow_unused=True)
         grads = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, wrt)]
         return grads[0] if len(grads) == 1 else tuple(grads)
+
+
+    def _transposed_tangent_pass(self, us, create_graph):
+        wrt = self._compiled.graph.wrt
+        _, tan = self._compiled.flipped.partition()
+        with torch.enable_grad():
+            vs = [torch.zeros_like(self._inputs[i]).requires_grad_(True) for i in wrt]
+            touts = tan(*self._saved, *vs)
+            pairs = [(o, u) for o, u in zip(touts, us) if u is not None and o.requires_grad]
+            if pairs:
+                grads = torch.autograd.grad([p[0] for p in pairs], vs, [p[1] for p in pairs],
+                                            create_graph=create_graph, allow_unused=True)
+            else:
+                grads = [None] * len(vs)
+        grads = [torch.zeros_like(v) if g is None else g for g, v in zip(grads, vs)]
+        return grads[0] if len(grads) == 1 else tuple(grads)
+
+    def detach(self) -> "Linearized":
+        """The same recorded forward cut from autograd: :meth:`jvp`/:meth:`vjp` then build no graph back to
+        the parameters (what power iteration wants before the final, differentiated step)."""
+        out = Linearized(self._traced, self._compiled, [o.detach() for o in self._flat_out], self.new_buffers,
+                         [t.detach() if isinstance(t, torch.Tensor) else t for t in self._saved],
+                         [x.detach() for x in self._inputs], self._out_spec)
+        return out
 
 
 class Traced:

@@ -532,8 +532,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     module_stack: list[str] = []
 
     def flat_fn(*flat):
-        box = [torch.is_grad_enabled()]
-        with _RecordGradMode(box, module_stack), _SampleGradMode(box), _module_hooks(module, module_stack):
+        # the function runs as if called with gradients on: only torch.no_grad() blocks *inside* it are
+        # constants for Jv, never the caller's mode around jvpgraph (a trace made under no_grad would be 0)
+        box = [True]
+        with torch.enable_grad(), _RecordGradMode(box, module_stack), _SampleGradMode(box), \
+                _module_hooks(module, module_stack):
             return _call(*flat)
 
     def _call(*flat):

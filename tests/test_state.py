@@ -232,3 +232,17 @@ def test_function_that_reseeds_leaves_the_callers_rng_and_warns():
     with pytest.warns(UserWarning, match="reseeds the global random number generator"):
         jvpgraph.trace(f, x)
     assert torch.equal(before, torch.get_rng_state())
+
+
+def test_tracing_under_no_grad_still_differentiates():
+    """The caller's grad mode around jvpgraph does not make the model a constant (a re-trace on a new shape
+    inside ``torch.no_grad()`` used to give Jv = 0); no_grad blocks inside the model still do."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    x, v = torch.randn(2, 3, dtype=torch.float64), torch.randn(2, 3, dtype=torch.float64)
+    with torch.no_grad():
+        g = jvpgraph.trace(net, x)
+        _, jv = g.jvp(x, v)
+        x5, v5 = torch.randn(5, 3, dtype=torch.float64), torch.randn(5, 3, dtype=torch.float64)
+        _, jv5 = g.jvp(x5, v5)  # a new shape: traced again, still inside no_grad
+    torch.testing.assert_close(jv, torch.func.jvp(net, (x,), (v,))[1])
+    torch.testing.assert_close(jv5, torch.func.jvp(net, (x5,), (v5,))[1])
