@@ -1,0 +1,232 @@
+"""Per-sample spectral norm and the regularizers, against independent references (torch.func Jacobians,
+explicit masked products, the exact σ's gradient)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+
+import jvpgraph
+from jvpgraph.experiments.models import LeNet, SigmoidBNCNN
+from jvpgraph.spectral import normalize_per_sample, per_sample_norm
+
+D = torch.float64
+
+
+def _vit():
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=4, num_layers=2, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=10)
+    nn.init.normal_(vit.heads.head.weight, std=0.1)  # torchvision starts the head at zero: J would be 0
+    return vit
+
+
+MODELS = {
+    "lenet": (lambda: LeNet(), (4, 1, 28, 28), "eval"),
+    "sigmoid_bn_cnn_train": (lambda: SigmoidBNCNN(), (6, 1, 16, 16), "train"),
+    "vit": (_vit, (3, 3, 16, 16), "eval"),
+}
+
+
+def _build(name, dtype=D):
+    make, shape, mode = MODELS[name]
+    torch.manual_seed(0)
+    model = make().to(dtype).train(mode == "train")
+    x = torch.randn(shape, dtype=dtype)
+    return model, x
+
+
+def _func_sigma(model, x):
+    """σ per sample from torch.func: jacrev of the model on one sample at a time (eval mode: samples are
+    independent), then the matrix 2-norm. Independent of jvpgraph."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def one(xb):
+        return torch.func.functional_call(model, (params, buffers), (xb[None],))[0]
+
+    J = torch.stack([torch.func.jacrev(one)(xb).reshape(-1, xb.numel()) for xb in x])
+    return torch.linalg.matrix_norm(J, 2)
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_power_iteration_matches_exact_sigma(name):
+    model, x = _build(name)
+    state = copy.deepcopy(model.state_dict())
+    power = jvpgraph.spectral_norm(model, x, n_iter=500, tol=1e-12)
+    exact = jvpgraph.spectral_norm(model, x, method="exact")
+    rel = ((power.sigma - exact.sigma).abs() / exact.sigma).max().item()
+    assert rel <= 1e-4, rel
+    assert (power.residual <= 1e-3 * exact.sigma ** 2).all(), (power.residual, exact.sigma)
+    # the singular vectors agree up to sign
+    cos = (power.v.flatten(1) * exact.v.flatten(1)).sum(1).abs()
+    assert (cos > 1 - 1e-3).all(), cos
+    for k, t in model.state_dict().items():
+        assert torch.equal(t, state[k]), k
+
+
+@pytest.mark.parametrize("name", ["lenet", "vit"])
+def test_exact_sigma_matches_torch_func_jacobian(name):
+    model, x = _build(name)
+    exact = jvpgraph.spectral_norm(model, x, method="exact")
+    torch.testing.assert_close(exact.sigma, _func_sigma(model, x), rtol=1e-10, atol=0)
+
+
+def test_frozen_batchnorm_sigma_is_the_stats_held_jacobian():
+    """In train mode with bn='frozen', σ is that of the Jacobian with the batch statistics as constants: the
+    same as the eval-mode model whose running statistics are set to this batch's statistics."""
+    model, x = _build("sigmoid_bn_cnn_train")
+    sigma = jvpgraph.spectral_norm(model, x, method="exact").sigma
+    frozen = copy.deepcopy(model)
+    h = x
+    with torch.no_grad():
+        for m in frozen:  # set each BatchNorm's running statistics to the batch statistics it sees
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.copy_(h.mean((0, 2, 3)))
+                m.running_var.copy_(h.var((0, 2, 3), unbiased=False))
+                m.eval()
+            h = m(h)
+    frozen.eval()
+    torch.testing.assert_close(sigma, _func_sigma(frozen, x), rtol=1e-9, atol=0)
+
+
+def test_bn_batch_mode_has_no_per_sample_sigma():
+    model, x = _build("sigmoid_bn_cnn_train")
+    with pytest.raises(ValueError, match="couples the samples"):
+        jvpgraph.spectral_norm(model, x, bn="batch")
+
+
+def test_spectral_norm_leaves_the_callers_rng_alone():
+    model, x = _build("lenet")
+    before = torch.get_rng_state()
+    jvpgraph.spectral_norm(model, x, n_iter=3)
+    assert torch.equal(before, torch.get_rng_state())
+
+
+# ------------------------------------------------------------------ the penalty's gradient
+def _mlp():
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Linear(5, 12), nn.GELU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 4)).to(D)
+
+
+def _exact_sigma_grad(net, x):
+    params = dict(net.named_parameters())
+
+    def total_sigma(p):
+        def one(xb):
+            return torch.func.functional_call(net, p, (xb[None],))[0]
+
+        J = torch.stack([torch.func.jacrev(one)(xb) for xb in x])
+        return torch.linalg.matrix_norm(J, 2).sum()
+
+    return torch.func.grad(total_sigma)(params)
+
+
+@pytest.mark.parametrize("grad", ["singular-vectors", "iterations"])
+def test_penalty_gradient_is_the_exact_sigma_gradient(grad):
+    """At converged singular vectors the gradient of the penalty with respect to the parameters equals the
+    gradient of exact σ (torch.func.grad of the SVD of each sample's Jacobian)."""
+    net = _mlp()
+    x = torch.randn(3, 5, dtype=D)
+    want = _exact_sigma_grad(net, x)
+    reg = jvpgraph.SpectralRegularizer(net, n_iter=300, grad=grad)
+    _, penalty = reg(x)
+    got = torch.autograd.grad(penalty.sum(), list(net.parameters()), allow_unused=True)
+    got = [torch.zeros_like(p) if g is None else g for g, p in zip(got, net.parameters())]  # the last bias
+    for (name, w), g in zip(want.items(), got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_sigma2_penalty_and_warm_start_converge_over_calls():
+    """One power iteration per call with warm start (vectors kept per dataset index) converges to exact σ
+    over repeated calls on the same samples; penalty='sigma2' is its square."""
+    net = _mlp()
+    x = torch.randn(4, 5, dtype=D)
+    exact = jvpgraph.spectral_norm(net, x, method="exact").sigma
+    reg = jvpgraph.SpectralRegularizer(net, n_iter=1, penalty="sigma2", warm_start=True)
+    idx = torch.tensor([10, 11, 12, 13])
+    for _ in range(200):
+        _, penalty = reg(x, index=idx)
+    torch.testing.assert_close(penalty.detach(), exact ** 2, rtol=1e-8, atol=0)
+    cold = jvpgraph.SpectralRegularizer(net, n_iter=1, penalty="sigma2")
+    assert ((cold(x)[1].detach() - exact ** 2).abs() / exact ** 2).max() > 1e-3  # one cold step is not enough
+    # the order of the batch does not matter: vectors follow their index
+    _, shuffled = reg(x.flip(0), index=idx.flip(0))
+    torch.testing.assert_close(shuffled.detach(), (exact ** 2).flip(0), rtol=1e-8, atol=0)
+
+
+# ------------------------------------------------------------------ the piecewise-linear special case
+def test_relu_network_flipped_graph_is_the_papers_forward_mode():
+    """For a ReLU / max-pool network the flipped graph computes W^L Z^{L-1} ... Z^1 W^1 v: bias off,
+    activations replaced by their masks (the paper's Section 3.1), here built by hand from the layers."""
+    torch.manual_seed(0)
+    conv = nn.Conv2d(2, 3, 3, padding=1).to(D)
+    lin1, lin2 = nn.Linear(3 * 4 * 4, 10).to(D), nn.Linear(10, 4).to(D)
+    net = nn.Sequential(conv, nn.ReLU(), nn.MaxPool2d(2), nn.Flatten(), lin1, nn.ReLU(), lin2)
+    x, v = torch.randn(5, 2, 8, 8, dtype=D), torch.randn(5, 2, 8, 8, dtype=D)
+    _, jv = jvpgraph.jvp(net, (x,), (v,))
+
+    # masks Z from the forward pass
+    h1 = conv(x)
+    z1 = (h1 > 0).to(D)
+    pooled, idx = F.max_pool2d(torch.relu(h1), 2, return_indices=True)
+    h2 = lin1(pooled.flatten(1))
+    z2 = (h2 > 0).to(D)
+    # the bias-free forward of v with the masks
+    t = F.conv2d(v, conv.weight, None, padding=1) * z1
+    t = t.flatten(2).gather(2, idx.flatten(2)).reshape(pooled.shape)  # max-pool: the selected entries
+    t = (t.flatten(1) @ lin1.weight.T) * z2
+    want = t @ lin2.weight.T
+    torch.testing.assert_close(jv, want, rtol=1e-12, atol=1e-12)
+
+
+# ------------------------------------------------------------------ regularizers' side effects
+def test_regularizer_updates_running_statistics_once_like_a_forward():
+    model, x = _build("sigmoid_bn_cnn_train")
+    plain = copy.deepcopy(model)
+    plain_out = plain(x)  # a train-mode forward: the running statistics move once
+    for reg_cls in (jvpgraph.SpectralRegularizer, jvpgraph.FrobeniusRegularizer):
+        m = copy.deepcopy(model)
+        reg = reg_cls(m)
+        logits, penalty = reg(x)
+        for (k, a), b in zip(m.state_dict().items(), plain.state_dict().values()):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=0, msg=lambda s, k=k: f"{reg_cls.__name__} {k}: {s}")
+        torch.testing.assert_close(logits, plain_out, rtol=1e-12, atol=0)  # the same forward output
+        assert penalty.shape == (x.shape[0],) and penalty.requires_grad
+
+
+def test_frobenius_penalty_is_exact_for_one_output_and_unbiased():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 1)).to(D)
+    x = torch.randn(4, 5, dtype=D)
+    J = torch.autograd.functional.jacobian(lambda z: net(z).sum(0), x)  # (1, 4, 5): rows are per sample
+    fro2 = J[0].pow(2).sum(1)
+    _, penalty = jvpgraph.FrobeniusRegularizer(net)(x)
+    torch.testing.assert_close(penalty.detach(), fro2, rtol=1e-12, atol=0)  # one output: ε = ±1, exact
+
+    net3 = _mlp()
+    J3 = torch.stack([torch.autograd.functional.jacobian(net3, x[b:b + 1, :])[0, :, 0] for b in range(4)])
+    fro2 = J3.pow(2).sum((1, 2))
+    n_proj = 4000
+    _, penalty = jvpgraph.FrobeniusRegularizer(net3, n_proj=n_proj)(x)
+    # each projection has relative standard deviation <= sqrt(2) (4 outputs); the mean of 4000: < 0.03
+    assert ((penalty.detach() - fro2).abs() / fro2).max() < 0.1
+
+
+def test_spectral_bound_is_the_sum_of_squared_layer_norms():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3)).to(D)
+    reg = jvpgraph.SpectralBoundRegularizer(net, n_iter=1)
+    x = torch.randn(5, 2, 8, 8, dtype=D)
+    for _ in range(300):  # one step per call, the vectors persist
+        logits, penalty = reg(x)
+    want = sum(torch.linalg.matrix_norm(w.flatten(1), 2) ** 2 for w in (net[0].weight, net[3].weight))
+    torch.testing.assert_close(penalty.detach(), want.detach().expand(5), rtol=1e-8, atol=0)
+    torch.testing.assert_close(logits, net(x))
+    # the power-iteration bound is an upper bound of the exact per-sample σ (ReLU network)
+    sigma = jvpgraph.spectral_norm(net, x, method="exact").sigma
+    assert (sigma ** 2 <= penalty.detach() * (1 + 1e-9)).all()
