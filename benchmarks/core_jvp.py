@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import statistics
 import time
 from pathlib import Path
 
@@ -21,24 +20,7 @@ import torchvision
 
 import jvpgraph
 from jvpgraph.experiments.models import LeNet
-
-
-def median_times(fns: dict, repeats: int, rounds: int = 5, warmup: int = 2) -> dict:
-    """Median seconds per call of each function. Calls run in blocks (one function at a time, a couple of
-    warm-up calls first) and the blocks rotate over ``rounds``, so slow drift of the machine hits every
-    function alike while each block sees the allocator in its own steady state (interleaving single calls
-    made LeNet's numbers swing by 3x here: each call then finds the freed memory of another)."""
-    times = {k: [] for k in fns}
-    per_round = max(1, repeats // rounds)
-    for _ in range(rounds):
-        for k, fn in fns.items():
-            for _ in range(warmup):
-                fn()
-            for _ in range(per_round):
-                t0 = time.perf_counter()
-                fn()
-                times[k].append(time.perf_counter() - t0)
-    return {k: statistics.median(v) for k, v in times.items()}
+from jvpgraph.measure import median_times
 
 
 def bench(name, model, x, repeats):

@@ -20,6 +20,19 @@ def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
 
 
+_BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_functional.default, torch.ops.aten.native_batch_norm.default)
+
+
+def _holds_batch_statistics(gm) -> bool:
+    """Does the graph normalize with batch statistics of a BatchNorm (train mode, running statistics)?"""
+    for n in gm.graph.nodes:
+        if n.op == "call_function" and n.target in _BATCH_NORMS:
+            training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
+            if training and n.args[3] is not None:
+                return True
+    return False
+
+
 class _Compiled:
     """One trace at one set of shapes: the graph, its flip, and the recorded-forward split."""
 
@@ -28,6 +41,8 @@ class _Compiled:
         self.flipped: FlippedGraph = graph.flip()
         self.n_out = self.flipped.n_outputs
         self.n_buf = len(self.flipped.buffer_update_names)
+        # with bn="frozen", Jv holds the batch statistics constant; the forward's own backward does not
+        self.frozen_statistics = graph.program.bn == "frozen" and _holds_batch_statistics(graph.program.gm)
 
 
 class Linearized:
@@ -73,7 +88,7 @@ class Linearized:
         us = pytree.tree_leaves(cotangents[0] if len(cotangents) == 1 else cotangents)
         wrt = [self._inputs[i] for i in self._compiled.graph.wrt]
         recorded = all(w.requires_grad for w in wrt) and any(o.requires_grad for o in self._flat_out)
-        if self._traced.bn == "frozen" or not recorded:
+        if self._compiled.frozen_statistics or not recorded:
             return self._transposed_tangent_pass(us, create_graph)
         pairs = [(o, u) for o, u in zip(self._flat_out, us) if o.requires_grad]
         grads = torch.autograd.grad([p[0] for p in pairs], wrt, [p[1] for p in pairs], retain_graph=True,

@@ -19,6 +19,7 @@ Example:
 
 from __future__ import annotations
 
+import statistics
 import time
 from typing import Callable
 
@@ -27,7 +28,7 @@ import torch.utils._pytree as pytree
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["PeakTensorMemory", "peak_memory", "timeit"]
+__all__ = ["PeakTensorMemory", "peak_memory", "timeit", "median_times"]
 
 
 class PeakTensorMemory(TorchDispatchMode):
@@ -91,3 +92,29 @@ def timeit(fn: Callable[[], object], repeat: int = 5, warmup: int = 1) -> float:
         fn()
         times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
+
+
+def median_times(fns: dict[str, Callable[[], object]], repeats: int, rounds: int = 5, warmup: int = 2) -> dict:
+    """Median seconds per call of each function, for ratios measured in one run.
+
+    Calls run in blocks (one function at a time, ``warmup`` calls first) and the blocks rotate over
+    ``rounds``, so slow drift of the machine hits every function alike while each block sees the allocator
+    in its own steady state (interleaving single calls made LeNet's numbers swing by 3x here: each call then
+    found the freed memory of another).
+
+    Example:
+        >>> t = median_times({"a": lambda: sum(range(100)), "b": lambda: sum(range(10000))}, repeats=10)
+        >>> t["a"] < t["b"]
+        True
+    """
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    per_round = max(1, repeats // rounds)
+    for _ in range(rounds):
+        for k, fn in fns.items():
+            for _ in range(warmup):
+                fn()
+            for _ in range(per_round):
+                t0 = time.perf_counter()
+                fn()
+                times[k].append(time.perf_counter() - t0)
+    return {k: statistics.median(v) for k, v in times.items()}

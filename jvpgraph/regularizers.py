@@ -36,11 +36,12 @@ class _JacobianRegularizer:
         self.bn = bn
         self.update_buffers = update_buffers
 
-    def _forward(self, x: torch.Tensor) -> "api.Linearized":
+    def _forward(self, x: torch.Tensor, vjp: bool) -> "api.Linearized":
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
         traced = api._traced_for(self.model, (x,), self.bn)
-        lin = traced.linearize(x, vjp=False)  # one forward, recorded by autograd for the loss
+        # one forward, recorded by autograd for the loss (and with respect to x when Jᵀu is its backward)
+        lin = traced.linearize(x, vjp=vjp)
         out = lin.out
         if not isinstance(out, torch.Tensor) or out.dim() < 1 or out.shape[0] != x.shape[0]:
             raise ValueError(f"{type(self).__name__} needs a model whose output is one tensor of shape (B, ...)")
@@ -64,11 +65,19 @@ class SpectralRegularizer(_JacobianRegularizer):
             paper's pseudo-inference mode) or ``"eval"`` (running statistics).
         warm_start: keep each sample's right singular vector between calls, keyed by the ``index`` passed
             to :meth:`__call__` (e.g. dataset indices), so one iteration per step converges over training.
-        grad: what the penalty's gradient flows through. ``"singular-vectors"`` (default): the power
-            iteration runs without autograd and the penalty is ``σ = ‖Jᵀu‖`` for the final ``u`` (detached) —
-            at converged singular vectors exactly ``∇σ = uᵀ(∇J)v``, at the cost of one differentiable
-            transposed pass. ``"iterations"``: autograd through every iteration, as Algorithm 1 written out
-            differentiates ``‖u‖/‖v‖``; more memory, the same gradient at convergence.
+        grad: what the penalty is, and what its gradient flows through (the first ``n_iter - 1`` iterations
+            always run without autograd):
+
+            * ``"uJv"`` (default): ``σ = uᵀ J v`` with ``u = Jv/‖Jv‖`` and ``v`` held constant: one tangent
+              pass recorded by autograd. Its gradient ``uᵀ(∇J)v`` is exactly ``∇σ`` at a singular pair.
+              The ``Jᵀu`` of the iteration comes out of the same ``loss.backward()`` that computes the
+              parameters' gradients (as the gradient with respect to ``v``); with ``warm_start`` it becomes
+              the next call's ``v``, so a step costs one forward, one tangent pass and one backward.
+            * ``"JTu"``: ``σ = ‖Jᵀu‖`` (the paper's estimate after a whole iteration, closer to ``σ`` from a
+              cold start), ``u`` held constant; the gradient goes through that transposed pass
+              (double backward).
+            * ``"iterations"``: autograd through every product of the last iteration, as Algorithm 1
+              written out differentiates ``‖u‖/‖v‖``; the same gradient at convergence, more memory.
         update_buffers: copy the forward's new running statistics into the model (as ``model(x)`` would).
         generator: random starting vectors (default: a private generator; the caller's RNG is not touched).
 
@@ -86,14 +95,16 @@ class SpectralRegularizer(_JacobianRegularizer):
         (torch.Size([8]), True)
     """
 
+    GRADS = ("uJv", "JTu", "iterations")
+
     def __init__(self, model: nn.Module, n_iter: int = 1, penalty: str = "sigma", *, bn: str = "frozen",
-                 warm_start: bool = False, grad: str = "singular-vectors", update_buffers: bool = True,
+                 warm_start: bool = False, grad: str = "uJv", update_buffers: bool = True,
                  generator: torch.Generator | None = None):
         super().__init__(model, bn, update_buffers)
         if penalty not in ("sigma", "sigma2"):
             raise ValueError(f"penalty={penalty!r}: expected 'sigma' or 'sigma2'")
-        if grad not in ("singular-vectors", "iterations"):
-            raise ValueError(f"grad={grad!r}: expected 'singular-vectors' or 'iterations'")
+        if grad not in self.GRADS:
+            raise ValueError(f"grad={grad!r}: expected one of {self.GRADS}")
         if n_iter < 1:
             raise ValueError(f"n_iter={n_iter}: at least one power iteration")
         if bn not in ("frozen", "eval"):
@@ -114,30 +125,45 @@ class SpectralRegularizer(_JacobianRegularizer):
                     v[row] = kept.to(v)
         return normalize_per_sample(v)
 
+    def _keep(self, index, v: torch.Tensor) -> None:
+        if self.warm_start and index is not None:
+            for row, i in enumerate(_as_list(index)):
+                if bool(v[row].abs().sum() > 0):  # a zero gradient (lambda = 0) keeps the old vector
+                    self._vectors[i] = v[row].detach().clone()
+
     def __call__(self, x: torch.Tensor, index=None):
         if self.warm_start and index is not None and len(_as_list(index)) != x.shape[0]:
             raise ValueError(f"index has {len(_as_list(index))} entries for a batch of {x.shape[0]}")
-        lin = self._forward(x)
+        lin = self._forward(x, vjp=self.grad != "uJv")
         v = self._start(x, index)
-        if self.grad == "iterations":
-            u = None
-            for _ in range(self.n_iter):
-                u = normalize_per_sample(lin.jvp(v))
-                w = lin.vjp(u, create_graph=True)
-                sigma = per_sample_norm(w)
-                v = w / sigma.clamp_min(1e-30).reshape(-1, *[1] * (x.dim() - 1))
-        else:
-            plain = lin.detach()
+        expand = (-1,) + (1,) * (x.dim() - 1)
+        plain = lin.detach()
+        with torch.no_grad():
+            for _ in range(self.n_iter - 1):
+                v = normalize_per_sample(plain.vjp(normalize_per_sample(plain.jvp(v))))
+        if self.grad == "uJv":
             with torch.no_grad():
-                for _ in range(self.n_iter - 1):
-                    v = normalize_per_sample(plain.vjp(normalize_per_sample(plain.jvp(v))))
+                u = normalize_per_sample(plain.jvp(v))
+            if self.warm_start and index is not None and torch.is_grad_enabled():
+                v = v.clone().requires_grad_(True)  # its gradient in loss.backward() is Jᵀu (scaled)
+                keys = list(_as_list(index))
+                v.register_hook(lambda g: self._keep(keys, normalize_per_sample(g)))
+            sigma = (u * lin.jvp(v)).flatten(1).sum(1)  # = ‖Jv‖, differentiable as uᵀ(∇J)v
+            if not v.requires_grad:
+                self._keep(index, normalize_per_sample(plain.vjp(u)) if self.warm_start else v)
+        elif self.grad == "JTu":
+            with torch.no_grad():
                 u = normalize_per_sample(plain.jvp(v))
             w = lin.vjp(u, create_graph=True)  # Jᵀu, differentiable in the parameters
             sigma = per_sample_norm(w)
             v = normalize_per_sample(w.detach())
-        if self.warm_start and index is not None:
-            for row, i in enumerate(_as_list(index)):
-                self._vectors[i] = v[row].detach().clone()
+            self._keep(index, v)
+        else:  # "iterations"
+            u = normalize_per_sample(lin.jvp(v))
+            w = lin.vjp(u, create_graph=True)
+            sigma = per_sample_norm(w)
+            v = w / sigma.clamp_min(1e-30).reshape(expand)
+            self._keep(index, v)
         self.last = dict(u=u.detach(), v=v.detach(), sigma=sigma.detach())
         return lin.out, sigma if self.penalty == "sigma" else sigma ** 2
 
@@ -163,7 +189,7 @@ class FrobeniusRegularizer(_JacobianRegularizer):
         self.generator = generator
 
     def __call__(self, x: torch.Tensor, index=None):
-        lin = self._forward(x)
+        lin = self._forward(x, vjp=True)
         out = lin.out
         if self.generator is None:
             self.generator = torch.Generator(device=x.device).manual_seed(0)

@@ -126,7 +126,7 @@ def _exact_sigma_grad(net, x):
     return torch.func.grad(total_sigma)(params)
 
 
-@pytest.mark.parametrize("grad", ["singular-vectors", "iterations"])
+@pytest.mark.parametrize("grad", ["uJv", "JTu", "iterations"])
 def test_penalty_gradient_is_the_exact_sigma_gradient(grad):
     """At converged singular vectors the gradient of the penalty with respect to the parameters equals the
     gradient of exact σ (torch.func.grad of the SVD of each sample's Jacobian)."""
@@ -149,9 +149,20 @@ def test_sigma2_penalty_and_warm_start_converge_over_calls():
     exact = jvpgraph.spectral_norm(net, x, method="exact").sigma
     reg = jvpgraph.SpectralRegularizer(net, n_iter=1, penalty="sigma2", warm_start=True)
     idx = torch.tensor([10, 11, 12, 13])
-    for _ in range(200):
+    for _ in range(200):  # as in training: the backward's gradient with respect to v is the next Jᵀu
         _, penalty = reg(x, index=idx)
+        penalty.sum().backward()
     torch.testing.assert_close(penalty.detach(), exact ** 2, rtol=1e-8, atol=0)
+    for grad in ("JTu", "iterations"):  # the other estimates keep their vectors themselves
+        other = jvpgraph.SpectralRegularizer(net, n_iter=1, penalty="sigma2", warm_start=True, grad=grad)
+        for _ in range(100):
+            _, penalty = other(x, index=idx)
+        torch.testing.assert_close(penalty.detach(), exact ** 2, rtol=1e-8, atol=0)
+    quiet = jvpgraph.SpectralRegularizer(net, n_iter=1, warm_start=True)
+    with torch.no_grad():  # no backward to come: the regularizer computes Jᵀu itself
+        for _ in range(200):
+            _, sigma = quiet(x, index=idx)
+    torch.testing.assert_close(sigma, exact, rtol=1e-8, atol=0)
     cold = jvpgraph.SpectralRegularizer(net, n_iter=1, penalty="sigma2")
     assert ((cold(x)[1].detach() - exact ** 2).abs() / exact ** 2).max() > 1e-3  # one cold step is not enough
     # the order of the batch does not matter: vectors follow their index
