@@ -204,7 +204,7 @@ def _float_leaves(x):
 def check_opinfo_sample(op, sample, seed: int = 0) -> tuple[str, str]:
     """Check jvpgraph's Jv on one sample of a PyTorch OpInfo entry (``op_db``, float64 on the CPU).
 
-    The function differentiated is ``op.gradcheck_wrapper(op, sample.input, *sample.args, **sample.kwargs)``
+    The function differentiated is ``op.gradcheck_wrapper(op.get_op(), sample.input, *sample.args, **sample.kwargs)``
     in all its floating-point tensor arguments, with random tangents drawn from ``seed``; the outputs compared
     are its floating-point tensors. References, in order: ``torch.func.jvp`` when the entry supports forward
     AD (double-backward as a second opinion when they disagree), else double-backward, else central finite
@@ -242,7 +242,7 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
         for i, x in zip(pos, xs):
             items[i] = x
         inp, args, kwargs = pytree.tree_unflatten(items, spec)
-        out = op.gradcheck_wrapper(op, inp, *args, **kwargs)  # e.g. symmetrizes cholesky's input
+        out = op.gradcheck_wrapper(op.get_op(), inp, *args, **kwargs)  # e.g. symmetrizes cholesky's input
         outs = _float_leaves(out)
         return tuple(outs) if len(outs) != 1 else outs[0]
 

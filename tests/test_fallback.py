@@ -345,3 +345,13 @@ def test_aliasing_prims_from_a_walked_decomposition_survive_refunctionalization(
         warnings.simplefilter("ignore")
         _, jv = jvpgraph.jvp(f, (x,), (v,))
     torch.testing.assert_close(jv, torch.func.jvp(f, (x,), (v,))[1], **F64)
+
+
+def test_decomposition_whose_outputs_differ_from_the_op_is_refused():
+    """PyTorch's decomposition of the CPU flash-attention kernel returns the attention weights where the op
+    returns its logsumexp: the decomposition step must refuse it, not hand back a tangent of another shape."""
+    op = aten._scaled_dot_product_flash_attention_for_cpu.default
+    q, k, v = rn(2, 2, 3, 4, seed=0), rn(2, 2, 6, 4, seed=1), rn(2, 2, 6, 4, seed=2)
+    out = op(q, k, v)
+    with pytest.raises(NotImplementedError, match="outputs do not match"):
+        fallback._via_decomposition(op, (q, k, v), {}, out, (q, k, v), {})

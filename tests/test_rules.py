@@ -455,6 +455,7 @@ add(
 QKV = lambda: (rn(2, 2, 5, 4), rn(2, 2, 5, 4), rn(2, 2, 5, 4))  # noqa: E731
 QKV_RECT = lambda: (rn(2, 2, 3, 4), rn(2, 2, 6, 4), rn(2, 2, 6, 3))  # noqa: E731
 _FLOAT_MASK = torch.randn(5, 5, dtype=D, generator=torch.Generator().manual_seed(3))
+_QKV_CONSTANT = torch.randn(3, 2, 2, 5, 4, dtype=D, generator=torch.Generator().manual_seed(4)).unbind(0)
 _BOOL_MASK = (torch.rand(5, 5, generator=torch.Generator().manual_seed(4)) > 0.4) | torch.eye(5, dtype=torch.bool)
 add(
     C("sdpa", F.scaled_dot_product_attention, QKV),
@@ -465,7 +466,9 @@ add(
     C("sdpa_scale", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, scale=0.3), QKV),
     C("sdpa_float_mask_constant", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_FLOAT_MASK), QKV),
     C("sdpa_float_mask_input", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
-      lambda: (*QKV(), rn(5, 5)), written=False),
+      lambda: (*QKV(), rn(5, 5))),  # the mask's tangent reaches the written rule (tkwargs)
+    C("sdpa_float_mask_input_only", lambda m: F.scaled_dot_product_attention(*_QKV_CONSTANT, attn_mask=m),
+      lambda: (rn(5, 5),)),
     C("sdpa_bool_mask_constant", lambda q, k, v: F.scaled_dot_product_attention(q, k, v, attn_mask=_BOOL_MASK), QKV),
     C("sdpa_bool_mask_input", lambda q, k, v, m: F.scaled_dot_product_attention(q, k, v, attn_mask=m),
       lambda: (*QKV(), _BOOL_MASK.clone())),

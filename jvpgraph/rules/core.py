@@ -411,6 +411,9 @@ defrule(aten.minimum, _minmax(False), "mask")
 # ------------------------------------------------------------------ softmax family
 defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)))
 defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True))
+# softmax whose fully masked rows (all -inf) give 0 instead of NaN (attention's math path): there out = 0
+defjvp(aten._safe_softmax,
+       lambda t, out, x, dim, dtype=None: out * (t.to(out.dtype) - (out * t.to(out.dtype)).sum(dim, keepdim=True)))
 
 
 
@@ -604,15 +607,16 @@ def _attention_probs(q, k, is_causal, attn_mask, scale):
     return torch.softmax(s, dim=-1), scale
 
 
-def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None, tkwargs=None):
     if dropout_p > 0:
         raise NotImplementedError("attention dropout is random: use the fallback")
     tq, tk, tv = ts[0], ts[1], ts[2]
+    t_mask = (tkwargs or {}).get("attn_mask")  # a float mask (a learned bias) that carries a tangent
     p, scale = _attention_probs(q, k, is_causal, attn_mask, scale)
     parts, t_lse = [], None
-    if tq is not None or tk is not None:
-        ts_ = add_tangents(None if tq is None else torch.matmul(tq, k.transpose(-2, -1)),
-                           None if tk is None else torch.matmul(q, tk.transpose(-2, -1))) * scale
+    if tq is not None or tk is not None or t_mask is not None:
+        ts_ = add_tangents(None if tq is None else torch.matmul(tq, k.transpose(-2, -1)) * scale,
+                           None if tk is None else torch.matmul(q, tk.transpose(-2, -1)) * scale, t_mask)
         t_lse = (p * ts_).sum(-1)  # d logsumexp(s) = softmax(s) . ds
         tp = p * (ts_ - t_lse.unsqueeze(-1))
         parts.append(torch.matmul(tp, v))
@@ -624,7 +628,7 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
     return (add_tangents(*parts), *rest)
 
 
-defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear")
+defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear", kwarg_tangents=True)
 
 
 # ------------------------------------------------------------------ embedding_bag (no forward AD in PyTorch)

@@ -117,7 +117,12 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
         _DECOMPOSING.discard(op)
     results = next(n for n in sub.graph.nodes if n.op == "output").args[0]
     touts = [tenv.get(r) if isinstance(r, torch.fx.Node) else None for r in results]
-    if len(touts) != len(pytree.tree_leaves(out)):
+    outs = pytree.tree_leaves(out)
+    values = [env.get(r) if isinstance(r, torch.fx.Node) else r for r in results]
+    if len(touts) != len(outs) or any(
+            isinstance(o, torch.Tensor) and (not isinstance(d, torch.Tensor) or tuple(d.shape) != tuple(o.shape))
+            for o, d in zip(outs, values)):
+        # e.g. flash attention's decomposition returns the attention weights where the op returns logsumexp
         raise NotImplementedError("the decomposition's outputs do not match the op's")
     return _rebuild_like(out, touts)
 
@@ -292,8 +297,10 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
         (tensor([2.0000, 0.5000]), 'elementwise')
     """
     rule = rule or lookup(op)
-    if rule is not None and not _any_tangent(tkwargs):
+    if rule is not None and (rule.kwarg_tangents or not _any_tangent(tkwargs)):
         try:
+            if rule.kwarg_tangents:
+                return rule.fn(tangents, out, *args, tkwargs=tkwargs or {}, **kwargs), rule.kind
             return rule.fn(tangents, out, *args, **kwargs), rule.kind
         except NotImplementedError:
             pass  # the rule declined these arguments: fall back

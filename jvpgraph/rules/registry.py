@@ -35,6 +35,7 @@ class Rule:
     fn: Callable[..., Any]  # fn(tangents, out, *args, **kwargs) -> tangent of out
     kind: str
     name: str = "rule"
+    kwarg_tangents: bool = False  # fn also takes ``tkwargs=`` (tangents of keyword tensor arguments)
 
 
 RULES: dict[Any, Rule] = {}
@@ -61,8 +62,11 @@ def lookup(op) -> Rule | None:
     return rule
 
 
-def defrule(ops, fn: Callable, kind: str):
+def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False):
     """Register ``fn(tangents, out, *args, **kwargs)`` for ``ops``.
+
+    With ``kwarg_tangents=True`` it is called with ``tkwargs=`` too: the tangents of keyword tensor arguments
+    (an attention mask that depends on the input); otherwise a tangent there sends the op to the fallback.
 
     Example:
         >>> import torch
@@ -72,7 +76,7 @@ def defrule(ops, fn: Callable, kind: str):
         'linear'
     """
     assert kind in EDGE_KINDS, kind
-    _register(ops, lambda op: Rule(fn, kind, "defrule"))
+    _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents))
 
 
 def add_tangents(*ts):
