@@ -278,6 +278,12 @@ add(
       lambda x, m, i, v: torch.ops.aten._unsafe_masked_index_put_accumulate(x, m, [i], v),
       lambda: (rn(5, 3), torch.rand(6, 3) > 0.5, torch.randint(0, 5, (6,)), rn(6, 3))),
     C("vector_norm_2", lambda x: torch.linalg.vector_norm(x, dim=1), lambda: (rn(3, 5),)),
+    C("vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1), lambda: (rn(3, 5),)),
+    C("vector_norm_neg_inf_ties", lambda x: torch.linalg.vector_norm(x, -float("inf"), dim=1, keepdim=True),
+      lambda: (torch.tensor([[1.0, -2.0, 2.0], [3.0, 0.5, -0.5], [1.0, 1.0, 4.0]], dtype=D),)),  # ties average
+    C("vector_norm_half_with_zeros", lambda x: torch.linalg.vector_norm(x * (x > 0), 0.5, dim=1),
+      lambda: (rn(3, 5),)),
+    C("vector_norm_negative_p", lambda x: torch.linalg.vector_norm(x, -1.5), lambda: (rn(3, 5),)),
     C("vector_norm_3_keepdim", lambda x: torch.linalg.vector_norm(x, 3, dim=(0, 1), keepdim=True), lambda: (rn(3, 5),)),
     C("vector_norm_zero_row", lambda x: torch.linalg.vector_norm(x * (torch.arange(3, dtype=D) > 0)[:, None], dim=1),
       lambda: (rn(3, 5),)),

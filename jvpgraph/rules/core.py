@@ -666,21 +666,29 @@ defrule(prims.convert_element_type,
 
 # ------------------------------------------------------------------ vector norm (subgradient 0 at 0)
 def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
-    """``d||x||_p = sum(sign(x) |x|^(p-1) t) / ||x||^(p-1)``; 0 where the norm is 0, as PyTorch's own
-    derivative does (its decomposition through ``pow(sum, 1/p)`` would give inf * 0 = NaN there)."""
+    """``d||x||_p = sum(x |x|^(p-2) t) / ||x||^(p-1)``, with PyTorch's subgradients: ``|x|^(p-2)`` is 0 where
+    ``x`` is 0 and the tangent is 0 where the norm is 0 (a decomposition through ``pow(sum, 1/p)`` would give
+    inf * 0 = NaN there); for ``p = ±inf`` the tangent of the selected entries, averaged over ties."""
     if ord == 0:
         return None  # counts nonzeros: piecewise constant
-    if math.isinf(ord) or ord < 1:
-        raise NotImplementedError("inf and p < 1 norms: use the fallback")
     t = ts[0]
     dims = list(range(x.dim())) if dim is None or (isinstance(dim, (list, tuple)) and len(dim) == 0) else dim
+    dims = [dims] if isinstance(dims, int) else list(dims)
     xd = x if dtype is None else x.to(dtype)
     td = t if dtype is None else t.to(dtype)
+    if math.isinf(ord):
+        norm = out
+        if not keepdim:
+            for d in sorted(d % max(x.dim(), 1) for d in dims):
+                norm = norm.unsqueeze(d) if x.dim() else norm
+        mask = (xd.abs() == norm).to(xd.dtype)
+        return (torch.sgn(xd) * td * mask).sum(dims, keepdim=keepdim) / mask.sum(dims, keepdim=keepdim)
     if ord == 2:
         num = (xd * td).sum(dims, keepdim=keepdim)
         den = out
     else:
-        num = (torch.sgn(xd) * xd.abs().pow(ord - 1) * td).sum(dims, keepdim=keepdim)
+        scale = torch.where(xd == 0, torch.zeros_like(xd), xd.abs().pow(ord - 2))
+        num = (xd * scale * td).sum(dims, keepdim=keepdim)
         den = out.pow(ord - 1)
     return torch.where(out == 0, torch.zeros_like(out), num / torch.where(out == 0, torch.ones_like(den), den))
 
