@@ -142,13 +142,13 @@ class SpectralRegularizer(_JacobianRegularizer):
             for _ in range(self.n_iter - 1):
                 v = normalize_per_sample(plain.vjp(normalize_per_sample(plain.jvp(v))))
         if self.grad == "uJv":
-            with torch.no_grad():
-                u = normalize_per_sample(plain.jvp(v))
             if self.warm_start and index is not None and torch.is_grad_enabled():
                 v = v.clone().requires_grad_(True)  # its gradient in loss.backward() is Jᵀu (scaled)
                 keys = list(_as_list(index))
                 v.register_hook(lambda g: self._keep(keys, normalize_per_sample(g)))
-            sigma = (u * lin.jvp(v)).flatten(1).sum(1)  # = ‖Jv‖, differentiable as uᵀ(∇J)v
+            jv = lin.jvp(v)  # the one tangent pass, recorded by autograd
+            u = normalize_per_sample(jv.detach())
+            sigma = (u * jv).flatten(1).sum(1)  # = ‖Jv‖, differentiable as uᵀ(∇J)v (u held constant)
             if not v.requires_grad:
                 self._keep(index, normalize_per_sample(plain.vjp(u)) if self.warm_start else v)
         elif self.grad == "JTu":
