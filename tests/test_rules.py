@@ -277,6 +277,11 @@ add(
     C("masked_index_put_accumulate",
       lambda x, m, i, v: torch.ops.aten._unsafe_masked_index_put_accumulate(x, m, [i], v),
       lambda: (rn(5, 3), torch.rand(6, 3) > 0.5, torch.randint(0, 5, (6,)), rn(6, 3))),
+    *[C(f"segment_reduce_{red}", lambda x, red=red: torch.segment_reduce(x, red, lengths=_SEG_LENGTHS, axis=0,
+                                                                         initial=0.5 if red in ("sum", "mean") else None),
+        lambda: (torch.tensor([[1.0, 2.0], [1.0, 0.0], [3.0, 3.0], [0.0, -1.0], [2.5, 0.0], [2.5, 4.0]],
+                              dtype=D) + 0.1 * rn(6, 2) * torch.tensor([[0.0], [0.0], [1.0], [1.0], [0.0], [0.0]]),),
+        forward_ad=False) for red in ("sum", "mean", "max", "min", "prod")],  # ties and zeros in the data
     C("vector_norm_2", lambda x: torch.linalg.vector_norm(x, dim=1), lambda: (rn(3, 5),)),
     C("vector_norm_inf", lambda x: torch.linalg.vector_norm(x, float("inf"), dim=1), lambda: (rn(3, 5),)),
     C("vector_norm_neg_inf_ties", lambda x: torch.linalg.vector_norm(x, -float("inf"), dim=1, keepdim=True),
@@ -460,6 +465,7 @@ add(
 # ------------------------------------------------------------------ attention
 QKV = lambda: (rn(2, 2, 5, 4), rn(2, 2, 5, 4), rn(2, 2, 5, 4))  # noqa: E731
 QKV_RECT = lambda: (rn(2, 2, 3, 4), rn(2, 2, 6, 4), rn(2, 2, 6, 3))  # noqa: E731
+_SEG_LENGTHS = torch.tensor([2, 0, 3, 1])  # an empty segment too
 _FLOAT_MASK = torch.randn(5, 5, dtype=D, generator=torch.Generator().manual_seed(3))
 _QKV_CONSTANT = torch.randn(3, 2, 2, 5, 4, dtype=D, generator=torch.Generator().manual_seed(4)).unbind(0)
 _BOOL_MASK = (torch.rand(5, 5, generator=torch.Generator().manual_seed(4)) > 0.4) | torch.eye(5, dtype=torch.bool)

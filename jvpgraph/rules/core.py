@@ -715,3 +715,20 @@ def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=
 
 
 defrule([aten._ctc_loss.default, aten._ctc_loss.Tensor], _ctc_loss, "batch")
+
+
+# ------------------------------------------------------------------ segment_reduce (no forward AD in PyTorch)
+def _segment_reduce(ts, out, data, reduce, *, lengths=None, indices=None, offsets=None, axis=0, unsafe=False,
+                    initial=None):
+    # Every element of `data` feeds exactly one segment, so J has one nonzero per column: the backward with
+    # grad = 1 gives all of them at once (Jᵀ1: 1 for sum, 1/n for mean, the tie share for max/min, the product
+    # of the others for prod), and J t sums Jᵀ1 * t over each segment.
+    if indices is not None:
+        raise NotImplementedError("segment_reduce with indices")
+    weight = aten._segment_reduce_backward(torch.ones_like(out), out, data, reduce, lengths=lengths,
+                                           offsets=offsets, axis=axis, initial=initial)
+    return aten.segment_reduce(weight * ts[0], "sum", lengths=lengths, offsets=offsets, axis=axis,
+                               unsafe=unsafe, initial=0 if initial is not None else None)
+
+
+defrule(aten.segment_reduce, _segment_reduce, "linear")
