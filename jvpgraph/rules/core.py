@@ -82,6 +82,9 @@ deflinear([aten.scatter.src, aten.scatter_add, aten.index_add], argnums=(0, 3))
 
 
 deflinear([aten.as_strided_scatter], argnums=(0, 1))
+# linear in the values: the tangent goes through the same kernel, so where two windows chose the same input
+# the tangent is written by the same winner as the value (a decomposition through index_put need not be)
+deflinear([aten.max_unpool2d, aten.max_unpool3d], argnums=(0,))
 deflinear([aten._unsafe_masked_index_put_accumulate], argnums=(0, 3))
 
 
