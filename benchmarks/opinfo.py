@@ -34,10 +34,10 @@ WHY = {
     "logcumsumexp": "jvpgraph agrees with a long-double evaluation to 7e-13 (tests/test_rules.py::test_logcumsumexp_"
     "is_accurate_over_a_wide_range); on the +-1e4 sample torch.func.jvp is off by up to 1.1e-6, double-backward "
     "gives NaN and finite differences cannot resolve it",
-    "nn.functional.embedding": "max_norm renormalizes the weight in place under no_grad: jvpgraph refuses a "
-    "function that writes into its inputs (TraceError naming the line); PyTorch carries the weight's tangent "
-    "through that write (tests/test_references.py, the strict xfail for in-place under no_grad)",
-    "nn.functional.embedding_bag": "as embedding (max_norm)",
+    "nn.functional.embedding_bag": "the failing samples use max_norm, which renormalizes weight rows in place "
+    "under no_grad: jvpgraph follows autograd, for which the renorm is invisible (torch.func.jvp agrees on "
+    "nn.functional.embedding's max_norm samples); embedding_bag has no forward AD and double-backward does not run "
+    "on these samples, so only finite differences judge, and they see the renorm",
 }
 
 

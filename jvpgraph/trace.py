@@ -432,6 +432,18 @@ _OVERWRITES = {"copy", "bernoulli", "uniform", "normal", "random", "exponential"
                "sym_stride", "sym_numel"}
 
 
+def _renorm_keeps_autograd_history(graph: fx.Graph) -> None:
+    """``F.embedding(..., max_norm=...)`` renormalizes the weight in place through ``weight.detach()``: the
+    values change, autograd's view of the weight does not (its tangent reaches the lookup unchanged).
+    Functionalized, the lookup reads ``embedding_renorm(detach(weight))``; reconnect the renorm to the weight
+    itself, whose rule then passes the tangent through as autograd does."""
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is aten.embedding_renorm.default:
+            src = node.args[0]
+            if isinstance(src, fx.Node) and src.op == "call_function" and src.target is aten.detach.default:
+                node.args = (src.args[0], *node.args[1:])
+
+
 def _warn_on_uninitialized_reads(graph: fx.Graph, f) -> None:
     """A C++ composite that fills a tensor with a raw copy (``at::tensor(list)``) leaves only ``empty`` in
     the trace: the graph would then compute with uninitialized memory. Say so, naming the op, rather than
@@ -539,7 +551,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                 _module_hooks(module, module_stack):
             return _call(*flat)
 
+    copies = [False]  # trace on copies of the parameters and inputs (the function writes into them)
+
     def _call(*flat):
+        if copies[0]:
+            flat = [t.clone() for t in flat[:P]] + list(flat[P:P + B]) + [t.clone() for t in flat[P + B:]]
         state = dict(zip(params, flat[:P]))
         state.update(zip(buffers, flat[P:P + B]))
         args = pytree.tree_unflatten(list(flat[P + B:]), in_spec)
@@ -588,11 +604,30 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
 
     momentum_none: list[str] = []
     mode, values = "fake", None
+
+    def run_trace_on_copies_if_written(example, mode):
+        try:
+            return run_trace_retrying(example, mode)
+        except RuntimeError as e:
+            if "leaf Variable that requires grad is being used in an in-place operation" not in str(e):
+                raise
+            # the function writes into a parameter or an input (x.mul_(2), F.embedding's max_norm renorm):
+            # trace it on copies, as if it had cloned them first; what it wrote is never written back
+            momentum_none.clear()
+            copies[0] = True
+            out = run_trace_retrying(example, mode)
+            where = _user_frame(e)
+            warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into its "
+                          "parameters or inputs" + ("" if where.startswith("<unknown") else f"\n  at {where}") +
+                          "\n  jvpgraph computes on copies and does not write into what it is given (outputs and Jv "
+                          "are those of the function on its values)", stacklevel=4)
+            return out
+
     try:
         try:
             if specialize is not None:
                 raise specialize
-            gm, example = run_trace_retrying(example, "fake")
+            gm, example = run_trace_on_copies_if_written(example, "fake")
         except Exception as e:  # noqa: BLE001
             if not _data_dependent(e):
                 raise
@@ -604,7 +639,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             momentum_none.clear()
             mode = "real"
             example = [t.detach().clone().requires_grad_(t.requires_grad) for t in example]
-            gm, example = run_trace_retrying(example, "real")
+            gm, example = run_trace_on_copies_if_written(example, "real")
             values = [t.detach() for t in example]
             warnings.warn(
                 f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} has shapes or branches that depend on "
@@ -677,6 +712,13 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable:
                 if node not in updates.values():
                     graph.erase_node(node)
+    if copies[0]:  # the copies were only there to be written: the functional graph reads the originals
+        for node in list(graph.nodes):
+            if node.op == "call_function" and node.target is aten.clone.default and \
+                    isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+                node.replace_all_uses_with(node.args[0])
+                graph.erase_node(node)
+    _renorm_keeps_autograd_history(graph)
     _warn_on_uninitialized_reads(graph, f)
     graph.lint()
     gm.recompile()

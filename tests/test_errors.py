@@ -5,6 +5,7 @@ from __future__ import annotations
 import inspect
 import re
 
+import copy
 import warnings
 
 import pytest
@@ -211,9 +212,32 @@ def test_in_place_write_into_integer_input_is_dropped_with_a_warning():
 
 
 def test_in_place_write_into_float_input():
-    x = torch.randn(3, 4)
-    with pytest.raises(jvpgraph.TraceError, match=r"writes in place into one of its inputs"):
-        jvpgraph.trace(lambda x: x.mul_(2), x)
+    """A function that writes into its input is traced on a copy, with a warning: the caller's tensor is left
+    as it was, and Jv is that of the function on its value."""
+    x, v = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
+    before = x.clone()
+    with pytest.warns(UserWarning, match=r"writes in place into its parameters or inputs"):
+        out, jv = jvpgraph.jvp(lambda z: z.mul_(2).sin(), (x,), (v,))
+    assert torch.equal(x, before)
+    torch.testing.assert_close(out, (2 * before).sin())
+    torch.testing.assert_close(jv, 2 * (2 * before).cos() * v)
+
+
+def test_embedding_module_with_max_norm_leaves_its_weight():
+    """nn.Embedding(max_norm=...) renormalizes rows of its own weight in place on every forward; jvpgraph
+    never writes into a parameter (it warns), and the output is the renormalized lookup."""
+    torch.manual_seed(0)
+    emb = nn.Embedding(5, 3, max_norm=1.0).double()
+    with torch.no_grad():
+        emb.weight.mul_(3)
+    before = emb.weight.detach().clone()
+    idx = torch.tensor([[0, 1], [1, 4]])
+    with pytest.warns(UserWarning, match=r"writes in place"):
+        traced = jvpgraph.trace(emb, idx)
+    out = traced(idx)
+    assert torch.equal(emb.weight, before)
+    torch.testing.assert_close(out, copy.deepcopy(emb)(idx))  # eager on a copy: the renormalized rows
+    assert (out.norm(dim=-1) <= 1 + 1e-12).all()
 
 
 def test_bn_mode_validated():

@@ -751,3 +751,20 @@ def test_logcumsumexp_is_accurate_over_a_wide_range():
         w = np.exp(X[:, : i + 1] - X[:, : i + 1].max(1, keepdims=True))
         want[:, i] = (w * V[:, : i + 1]).sum(1) / w.sum(1)
     torch.testing.assert_close(jv, torch.from_numpy(want.astype(np.float64)), rtol=1e-11, atol=1e-12)
+
+
+def test_embedding_max_norm_follows_autograd_and_leaves_the_weight():
+    """F.embedding(max_norm=...) renormalizes rows of the weight in place, under no_grad: the output uses the
+    renormalized rows while the tangent passes as if unchanged (torch.func.jvp agrees); jvpgraph warns that it
+    does not write the renormalized rows back into the caller's weight, and does not."""
+    idx = torch.tensor([[0, 2], [1, 2]])
+    w = torch.randn(4, 3, dtype=D) * 3
+    v = torch.randn_like(w)
+    f = lambda weight: F.embedding(idx, weight, max_norm=1.0)  # noqa: E731
+    before = w.clone()
+    with pytest.warns(UserWarning, match="writes in place into its parameters or inputs"):
+        out, jv = jvpgraph.jvp(f, (w,), (v,))
+    assert torch.equal(w, before)
+    ref_out, ref = torch.func.jvp(f, (w.clone(),), (v,))
+    torch.testing.assert_close(out, ref_out)
+    torch.testing.assert_close(jv, ref)

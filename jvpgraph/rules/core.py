@@ -85,6 +85,8 @@ deflinear([aten.as_strided_scatter], argnums=(0, 1))
 # linear in the values: the tangent goes through the same kernel, so where two windows chose the same input
 # the tangent is written by the same winner as the value (a decomposition through index_put need not be)
 deflinear([aten.max_unpool2d, aten.max_unpool3d], argnums=(0,))
+# max_norm's in-place renorm of an embedding table is invisible to autograd: the weight's tangent goes on as is
+defrule(aten.embedding_renorm, lambda ts, out, w, *args: ts[0], "linear")
 deflinear([aten._unsafe_masked_index_put_accumulate], argnums=(0, 3))
 
 
