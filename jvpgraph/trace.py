@@ -425,7 +425,7 @@ class _AtenViews(fx.Interpreter):
 
 _EMPTY = {aten.empty.memory_format, aten.empty_strided.default, aten.empty_like.default,
           aten.new_empty.default, aten.new_empty_strided.default}
-# ops that overwrite every element of their first argument (or draw into it): reading an empty tensor is fine
+# ops that overwrite every element of their first argument, draw into it, or only view it: not a read of garbage
 _OVERWRITES = {"copy", "bernoulli", "uniform", "normal", "random", "exponential", "geometric", "cauchy",
                "log_normal", "fill", "zero", "zeros_like", "ones_like", "full_like", "empty_like", "rand_like",
                "randn_like", "randint_like", "as_strided", "view", "_unsafe_view", "expand", "sym_size",
