@@ -1,0 +1,56 @@
+"""One torchvision classifier per family, in train mode (BatchNorm statistics from the batch, dropout on),
+against the double-backward trick in float32, or the adjoint identity where double-backward cannot run
+(MobileNetV3: hardsigmoid's backward has no derivative). The whole zoo, both modes, against the full
+Jacobian: ``python benchmarks/zoo.py`` (benchmarks/results/zoo.md).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+
+import jvpgraph
+from jvpgraph import testing
+from jvpgraph.cli import build_model
+
+TOL = 1e-4  # float32 over 50-300 ops; see benchmarks/results/zoo.md for the justification
+
+FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "inception_v3",
+            "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5",
+            "squeezenet1_0", "swin_t", "vgg11_bn", "vit_b_16"]
+SIZES = {"inception_v3": 80}
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_representative_in_train_mode(name):
+    size = SIZES.get(name, 64)
+    torch.manual_seed(0)
+    model = build_model(name, size).train()
+    head = getattr(model, "heads", None)
+    if head is not None and hasattr(head, "head"):  # torchvision starts ViT heads at zero: Jv would be 0
+        torch.nn.init.normal_(head.head.weight, std=0.02)
+    x, v = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+    state = {k: t.clone() for k, t in model.state_dict().items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.random.fork_rng():
+            torch.manual_seed(1)  # the same dropout masks for jvpgraph and the reference
+            _, jv = jvpgraph.jvp(model, (x,), (v,))
+        for k, t in model.state_dict().items():
+            assert torch.equal(t, state[k]), f"{name}: {k} changed"
+        try:
+            with torch.random.fork_rng():
+                torch.manual_seed(1)
+                ref = testing.double_backward(model, x, v)
+        except RuntimeError as e:  # double-backward cannot run: the adjoint identity with autograd's Jᵀu
+            assert "derivative for" in str(e) or "not implemented" in str(e), e
+            with torch.random.fork_rng():
+                torch.manual_seed(1)
+                gap = testing.adjoint_gap(jv, model, x, v)
+            assert gap <= TOL, f"{name}: adjoint gap {gap:.1e}"
+            return
+    err = testing.max_rel_err(jv, ref)
+    assert err <= TOL, f"{name}: max rel err {err:.1e} against double-backward"
+    assert jv.abs().max() > 0
