@@ -18,7 +18,7 @@ from jvpgraph.cli import build_model
 TOL = 1e-4  # float32 over 50-300 ops; see benchmarks/results/zoo.md for the justification
 
 FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googlenet", "inception_v3",
-            "mnasnet0_5", "mobilenet_v2", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5",
+            "mnasnet0_5", "mobilenet_v3_small", "regnet_x_400mf", "resnet18", "shufflenet_v2_x0_5",
             "squeezenet1_0", "swin_t", "vgg11_bn", "vit_b_16"]
 SIZES = {"inception_v3": 80}
 
