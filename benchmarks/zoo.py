@@ -34,6 +34,7 @@ from jvpgraph.measure import peak_memory, timeit
 
 TOL = 1e-4  # float32: both sides round differently over ~100 layers; see jvpgraph.verify.tolerance
 REPEAT = 3  # timed calls per measurement (median), after one untimed call
+TIME_MAX_PARAMS_M = 30  # time and peak memory for models up to this many million parameters (the rest: checks only)
 MB = 1 << 20
 
 
@@ -79,8 +80,11 @@ def run_one(name: str, mode: str) -> dict:
             with torch.no_grad():
                 jv = g.jvp(x, v)[1]
             row["first_jvp_s"] = time.perf_counter() - t0  # includes emitting the flipped graph
-        run = _seeded(lambda: g.jvp(x, v), no_grad=True)
-        row["jvp_s"], row["jvp_peak_mb"] = timeit(run, repeat=REPEAT, warmup=0), peak_memory(run) / MB
+        row["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        timing = row["params_m"] <= TIME_MAX_PARAMS_M
+        if timing:
+            run = _seeded(lambda: g.jvp(x, v), no_grad=True)
+            row["jvp_s"], row["jvp_peak_mb"] = timeit(run, repeat=REPEAT, warmup=0), peak_memory(run) / MB
         row["fallback_ops"] = sorted({f"{g.graph.nx.nodes[n]['target']}" for n, h in g.flipped.how.items()
                                       if h in ("decomposition", "flipped-vjp", "forward-ad")})
     except Exception as e:  # noqa: BLE001
@@ -107,7 +111,7 @@ def run_one(name: str, mode: str) -> dict:
         except Exception as e:  # noqa: BLE001 - a reference that cannot run is a result, not a crash
             row[key] = f"{type(e).__name__}: {str(e).splitlines()[0]}"[:200]
             continue
-        if key in timed:
+        if key in timed and timing:
             row[f"{key}_s"] = timeit(_seeded(ref_fn), repeat=REPEAT, warmup=0)
             row[f"{key}_peak_mb"] = peak_memory(_seeded(ref_fn)) / MB
     # the reference that decides: double-backward, else the reverse-mode Jacobian (MobileNetV3: hardsigmoid's
@@ -178,7 +182,9 @@ def write_report(rows, modes, out: Path, final: bool, threads: int | None = None
                         f"{s_['time_vs_func_jvp']:.2f}x torch.func.jvp's time and {s_['memory_vs_func_jvp']:.2f}x its "
                         "peak tensor memory")
     head += ["", f"Times: median of {REPEAT} calls after one (seconds); peak MB: tensor storage alive at once during "
-             "one call (jvpgraph.measure.PeakTensorMemory; parameters and inputs not counted).", ""]
+             "one call (jvpgraph.measure.PeakTensorMemory; parameters and inputs not counted). Measured for the models "
+             f"with at most {TIME_MAX_PARAMS_M}M parameters (the larger ones: checks only, to keep the sweep near an "
+             "hour on 2 cores); two processes of one thread each shared the machine.", ""]
     if not final:
         head = ["(partial run: the sweep was stopped before the end)", ""] + head
     out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
