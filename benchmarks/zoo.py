@@ -98,7 +98,11 @@ def run_one(name: str, mode: str) -> dict:
                 return fn()
         return run
 
-    timed = {"func_jvp": lambda: torch.func.jvp(twin, (x,), (v,))[1],
+    def func_jvp():
+        with torch.no_grad():  # as jvpgraph's timed call: forward mode needs no autograd graph
+            return torch.func.jvp(twin, (x,), (v,))[1]
+
+    timed = {"func_jvp": func_jvp,
              "double_backward": math_attention(lambda: torch.autograd.functional.jvp(twin, x, v)[1])}
     for key, ref_fn in (("double_backward", timed["double_backward"]), ("func_jvp", timed["func_jvp"]),
                         ("jacobian", lambda: testing.jacobian_times(twin, x, v))):
@@ -183,8 +187,9 @@ def write_report(rows, modes, out: Path, final: bool, threads: int | None = None
                         "peak tensor memory")
     head += ["", f"Times: median of {REPEAT} calls after one (seconds); peak MB: tensor storage alive at once during "
              "one call (jvpgraph.measure.PeakTensorMemory; parameters and inputs not counted). Measured for the models "
-             f"with at most {TIME_MAX_PARAMS_M}M parameters (the larger ones: checks only, to keep the sweep near an "
-             "hour on 2 cores); two processes of one thread each shared the machine.", ""]
+             f"with at most {TIME_MAX_PARAMS_M}M parameters (the larger ones: checks only, to keep the sweep near "
+             "half an hour on 2 cores); two processes of one thread each shared the machine. jvpgraph and "
+             "torch.func.jvp run under torch.no_grad(), double-backward with gradients (it needs them).", ""]
     if not final:
         head = ["(partial run: the sweep was stopped before the end)", ""] + head
     out.with_suffix(".md").write_text("\n".join(head + lines) + "\n")
