@@ -13,7 +13,6 @@ import torchvision
 
 import jvpgraph
 from jvpgraph.experiments.models import LeNet, SigmoidBNCNN
-from jvpgraph.spectral import normalize_per_sample, per_sample_norm
 
 D = torch.float64
 
