@@ -24,24 +24,15 @@ import jvpgraph
 from jvpgraph import testing
 
 
-def state_of(m):
-    return {k: t.clone() for k, t in m.state_dict().items()}
-
-
-def unchanged(m, before, flags):
-    return all(torch.equal(before[k], t) for k, t in m.state_dict().items()) and \
-        flags == [x.training for x in m.modules()]
-
-
 def check(rows, name, model, x, ref_fn, tol, bn="batch"):
     v = torch.randn_like(x)
-    before, flags = state_of(model), [m.training for m in model.modules()]
+    before = testing.ModelState(model)
     t0 = time.perf_counter()
     jv = jvpgraph.jvp(model, (x,), (v,), bn=bn)[1]
     t = time.perf_counter() - t0
     ref = ref_fn(model, x, v)
     err = testing.max_rel_err(jv, ref)
-    same = unchanged(model, before, flags)
+    same = not before.changes(model)
     ok = err <= tol and same
     rows.append(dict(check=name, dtype=str(x.dtype).replace("torch.", ""), max_rel_err=err, tol=tol,
                      state_unchanged=same, seconds_incl_trace=t, ok=ok))

@@ -69,7 +69,7 @@ def run_one(name: str, mode: str) -> dict:
         torch.nn.init.normal_(head.head.weight, std=0.02)
     x = torch.randn(2, 3, size, size)
     v = torch.randn_like(x)
-    before = {k: t.clone() for k, t in model.state_dict().items()}
+    before = testing.ModelState(model)
     try:
         t0 = time.perf_counter()
         g = jvpgraph.trace(model, x)
@@ -89,7 +89,7 @@ def run_one(name: str, mode: str) -> dict:
                                       if h in ("decomposition", "flipped-vjp", "forward-ad")})
     except Exception as e:  # noqa: BLE001
         return {**row, "ok": False, "error": f"jvpgraph: {type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
-    row["state_unchanged"] = all(torch.equal(before[k], t) for k, t in model.state_dict().items())
+    row["state_unchanged"] = not before.changes(model)
     twin = copy.deepcopy(model)  # the references' own copy, made once (their running statistics may move)
 
     def math_attention(fn):

@@ -47,7 +47,7 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout) -> 
     model = SigmoidBNCNN().double().train()
     x = torch.randn(batch, 1, 16, 16, dtype=torch.double)
     v = torch.randn_like(x)
-    state = {k: t.clone() for k, t in model.state_dict().items()}
+    state = testing.ModelState(model)
 
     p("jvpgraph demo: Jv through the flipped graph (Appendix C), for a model that is not piecewise linear")
     p(f"model: SigmoidBNCNN (conv-BatchNorm-sigmoid x2, GELU head), TRAIN mode, batch {batch}, float64")
@@ -108,7 +108,7 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout) -> 
             p(f"  {name.ljust(w)}  {err}")
         else:
             p(f"  {name.ljust(w)}  {err:<14}{t:>10}  {verdict}")
-    unchanged = all(torch.equal(state[k], t) for k, t in model.state_dict().items()) and model.training
+    unchanged = not state.changes(model)
     p("")
     p(f"model left unchanged (parameters, running statistics, num_batches_tracked, training flag): "
       f"{'yes' if unchanged else 'NO'}")

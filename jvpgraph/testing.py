@@ -33,11 +33,51 @@ import torch.utils._pytree as pytree
 from . import api
 
 __all__ = ["func_jvp", "double_backward", "jacobian_times", "finite_differences", "adjoint_gap", "max_rel_err",
-           "frozen_batchnorm_jvp", "check_opinfo_sample"]
+           "frozen_batchnorm_jvp", "check_opinfo_sample", "ModelState"]
 
 
 def _copy(f: Callable) -> Callable:
     return copy.deepcopy(f) if isinstance(f, nn.Module) else f
+
+
+class ModelState:
+    """A snapshot of what no jvpgraph call may change in a model: parameter and buffer values and dtypes
+    (running statistics, ``num_batches_tracked``), ``.grad``, ``requires_grad`` and ``training`` flags.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4)).train()
+        >>> state = ModelState(net)
+        >>> _ = jvpgraph.jvp(net, (torch.randn(5, 3),), (torch.randn(5, 3),))
+        >>> state.changes(net)
+        []
+        >>> _ = net(torch.randn(5, 3))  # an eager train-mode forward moves the running statistics
+        >>> state.changes(net)
+        ['buffer 1.running_mean', 'buffer 1.running_var', 'buffer 1.num_batches_tracked']
+    """
+
+    def __init__(self, model: nn.Module):
+        self.params = {k: (t.detach().clone(), t.requires_grad, None if t.grad is None else t.grad.clone())
+                       for k, t in model.named_parameters()}
+        self.buffers = {k: t.detach().clone() for k, t in model.named_buffers()}
+        self.flags = {name: m.training for name, m in model.named_modules()}
+
+    def changes(self, model: nn.Module) -> list[str]:
+        """What differs now, by name (empty when nothing does)."""
+        out = []
+        for k, t in model.named_parameters():
+            value, requires_grad, grad = self.params[k]
+            if not (torch.equal(t, value) and t.dtype == value.dtype):
+                out.append(f"parameter {k}")
+            if t.requires_grad != requires_grad:
+                out.append(f"parameter {k}.requires_grad")
+            if not (t.grad is None if grad is None else (t.grad is not None and torch.equal(t.grad, grad))):
+                out.append(f"parameter {k}.grad")
+        for k, t in model.named_buffers():
+            if not (torch.equal(t, self.buffers[k]) and t.dtype == self.buffers[k].dtype):
+                out.append(f"buffer {k}")
+        out += [f"training flag of {n or 'the model'}" for n, m in model.named_modules() if m.training != self.flags[n]]
+        return out
 
 
 def max_rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:

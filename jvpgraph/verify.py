@@ -193,8 +193,7 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if v is None:
         v = torch.randn(x.shape, generator=gen, dtype=x.dtype).to(x.device)
-    state = {k: t.clone() for k, t in f.state_dict().items()} if isinstance(f, nn.Module) else {}
-    flags = [m.training for m in f.modules()] if isinstance(f, nn.Module) else []
+    state = testing.ModelState(f) if isinstance(f, nn.Module) else None
 
     def seeded(fn):
         with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
@@ -273,10 +272,7 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
                                 gap, tolerance(dt, "exact"), time.perf_counter() - t0))
         except Exception as e:  # noqa: BLE001
             checks.append(Check("adjoint <u,Jv> = <J^T u,v>", "n/a", reason=_reason(e)))
-    unchanged = True
-    if isinstance(f, nn.Module):
-        unchanged = all(torch.equal(state[k], t) for k, t in f.state_dict().items()) and \
-            flags == [m.training for m in f.modules()]
+    unchanged = state is None or not state.changes(f)
     report = VerifyReport(name, dt, checks, t_jvp, t_trace, fallback_ops, unchanged)
     if not report.ok:  # say which op: check each written rule against its own node's backward
         report.suspects = suspect_ops(traced, x, seed=seed)

@@ -12,6 +12,7 @@ import torch
 import torch.nn as nn
 
 import jvpgraph
+from jvpgraph.testing import ModelState
 
 from conftest import seeded
 
@@ -47,23 +48,12 @@ def make(mixed_modes=False):
 
 
 def snapshot(net):
-    return ({k: t.detach().clone() for k, t in net.named_parameters()},
-            {k: t.detach().clone() for k, t in net.named_buffers()},
-            {name: m.training for name, m in net.named_modules()},
-            {k: (None if p.grad is None else p.grad.clone()) for k, p in net.named_parameters()})
+    return ModelState(net)
 
 
 def assert_unchanged(net, snap, what):
-    params, buffers, flags, grads = snap
-    for k, t in net.named_parameters():
-        assert torch.equal(t, params[k]) and t.dtype == params[k].dtype, f"{what}: parameter {k} changed"
-        g = grads[k]
-        ok = t.grad is None if g is None else (t.grad is not None and torch.equal(t.grad, g))
-        assert ok, f"{what}: {k}.grad changed"
-    for k, t in net.named_buffers():
-        assert torch.equal(t, buffers[k]) and t.dtype == buffers[k].dtype, f"{what}: buffer {k} changed"
-    now = {name: m.training for name, m in net.named_modules()}
-    assert now == flags, f"{what}: training flags changed: {[n for n in now if now[n] != flags[n]]}"
+    changed = snap.changes(net)
+    assert not changed, f"{what}: changed {changed}"
 
 
 @pytest.mark.parametrize("bn", ["batch", "frozen", "eval"])
@@ -115,7 +105,7 @@ def test_existing_grads_untouched():
     net, x = make()
     net(x).sum().backward()
     snap = snapshot(net)
-    assert all(g is not None for g in snap[3].values())
+    assert all(grad is not None for _, _, grad in snap.params.values())
     lin = jvpgraph.trace(net, x).linearize(x)
     lin.jvp(torch.randn_like(x))
     lin.vjp(torch.randn_like(lin.out))
