@@ -1,4 +1,4 @@
-"""Command line: ``jvpgraph demo | verify``.
+"""Command line: ``jvpgraph demo | verify | draw``.
 
 Example:
     >>> from jvpgraph.cli import build_parser
@@ -118,15 +118,23 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout) -> 
 
 
 def build_model(spec: str, size: int, num_classes: int = 10):
-    """A torchvision classifier by name (random weights), or ``package.module:factory`` for your own.
+    """A torchvision classifier by name (random weights), one of jvpgraph's (``lenet``, ``sigmoid_bn_cnn``,
+    ``sigmoid_mlp``), or ``package.module:factory`` for your own.
 
     Example:
         >>> build_model("resnet18", 32).__class__.__name__
         'ResNet'
+        >>> build_model("lenet", 28).__class__.__name__
+        'LeNet'
         >>> build_model("torch.nn:Identity", 32).__class__.__name__
         'Identity'
     """
     import importlib
+
+    from .experiments.models import MODELS
+
+    if spec in MODELS:
+        return MODELS[spec][0](num_classes=num_classes) if spec != "sigmoid_mlp" else MODELS[spec][0]()
 
     if ":" in spec:
         mod, _, fn = spec.partition(":")
@@ -148,6 +156,47 @@ def build_model(spec: str, size: int, num_classes: int = 10):
         kwargs["aux_logits"] = False
         kwargs["init_weights"] = True
     return torchvision.models.get_model(spec, **kwargs)
+
+
+def input_shape(spec: str, size: int | None, channels: int | None) -> tuple[int, ...]:
+    """Shape of one input sample for ``spec``: a jvpgraph model's own, else ``(channels, size, size)``
+    (defaults 3 and 64).
+
+    Example:
+        >>> input_shape("lenet", None, None), input_shape("resnet18", 32, None)
+        ((1, 28, 28), (3, 32, 32))
+    """
+    from .experiments.models import MODELS
+
+    if spec in MODELS and size is None and channels is None:
+        return MODELS[spec][1]
+    return (channels or 3, size or 64, size or 64)
+
+
+def draw_cmd(args) -> int:
+    from .api import trace
+
+    torch.manual_seed(args.seed)
+    shape = input_shape(args.model, args.size, args.channels)
+    model = build_model(args.model, shape[-1])
+    model.train(args.mode == "train")
+    x = torch.randn(args.batch, *shape)
+    depth = {"auto": "auto", "ops": None}.get(args.depth, None)
+    if args.depth not in ("auto", "ops"):
+        try:
+            depth = int(args.depth)
+        except ValueError:
+            raise SystemExit(f"jvpgraph draw: --depth must be auto, ops or a number, not {args.depth!r}") from None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    g = trace(model, x, bn=args.bn)
+    try:
+        g.graph.draw(args.output, depth=depth, expand=args.expand or (), max_nodes=args.max_nodes)
+    except ValueError as e:
+        raise SystemExit(str(e)) from None
+    print(f"jvpgraph draw: {args.model} [{args.mode}, bn={args.bn}] -> {args.output}")
+    return 0
 
 
 def verify_cmd(args) -> int:
@@ -185,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--channels", type=int, default=3)
     v.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     v.add_argument("--seed", type=int, default=0)
+    w = sub.add_parser("draw", help="draw a model's reverse-mode graph beside its flipped graph (svg, png, pdf)")
+    w.add_argument("model", help="a torchvision classifier (resnet18), lenet, sigmoid_bn_cnn, sigmoid_mlp or "
+                                 "package.module:factory")
+    w.add_argument("-o", "--output", default="flipped.svg", help="output file; the suffix picks the format")
+    w.add_argument("--mode", choices=("train", "eval"), default="train")
+    w.add_argument("--bn", choices=("batch", "frozen", "eval"), default="batch")
+    w.add_argument("--depth", default="auto", help="ops (every op), N (one box per module at depth N) or auto")
+    w.add_argument("--expand", action="append", metavar="MODULE", help="draw this module op by op (repeatable)")
+    w.add_argument("--max-nodes", type=int, default=40, help="auto depth: at most this many boxes (default 40)")
+    w.add_argument("--batch", type=int, default=2)
+    w.add_argument("--size", type=int, default=None, help="input height and width (default: the model's, or 64)")
+    w.add_argument("--channels", type=int, default=None)
+    w.add_argument("--seed", type=int, default=0)
     return ap
 
 
@@ -195,6 +257,8 @@ def main(argv=None) -> int:
         return demo(batch=args.batch, seed=args.seed)
     if args.command == "verify":
         return verify_cmd(args)
+    if args.command == "draw":
+        return draw_cmd(args)
     return 2
 
 

@@ -118,6 +118,19 @@ class Graph:
 
         return FlippedGraph(self)
 
+    def draw(self, path=None, **kwargs):
+        """Draw the reverse-mode graph beside the flipped graph (see :func:`jvpgraph.draw.draw`).
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> g = jvpgraph.trace(nn.Sequential(nn.Linear(3, 4), nn.GELU()), torch.randn(2, 3)).graph
+            >>> len(g.draw().axes)
+            2
+        """
+        from .draw import draw  # a view over graph and flip; imported here to keep layering
+
+        return draw(self, path, **kwargs)
+
     def __repr__(self):
         n_ops = sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
         return (f"Graph({n_ops} aten ops, {len(self.active_nodes)} on input->output paths, "

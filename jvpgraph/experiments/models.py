@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch.nn as nn
 
-__all__ = ["LeNet", "SigmoidBNCNN"]
+__all__ = ["LeNet", "SigmoidBNCNN", "SigmoidMLP", "MODELS"]
 
 
 class LeNet(nn.Sequential):
@@ -45,3 +45,26 @@ class SigmoidBNCNN(nn.Sequential):
             nn.AdaptiveAvgPool2d(2), nn.Flatten(),
             nn.Linear(8 * width, 32), nn.GELU(), nn.Linear(32, num_classes),
         )
+
+
+class SigmoidMLP(nn.Sequential):
+    """The two-layer sigmoid network of the paper's Figure 2 (any nonlinearity: here sigmoid, then a linear
+    read-out).
+
+    Example:
+        >>> import torch
+        >>> SigmoidMLP()(torch.randn(2, 4)).shape
+        torch.Size([2, 3])
+    """
+
+    def __init__(self, in_features: int = 4, hidden: int = 5, out_features: int = 3):
+        super().__init__(nn.Linear(in_features, hidden), nn.Sigmoid(), nn.Linear(hidden, hidden), nn.Sigmoid(),
+                         nn.Linear(hidden, out_features))
+
+
+#: Models by name for the command line: factory and the input shape of one sample.
+MODELS = {
+    "lenet": (LeNet, (1, 28, 28)),
+    "sigmoid_bn_cnn": (SigmoidBNCNN, (1, 16, 16)),
+    "sigmoid_mlp": (SigmoidMLP, (4,)),
+}

@@ -414,11 +414,13 @@ defrule(aten.maximum, _minmax(True), "mask")
 defrule(aten.minimum, _minmax(False), "mask")
 
 # ------------------------------------------------------------------ softmax family
-defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)))
-defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True))
+defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)), kind="coupled")
+defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True),
+       kind="coupled")
 # softmax whose fully masked rows (all -inf) give 0 instead of NaN (attention's math path): there out = 0
 defjvp(aten._safe_softmax,
-       lambda t, out, x, dim, dtype=None: out * (t.to(out.dtype) - (out * t.to(out.dtype)).sum(dim, keepdim=True)))
+       lambda t, out, x, dim, dtype=None: out * (t.to(out.dtype) - (out * t.to(out.dtype)).sum(dim, keepdim=True)),
+       kind="coupled")
 
 
 
@@ -430,7 +432,7 @@ def _logcumsumexp(t, out, x, dim):
     return torch.exp(pos - out) - torch.exp(neg - out)
 
 
-defjvp(aten.logcumsumexp, _logcumsumexp)
+defjvp(aten.logcumsumexp, _logcumsumexp, kind="coupled")
 
 # ------------------------------------------------------------------ reductions with a selected element
 def _select_reduce(ts, out, x, dim, keepdim=False):
@@ -474,11 +476,11 @@ def _var_mean(ts, out, x, dim=None, *, correction=None, keepdim=False):
     return tvar, (tmean if keepdim else tmean.squeeze(dims) if dims else tmean)
 
 
-defrule(aten.var_mean.correction, _var_mean, "elementwise")
+defrule(aten.var_mean.correction, _var_mean, "coupled")
 defrule(aten.var.correction, lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0],
-        "elementwise")
+        "coupled")
 defrule(aten.std.correction,
-        lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "elementwise")
+        lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "coupled")
 
 # ------------------------------------------------------------------ normalization
 def _stats_tangents(t, xc, rstd, dims, keepdim):
@@ -567,7 +569,7 @@ def _layer_norm(ts, out, x, normalized_shape, w, b, eps):
             *_stats_tangents(ts[0], x - mean, rstd, dims, True))
 
 
-defrule(aten.native_layer_norm, _layer_norm, "elementwise")
+defrule(aten.native_layer_norm, _layer_norm, "coupled")
 
 
 def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
@@ -585,7 +587,7 @@ def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
             *_stats_tangents(tg, xg - mean.reshape(N, group, 1), rstd.reshape(N, group, 1), [-1], False))
 
 
-defrule(aten.native_group_norm, _group_norm, "elementwise")
+defrule(aten.native_group_norm, _group_norm, "coupled")
 
 # ------------------------------------------------------------------ dropout: the forward's mask
 def _dropout(ts, out, x, p, train=None):
@@ -698,7 +700,7 @@ def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
     return torch.where(out == 0, torch.zeros_like(out), num / torch.where(out == 0, torch.ones_like(den), den))
 
 
-defrule(aten.linalg_vector_norm, _vector_norm, "elementwise")
+defrule(aten.linalg_vector_norm, _vector_norm, "coupled")
 
 
 # ------------------------------------------------------------------ CTC loss (no forward AD in PyTorch)

@@ -27,7 +27,11 @@ __all__ = ["Rule", "RULES", "defrule", "defjvp", "deflinear", "lookup", "options
            "EDGE_KINDS"]
 
 #: Kinds of local Jacobian, used to label edges (``jvpgraph draw``) and in reports.
-EDGE_KINDS = ("linear", "mask", "elementwise", "bilinear", "batch", "structural", "opaque", "fallback")
+#: ``elementwise``: a diagonal Jacobian (sigmoid, GELU); ``coupled``: nonlinear and dense along some dimension
+#: of one sample (softmax, LayerNorm, norms, variances); ``batch``: coupled across the batch (BatchNorm in train
+#: mode).
+EDGE_KINDS = ("linear", "mask", "elementwise", "coupled", "bilinear", "batch", "structural", "opaque",
+              "fallback")
 
 
 @dataclasses.dataclass(frozen=True)
