@@ -131,7 +131,7 @@ def collapse(graph: Graph, depth: int | None = None, expand: Iterable[str] = ())
         >>> [H.nodes[n]["label"] for n in H]
         ['x', 'addmm', 'sigmoid', 'addmm', 'output']
         >>> [H.edges[e]["kind"] for e in H.edges]
-        ['linear', 'elementwise', 'linear', 'linear']
+        ['linear', 'elementwise', 'linear', 'structural']
     """
     G = graph.nx
     kinds = _edge_kinds(G)
