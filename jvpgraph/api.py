@@ -197,10 +197,18 @@ class Traced:
             self._cache[key] = hit
         return hit
 
-    def _state(self) -> list[torch.Tensor]:
+    def _state(self, updated: Sequence[str] = ()) -> list[torch.Tensor]:
+        """Parameters and buffers as the trace takes them; the buffers named in ``updated`` as copies."""
         if self.module is None:
             return []
-        return [*self.module.parameters(), *self.module.buffers()]
+        if not updated:
+            return [*self.module.parameters(), *self.module.buffers()]
+        updated = set(updated)
+        # autograd saves BatchNorm's running statistics for its backward: whoever writes the forward's new
+        # statistics into the model (SpectralRegularizer, like model(x) does) must not bump the versions of
+        # the tensors this graph saved, so the forward reads copies (a few numbers per channel)
+        bufs = [b.detach().clone() if name in updated else b for name, b in self.module.named_buffers()]
+        return [*self.module.parameters(), *bufs]
 
     @staticmethod
     def _check_tangents(flat_in, tangents, wrt) -> list[torch.Tensor]:
@@ -275,7 +283,7 @@ class Traced:
                 if not flat_in[i].requires_grad:
                     flat_in[i] = flat_in[i].detach().requires_grad_(True)
         fwd, _ = comp.flipped.partition()
-        res = fwd(*self._state(), *flat_in)
+        res = fwd(*self._state(comp.flipped.buffer_update_names), *flat_in)
         n, nb = comp.n_out, comp.n_buf
         new_buffers = dict(zip(comp.flipped.buffer_update_names, res[n:n + nb]))
         return Linearized(self, comp, res[:n], new_buffers, res[n + nb:], flat_in, comp.graph.program.out_spec)

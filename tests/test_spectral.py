@@ -239,3 +239,23 @@ def test_spectral_bound_is_the_sum_of_squared_layer_norms():
     # the power-iteration bound is an upper bound of the exact per-sample σ (ReLU network)
     sigma = jvpgraph.spectral_norm(net, x, method="exact").sigma
     assert (sigma ** 2 <= penalty.detach() * (1 + 1e-9)).all()
+
+
+def test_regularizer_training_steps_with_batchnorm_updates():
+    """The regularizer writes the new running statistics into the model, as model(x) does; autograd saved
+    the statistics the forward read, so the backward of each step must still run (it failed with 'modified by
+    an inplace operation' when the forward read the model's own buffers), and the statistics after two steps
+    equal those of two plain train-mode forwards."""
+    torch.manual_seed(0)
+    model = SigmoidBNCNN(width=4).train()
+    twin = copy.deepcopy(model)
+    reg = jvpgraph.SpectralRegularizer(model)
+    xs = [torch.randn(8, 1, 16, 16) for _ in range(2)]
+    for step, x in enumerate(xs):
+        out, pen = reg(x, index=torch.arange(8) + 8 * step)
+        (F.cross_entropy(out, torch.zeros(8, dtype=torch.long)) + 0.1 * pen.mean()).backward()
+        assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+        with torch.no_grad():
+            twin(x)
+    for (name, b), b2 in zip(model.named_buffers(), twin.buffers()):
+        torch.testing.assert_close(b, b2, msg=name)
