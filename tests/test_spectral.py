@@ -259,3 +259,66 @@ def test_regularizer_training_steps_with_batchnorm_updates():
             twin(x)
     for (name, b), b2 in zip(model.named_buffers(), twin.buffers()):
         torch.testing.assert_close(b, b2, msg=name)
+
+
+def _frozen_sigma_grad(net, x):
+    """Gradient of Σ_i ‖J_i‖₂ where J_i is sample i's Jacobian with every train-mode BatchNorm's batch
+    statistics held constant in x but still functions of the parameters (what bn="frozen" differentiates):
+    a train-mode pass (on copies of the buffers) records each BatchNorm input's mean and biased variance with
+    autograd, then a twin whose BatchNorms normalize by those statistics gives the per-sample Jacobians."""
+
+    class HeldStatsBN(nn.Module):
+        def __init__(self, bn):
+            super().__init__()
+            self.weight, self.bias, self.eps, self.stats = bn.weight, bn.bias, bn.eps, None
+
+        def forward(self, z):
+            mean, var = (s[None, :, None, None] for s in self.stats)
+            return (z - mean) / torch.sqrt(var + self.eps) * self.weight[None, :, None, None] \
+                + self.bias[None, :, None, None]
+
+    bns = [m for m in net.modules() if isinstance(m, nn.BatchNorm2d)]
+    params = dict(net.named_parameters())
+    twin = copy.deepcopy(net)
+    held = {}
+    for name, m in list(twin.named_modules()):
+        if isinstance(m, nn.BatchNorm2d):
+            parent, _, leaf = name.rpartition(".")
+            held[name] = HeldStatsBN(m)
+            setattr(twin.get_submodule(parent) if parent else twin, leaf, held[name])
+    names = {m: n for n, m in net.named_modules()}
+
+    def sigma_sum(p):
+        stats = {}
+        hooks = [m.register_forward_hook(lambda m, inp, out: stats.__setitem__(m, (
+            inp[0].mean((0, 2, 3)), inp[0].var((0, 2, 3), unbiased=False)))) for m in bns]
+        try:
+            torch.func.functional_call(net, {**p, **{n: b.clone() for n, b in net.named_buffers()}}, (x,))
+        finally:
+            for h in hooks:
+                h.remove()
+        for m in bns:
+            held[names[m]].stats = stats[m]
+
+        def one(xb):
+            return torch.func.functional_call(twin, p, (xb[None],))[0]
+
+        J = torch.stack([torch.func.jacrev(one)(xb).reshape(-1, xb.numel()) for xb in x])
+        return torch.linalg.matrix_norm(J, 2).sum()
+
+    return torch.func.grad(sigma_sum)(params)
+
+
+def test_penalty_gradient_with_train_mode_batchnorm():
+    """bn="frozen" in training: the penalty's gradient includes how the batch statistics move with the
+    parameters (they are held constant in x only), equal to the reference built from an eval-mode twin."""
+    torch.manual_seed(3)
+    net = SigmoidBNCNN(width=2, num_classes=3).to(D).train()
+    x = torch.randn(4, 1, 6, 6, dtype=D)
+    want = _frozen_sigma_grad(net, x)
+    reg = jvpgraph.SpectralRegularizer(net, n_iter=300, update_buffers=False)
+    _, penalty = reg(x)
+    got = torch.autograd.grad(penalty.sum(), list(net.parameters()), allow_unused=True)
+    got = [torch.zeros_like(p) if g is None else g for g, p in zip(got, net.parameters())]
+    for (name, w), g in zip(want.items(), got):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")

@@ -483,6 +483,18 @@ defrule(aten.std.correction,
         lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "coupled")
 
 # ------------------------------------------------------------------ normalization
+def _stats(x, dims, eps):
+    """``mean`` and ``rstd = (var + eps)^-1/2`` of ``x`` over ``dims`` (kept), recomputed from ``x``.
+
+    The normalization kernels return the same numbers, but autograd treats those outputs as
+    non-differentiable: a tangent built on them is right as a value yet its gradient with respect to the
+    parameters (what a Jacobian penalty trains with) misses how the statistics move. Measured before this:
+    the spectral penalty's gradient for the weights feeding a train-mode BatchNorm was off by 80-180%.
+    """
+    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
+    return mean, torch.rsqrt(var + eps)
+
+
 def _stats_tangents(t, xc, rstd, dims, keepdim):
     """Tangents of the statistics a normalization returns: ``mean`` and ``rstd = (var + eps)^-1/2`` over
     ``dims`` (``xc = x - mean``): ``t_mean = mean(t)``, ``t_rstd = -rstd³ mean(xc (t - t_mean))``."""
@@ -530,6 +542,8 @@ def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
     coupled = training and (current_options().bn != "frozen" or per_sample)
     if not training:
         mean, invstd = rm, torch.rsqrt(rv + eps)
+    else:
+        mean, invstd = (s.reshape(-1) for s in _stats(x, [0] + list(range(2, x.dim())), eps))
     t = _batch_norm_tangent(ts, y, x, w, b, mean, invstd, coupled)
     t_mean = t_invstd = None
     if coupled:  # the returned batch statistics move with x too (they are constants when frozen)
@@ -559,9 +573,10 @@ defrule(aten.native_batch_norm, _bn_native, "batch")
 
 
 def _layer_norm(ts, out, x, normalized_shape, w, b, eps):
-    y, mean, rstd = out
+    y = out[0]
     k = len(normalized_shape)
     dims = list(range(x.dim() - k, x.dim()))
+    mean, rstd = _stats(x, dims, eps)
     xhat = (x - mean) * rstd
     t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, rstd, dims, True)
     shape = list(normalized_shape)
@@ -573,9 +588,10 @@ defrule(aten.native_layer_norm, _layer_norm, "coupled")
 
 
 def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
-    y, mean, rstd = out
+    y = out[0]
     per_group = (C // group) * HxW  # explicit: reshape(-1) is ambiguous for an empty batch
     xg = x.reshape(N, group, per_group)
+    mean, rstd = _stats(xg, [-1], eps)
     xhat = (xg - mean.reshape(N, group, 1)) * rstd.reshape(N, group, 1)
     t_xhat = None
     if ts[0] is not None:
