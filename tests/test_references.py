@@ -300,23 +300,63 @@ def test_wrt_subset():
 
 
 # ------------------------------------------------------------------ Jv as a differentiable function of the parameters
-@pytest.mark.parametrize("name,mode", [("mlp", "train"), ("cnn", "eval"), ("transformer", "eval")])
+def _jv_norm2(model, x, v):
+    with seeded(SEED):
+        return jvpgraph.jvp(model, (x,), (v,))[1].pow(2).sum()
+
+
+@pytest.mark.parametrize("name,mode", [("mlp", "train"), ("cnn", "eval"), ("transformer", "eval"),
+                                       ("sigmoid_bn_cnn", "train")])
 def test_jv_differentiable_in_parameters(name, mode):
-    """The regularizer differentiates ||J v||² with respect to the parameters: compare with the gradient of
-    the double-backward Jv built with create_graph=True."""
+    """The regularizer differentiates ||J v||² with respect to the parameters. Reference: the central
+    difference of ||J v||² along a random direction of all parameters (float64, converged over h = 1e-3..1e-6).
+
+    Not PyTorch's own: the gradient of the double-backward Jv (create_graph=True) is wrong through LayerNorm
+    in torch 2.14 (measured: nn.Sequential(Linear, LayerNorm) gives 8.70 where finite differences give 6.67;
+    torch.func.grad of torch.func.jvp is wrong too) — this test compared with it and passed while jvpgraph
+    shared the error (its LayerNorm rule used the kernel's non-differentiable mean/rstd)."""
     model, x, v = build(name, mode, torch.float64)
     params = [p for p in model.parameters()]
-    with seeded(SEED):
-        _, jv = jvpgraph.jvp(model, (x,), (v,))
-    got = torch.autograd.grad(jv.pow(2).sum(), params, allow_unused=True)
-    with seeded(SEED), sdpa_kernel(SDPBackend.MATH):
-        ref_jv = torch.autograd.functional.jvp(model, x, v, create_graph=True)[1]
-    want = torch.autograd.grad(ref_jv.pow(2).sum(), params, allow_unused=True)
+    got = torch.autograd.grad(_jv_norm2(model, x, v), params, allow_unused=True)
     assert sum(g is not None for g in got) >= len(params) // 2
-    for g, w, p in zip(got, want, params):
-        g = torch.zeros_like(p) if g is None else g
-        w = torch.zeros_like(p) if w is None else w
-        torch.testing.assert_close(g, w, rtol=1e-8, atol=1e-10)
+    gen = torch.Generator().manual_seed(0)
+    direction = [torch.randn(p.shape, generator=gen, dtype=p.dtype) for p in params]
+    slope = sum(float((g * d).sum()) for g, d, in zip(got, direction) if g is not None)
+    h = 1e-5
+    values = []
+    for sign in (1, -1):
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.add_(sign * h * d)
+        values.append(float(_jv_norm2(model, x, v)))
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p.sub_(sign * h * d)
+    fd = (values[0] - values[1]) / (2 * h)
+    assert abs(slope - fd) <= 1e-6 * max(abs(fd), 1.0), (slope, fd)
+
+
+def test_double_backward_reference_is_wrong_through_layernorm():
+    """Why the test above uses finite differences, as a check of the PyTorch behaviour: the day PyTorch's
+    gradient of the double-backward Jv through LayerNorm is right, the last assert fails and says so."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8)).double()
+    x, v = torch.randn(2, 5, 8, dtype=torch.float64), torch.randn(2, 5, 8, dtype=torch.float64)
+    w = model[0].weight
+    ref_jv = torch.autograd.functional.jvp(model, x, v, create_graph=True)[1]
+    pytorch = float(torch.autograd.grad(ref_jv.pow(2).sum(), w)[0][0, 0])
+    ours = float(torch.autograd.grad(jvpgraph.jvp(model, (x,), (v,))[1].pow(2).sum(), w)[0][0, 0])
+    h = 1e-6
+    vals = []
+    for s in (h, -h):
+        with torch.no_grad():
+            w[0, 0] += s
+        vals.append(float(torch.autograd.functional.jvp(model, x, v)[1].pow(2).sum()))
+        with torch.no_grad():
+            w[0, 0] -= s
+    fd = (vals[0] - vals[1]) / (2 * h)
+    assert abs(ours - fd) <= 1e-6 * abs(fd)
+    assert abs(pytorch - fd) > 0.1 * abs(fd)  # PyTorch's create_graph double backward, off by > 10%
 
 
 # ------------------------------------------------------------------ autograd semantics of torch.no_grad()
