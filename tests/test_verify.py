@@ -68,6 +68,6 @@ def test_cli_verify_exit_codes(monkeypatch, capsys):
 
 def test_demo_runs_and_passes():
     buf = io.StringIO()
-    assert jvpgraph.cli.demo(batch=4, out=buf) == 0
+    assert jvpgraph.cli.demo(batch=4, out=buf, out_dir=None) == 0
     text = buf.getvalue()
-    assert "all checks passed" in text and "double-backward trick" in text
+    assert "all Jv checks passed" in text and "double-backward trick" in text
