@@ -86,8 +86,10 @@ def _edge_kinds(G: nx.DiGraph) -> dict[tuple[str, str], str]:
     return kinds
 
 
-def _group_of(G: nx.DiGraph, depth: int | None, expand: Iterable[str]) -> dict[str, str]:
-    """Map each drawn node to its box: itself (op level) or the module prefix at ``depth``."""
+def _group_of(G: nx.DiGraph, depth: int | None, expand: Iterable[str], split: frozenset = frozenset()
+              ) -> dict[str, str]:
+    """Map each drawn node to its box: itself (op level) or the module prefix at ``depth``; a box named in
+    ``split`` is replaced by the boxes one level deeper (ops when there is none)."""
     expand = tuple(expand)
     # what a user input reaches; the rest (weight transposes, num_batches_tracked + 1) is a constant for Jv,
     # drawn no more than the parameters themselves
@@ -113,7 +115,12 @@ def _group_of(G: nx.DiGraph, depth: int | None, expand: Iterable[str]) -> dict[s
             group[n] = n
             continue
         parts = module.split(".")
-        group[n] = "mod:" + ".".join(parts[:depth]) if depth > 0 else "mod:model"
+        key = "mod:" + ".".join(parts[:depth]) if depth > 0 else "mod:model"
+        level = depth
+        while key in split:
+            level += 1
+            key = "mod:" + ".".join(parts[:level]) if level <= len(parts) else n
+        group[n] = key
     return group
 
 
@@ -135,7 +142,20 @@ def collapse(graph: Graph, depth: int | None = None, expand: Iterable[str] = ())
     """
     G = graph.nx
     kinds = _edge_kinds(G)
-    group = _group_of(G, depth, expand)
+    split: frozenset = frozenset()
+    while True:
+        H = _collapse_once(G, kinds, _group_of(G, depth, expand, split))
+        if nx.is_directed_acyclic_graph(H):
+            return H
+        # a box that is both upstream and downstream of another (ops of a parent module around an expanded
+        # child, a module called twice) opens one level: repeat until the picture is a DAG again
+        cyclic = {n for c in nx.strongly_connected_components(H) if len(c) > 1 for n in c if n.startswith("mod:")}
+        if not cyclic:  # cannot happen: a cycle needs a box (the op graph itself is acyclic)
+            raise AssertionError("jvpgraph.draw: collapsed graph has a cycle without a module box")
+        split = split | cyclic
+
+
+def _collapse_once(G: nx.DiGraph, kinds: dict, group: dict[str, str]) -> nx.DiGraph:
     members: dict[str, list[str]] = collections.defaultdict(list)
     for n, gname in group.items():
         members[gname].append(n)

@@ -140,3 +140,17 @@ def test_cli_draw_writes_the_file(tmp_path, capsys, suffix):
     assert str(out) in capsys.readouterr().out
     with pytest.raises(SystemExit, match="foo"):
         main(["draw", "resnet18", "--size", "32", "--expand", "foo", "-o", str(out)])
+
+
+def test_expanding_a_child_opens_its_parent_instead_of_drawing_a_cycle():
+    """Expanding an attention module inside a ViT block: the block's own ops (LayerNorm, residual add) sit
+    before and after the expanded ops, so one box for the block would be a cycle; the block opens a level."""
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=2, num_heads=2,
+                                               hidden_dim=8, mlp_dim=8, num_classes=3).train()
+    g = jvpgraph.trace(vit, torch.randn(2, 3, 16, 16)).graph
+    name = "encoder.layers.encoder_layer_0"
+    H = collapse(g, depth=3, expand=[name + ".self_attention"])
+    assert nx.is_directed_acyclic_graph(H)
+    assert f"mod:{name}" not in H and f"mod:{name}.ln_1" in H  # the block opened into its children
+    assert "mod:encoder.layers.encoder_layer_1" in H  # the other block stays one box
+    assert any(H.nodes[n]["label"].startswith("scaled_dot_product") for n in H)

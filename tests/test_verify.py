@@ -71,3 +71,27 @@ def test_demo_runs_and_passes():
     assert jvpgraph.cli.demo(batch=4, out=buf, out_dir=None) == 0
     text = buf.getvalue()
     assert "all Jv checks passed" in text and "double-backward trick" in text
+
+
+def test_a_reference_outvoted_by_finite_differences_is_marked_wrong():
+    """torch.func.jvp silently returns zeros through a custom op with no autograd formula; jvpgraph (given a
+    rule) agrees with finite differences, so the verdict is OK and the table says which reference is wrong."""
+    from jvpgraph.rules import RULES, defjvp
+
+    @torch.library.custom_op("jvpgraph_tests::softclip", mutates_args=())
+    def softclip(x: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(x) * 2
+
+    @softclip.register_fake
+    def _(x):
+        return torch.empty_like(x)
+
+    op = torch.ops.jvpgraph_tests.softclip.default
+    defjvp(op, lambda t, out, x: (2 - out * out / 2) * t)
+    try:
+        report = verify(lambda x: softclip(3 * x), torch.randn(4, 5, dtype=torch.double))
+    finally:
+        RULES.pop(op)
+    status = {c.reference: c.status for c in report.checks}
+    assert status["central finite differences"] == "pass" and status["torch.func.jvp"] == "wrong"
+    assert report.ok and "this reference is wrong here" in str(report)
