@@ -53,13 +53,14 @@ KIND_STYLE = {
 
 def _short(target: str) -> str:
     """``aten.convolution.default`` -> ``convolution``; ``aten._native_batch_norm_legit_functional.default``
-    -> ``native_batch_norm``; ``aten.max_pool2d_with_indices.default`` -> ``max_pool2d``."""
+    -> ``batch_norm``; ``aten.max_pool2d_with_indices.default`` -> ``max_pool2d``."""
     if target.startswith(("aten.", "prims.")):
         parts = target.split(".")
         target = parts[1] if len(parts) > 1 else target
         for noise in ("_legit", "_functional", "_with_indices", "_no_training"):
             target = target.replace(noise, "")
-        return target.lstrip("_") or target
+        target = target.lstrip("_") or target
+        return target[len("native_"):] if target.startswith("native_") else target
     return target.split(".")[-1] if "::" not in target else target
 
 
@@ -194,11 +195,11 @@ def _collapse_once(G: nx.DiGraph, kinds: dict, group: dict[str, str]) -> nx.DiGr
     return H
 
 
-def _auto_depth(graph: Graph, max_nodes: int) -> int | None:
+def _auto_depth(graph: Graph, max_nodes: int, expand: Iterable[str] = ()) -> int | None:
     G = graph.nx
     depths = [len(m.split(".")) for m in (G.nodes[n].get("module") for n in G) if m]
     for depth in [None, *range(max(depths, default=0), 0, -1), 0]:
-        if collapse(graph, depth).number_of_nodes() <= max_nodes:
+        if collapse(graph, depth, expand).number_of_nodes() <= max_nodes:
             return depth
     return 0
 
@@ -322,8 +323,9 @@ def draw(graph: Graph, path: str | os.PathLike | None = None, *, depth: int | No
                           "(or pip install matplotlib)") from e
     from matplotlib.lines import Line2D
 
+    expand = tuple(expand)
     if depth == "auto":
-        depth = _auto_depth(graph, max_nodes)
+        depth = _auto_depth(graph, max_nodes, expand)
     elif depth is not None and not isinstance(depth, int):
         raise ValueError(f"jvpgraph.draw: depth must be None, an int or 'auto', not {depth!r}")
     H = collapse(graph, depth, expand)
@@ -371,6 +373,8 @@ def draw(graph: Graph, path: str | os.PathLike | None = None, *, depth: int | No
     fig.legend(handles=handles, loc="lower center", ncol=min(4, len(handles)), fontsize=8, frameon=False)
     n_ops = sum(1 for _, d in graph.nx.nodes(data=True) if d["role"] == "op" and d["target"] != "getitem")
     level = "every op" if depth is None else f"modules at depth {depth}" if depth else "the whole model"
+    if expand and depth is not None:
+        level += f" ({', '.join(expand)} op by op, the modules around it opened)"
     fig.suptitle(title or f"{n_ops} aten ops, {len(graph.active_nodes)} nodes on input -> output paths "
                  f"(bn={graph.program.bn!r}); drawn: {level}", fontsize=10)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))

@@ -60,8 +60,8 @@ def test_panels_are_each_others_flip_and_v_feeds_the_inputs():
     # the edge entering each batch norm in train mode is batch-coupled; sigmoid's is elementwise
     colours = {(a, b): c for a, b, c in _arrows(right)}
     bn = KIND_STYLE["batch"][1]
-    assert colours[("convolution", "native_batch_norm")] == bn
-    assert colours[("native_batch_norm", "sigmoid")] == KIND_STYLE["elementwise"][1]
+    assert colours[("convolution", "batch_norm")] == bn
+    assert colours[("batch_norm", "sigmoid")] == KIND_STYLE["elementwise"][1]
     assert colours[("sigmoid", "max_pool2d")] == KIND_STYLE["mask"][1]
 
 

@@ -1,0 +1,212 @@
+"""Build jvpgraph's docs offline: `./run docs` (or `python docs/build.py`).
+
+1. the pictures of the theorem, drawn by `jvpgraph.draw` from real traced models (docs/img/*.png);
+2. the API reference from the docstrings (docs/api.md);
+3. with `--demo`, a fresh `jvpgraph demo` run (docs/img/demo/, docs/demo-output.txt);
+4. HTML for every page (docs/_build/, needs the `markdown` package: `pip install markdown`; skipped without it).
+
+tests/test_docs.py checks that docs/api.md is what step 2 writes, that every picture a page shows exists, and
+runs every ```python block of the README and docs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import inspect
+import io
+import os
+import pathlib
+import re
+import sys
+import textwrap
+
+DOCS = pathlib.Path(__file__).resolve().parent
+ROOT = DOCS.parent
+IMG = DOCS / "img"
+
+#: Modules in the API reference, in reading order, each with its public names (``__all__``).
+API_MODULES = [
+    "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
+    "jvpgraph.testing", "jvpgraph.measure", "jvpgraph.graph", "jvpgraph.flip", "jvpgraph.rules.registry",
+    "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
+    "jvpgraph.experiments.robustness",
+]
+
+
+# ------------------------------------------------------------------ pictures
+def figures(out: pathlib.Path = IMG) -> list[pathlib.Path]:
+    """Draw the docs' pictures from traced models; returns the files written."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import torch
+    import torchvision
+
+    import jvpgraph
+    from jvpgraph.experiments.models import LeNet, SigmoidMLP
+
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)
+    written = []
+
+    def save(traced, name, **kw):
+        path = out / name
+        fig = traced.graph.draw(path, **kw)
+        plt.close(fig)
+        written.append(path)
+
+    save(jvpgraph.trace(SigmoidMLP(), torch.randn(3, 4)), "figure2_sigmoid_mlp.png", depth=None)
+    save(jvpgraph.trace(LeNet().train(), torch.randn(2, 1, 28, 28)), "figure1_relu_cnn.png", depth=None)
+    block = torchvision.models.resnet.BasicBlock(8, 8).train()
+    save(jvpgraph.trace(block, torch.randn(4, 8, 8, 8)), "resnet_block_train.png", depth=None)
+    save(jvpgraph.trace(block, torch.randn(4, 8, 8, 8), bn="eval"), "resnet_block_eval_bn.png", depth=None)
+    resnet = torchvision.models.resnet18(num_classes=10).train()
+    save(jvpgraph.trace(resnet, torch.randn(2, 3, 32, 32)), "resnet18_modules.png", expand=["layer1.0"])
+
+    def gated(x, m):  # m is not differentiated: the ops that only it reaches are pruned from the flip
+        return torch.sigmoid(x) * torch.exp(m)
+
+    save(jvpgraph.trace(gated, torch.randn(3), torch.randn(3), wrt=[0]), "pruned.png", depth=None)
+    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=16, num_layers=1, num_heads=2,
+                                               hidden_dim=16, mlp_dim=32, num_classes=10).train()
+    save(jvpgraph.trace(vit, torch.randn(2, 3, 32, 32)), "vit_attention.png",
+         expand=["encoder.layers.encoder_layer_0.self_attention"])
+    return written
+
+
+# ------------------------------------------------------------------ API reference
+def _fence_docstring(doc: str) -> str:
+    """A docstring as Markdown: prose kept as preformatted text, ``>>>`` examples as pycon blocks."""
+    doc = inspect.cleandoc(doc or "(no docstring)")
+    out, block, in_example = [], [], False
+
+    def flush(kind):
+        if block:
+            out.append(f"```{kind}\n" + textwrap.dedent("\n".join(block)).strip("\n") + "\n```")
+            block.clear()
+
+    for line in doc.splitlines():
+        starts_example = line.strip().startswith(">>>")
+        if starts_example and not in_example:
+            flush("text")
+            in_example = True
+        elif in_example and not line.strip():
+            flush("pycon")
+            in_example = False
+            continue
+        block.append(line)
+    flush("pycon" if in_example else "text")
+    return "\n\n".join(out)
+
+
+def _signature(obj) -> str:
+    try:
+        return str(inspect.signature(obj))
+    except (TypeError, ValueError):
+        return ""
+
+
+def api_markdown() -> str:
+    """The API reference page, generated from the docstrings of :data:`API_MODULES`."""
+    parts = ["# API reference",
+             "",
+             "Generated from the docstrings by `./run docs` (docs/build.py); every example here is also a doctest "
+             "run by `./run test`.",
+             ""]
+    toc = []
+    body = []
+    for modname in API_MODULES:
+        mod = importlib.import_module(modname)
+        anchor = modname.replace(".", "")
+        toc.append(f"- [`{modname}`](#{anchor})")
+        body.append(f"## `{modname}`\n")
+        summary = inspect.cleandoc(mod.__doc__ or "").split("\n\n")[0]
+        body.append(summary.replace("\n", " ") + "\n")
+        for name in getattr(mod, "__all__", []):
+            obj = getattr(mod, name)
+            if inspect.isclass(obj) or inspect.isfunction(obj):
+                kind = "class" if inspect.isclass(obj) else "def"
+                body.append(f"### `{kind} {name}{_signature(obj)}`\n")
+                body.append(_fence_docstring(obj.__doc__) + "\n")
+                if inspect.isclass(obj):
+                    for meth, fn in vars(obj).items():
+                        if meth.startswith("_") or not (inspect.isfunction(fn) or isinstance(fn, property)):
+                            continue
+                        target = fn.fget if isinstance(fn, property) else fn
+                        if not target.__doc__:
+                            continue
+                        sig = "" if isinstance(fn, property) else _signature(fn)
+                        body.append(f"#### `{name}.{meth}{sig}`\n")
+                        body.append(_fence_docstring(target.__doc__) + "\n")
+            else:
+                body.append(f"### `{name}`\n")
+                body.append(f"`{name} = {obj!r}`"[:300] + "\n")
+    return "\n".join(parts + toc + [""] + body).rstrip() + "\n"
+
+
+# ------------------------------------------------------------------ demo, HTML
+def demo(out: pathlib.Path = IMG / "demo") -> None:
+    from jvpgraph.experiments.demo import demo as run
+
+    buf = io.StringIO()
+    with contextlib.redirect_stderr(io.StringIO()):
+        code = run(out=buf, out_dir=str(out), progress=False)
+    text = buf.getvalue().replace(str(out), "jvpgraph-demo")
+    (DOCS / "demo-output.txt").write_text(text)
+    if code:
+        raise SystemExit("the demo failed: see docs/demo-output.txt")
+
+
+def pages() -> list[pathlib.Path]:
+    return sorted(DOCS.rglob("*.md"))
+
+
+def html(out: pathlib.Path = DOCS / "_build") -> int:
+    try:
+        import markdown
+    except ImportError:
+        print("docs: HTML skipped (pip install markdown to build it)", file=sys.stderr)
+        return 0
+    n = 0
+    for page in pages():
+        rel = page.relative_to(DOCS).with_suffix(".html")
+        target = out / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        text = re.sub(r"\]\(([^)#]+)\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}.html{m.group(2) or ''})",
+                      page.read_text())
+        depth = len(rel.parts) - 1
+        prefix = "../" * (depth + 1)
+        text = text.replace("](img/", f"]({prefix}img/").replace("](../img/", f"]({prefix}img/")
+        body = markdown.markdown(text, extensions=["fenced_code", "tables", "toc"])
+        target.write_text(f"<!doctype html><meta charset='utf-8'><title>jvpgraph: {page.stem}</title>"
+                          f"<style>body{{max-width:60em;margin:auto;font-family:sans-serif}}img{{max-width:100%}}"
+                          f"pre{{background:#f6f6f6;padding:.6em;overflow:auto}}</style>{body}")
+        n += 1
+    return n
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--demo", action="store_true", help="also re-run the demo for its pictures and output")
+    ap.add_argument("--no-figures", action="store_true")
+    args = ap.parse_args(argv)
+    os.chdir(ROOT)
+    if not args.no_figures:
+        for path in figures():
+            print(f"docs: {path.relative_to(ROOT)}")
+    (DOCS / "api.md").write_text(api_markdown())
+    print("docs: docs/api.md")
+    if args.demo:
+        demo()
+        print("docs: docs/img/demo/, docs/demo-output.txt")
+    n = html()
+    if n:
+        print(f"docs: {n} HTML pages in docs/_build/")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
