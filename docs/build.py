@@ -143,7 +143,10 @@ def api_markdown() -> str:
                         body.append(_fence_docstring(target.__doc__) + "\n")
             else:
                 body.append(f"### `{name}`\n")
-                body.append(f"`{name} = {obj!r}`"[:300] + "\n")
+                text = repr(obj)
+                if " at 0x" in text or len(text) > 240:  # addresses change from run to run; registries grow
+                    text = f"<{type(obj).__name__}>"
+                body.append(f"`{name} = {text}`\n")
     return "\n".join(parts + toc + [""] + body).rstrip() + "\n"
 
 
@@ -175,11 +178,18 @@ def html(out: pathlib.Path = DOCS / "_build") -> int:
         rel = page.relative_to(DOCS).with_suffix(".html")
         target = out / rel
         target.parent.mkdir(parents=True, exist_ok=True)
-        text = re.sub(r"\]\(([^)#]+)\.md(#[^)]*)?\)", lambda m: f"]({m.group(1)}.html{m.group(2) or ''})",
-                      page.read_text())
         depth = len(rel.parts) - 1
-        prefix = "../" * (depth + 1)
-        text = text.replace("](img/", f"]({prefix}img/").replace("](../img/", f"]({prefix}img/")
+        prefix = "../" * (depth + 1)  # from docs/_build/<page> back to the page's own folder under docs/
+
+        def link(m):
+            target, anchor = m.group(1), m.group(2) or ""
+            if re.match(r"[a-z]+:|/|#", target):
+                return m.group(0)
+            if target.endswith(".md"):
+                return f"]({target[:-3]}.html{anchor})"
+            return f"]({prefix}{'/'.join(rel.parts[:-1] + ('',))}{target}{anchor})"
+
+        text = re.sub(r"\]\(([^)#\s]+)(#[^)]*)?\)", link, page.read_text())
         body = markdown.markdown(text, extensions=["fenced_code", "tables", "toc"])
         target.write_text(f"<!doctype html><meta charset='utf-8'><title>jvpgraph: {page.stem}</title>"
                           f"<style>body{{max-width:60em;margin:auto;font-family:sans-serif}}img{{max-width:100%}}"

@@ -1,0 +1,61 @@
+"""The docs are made by the code and their examples run.
+
+- every ```python block of README.md and docs/**/*.md runs (a page's blocks in order, one namespace, in a
+  scratch folder);
+- docs/api.md is exactly what docs/build.py generates from the docstrings today;
+- every picture and relative link a page shows exists.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+import re
+
+import matplotlib
+import pytest
+
+matplotlib.use("Agg")
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").rglob("*.md"))]
+BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
+
+
+def _build():
+    spec = importlib.util.spec_from_file_location("jvpgraph_docs_build", ROOT / "docs" / "build.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _name(page):
+    return str(page.relative_to(ROOT))
+
+
+@pytest.mark.parametrize("page", [p for p in PAGES if BLOCK.search(p.read_text())], ids=_name)
+def test_every_python_block_runs(page, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # blocks that save pictures write here
+    namespace: dict = {"__name__": "__docs__"}
+    for i, block in enumerate(BLOCK.findall(page.read_text())):
+        code = compile(block, f"{_name(page)} [python block {i + 1}]", "exec")
+        exec(code, namespace)  # noqa: S102 - the point of the test
+
+
+def test_api_reference_is_generated_from_the_docstrings():
+    assert (ROOT / "docs" / "api.md").read_text() == _build().api_markdown(), \
+        "docs/api.md is stale: run ./run docs"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_name)
+def test_pictures_and_links_exist(page):
+    text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links, not code
+    missing = []
+    for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", text):
+        if re.match(r"[a-z]+:", target):
+            continue
+        if not (page.parent / target).exists():
+            missing.append(target)
+    assert not missing, f"{_name(page)} points to files that do not exist: {missing}"
+    for img in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", text):
+        assert (page.parent / img).read_bytes().startswith(b"\x89PNG"), img
