@@ -1,4 +1,4 @@
-"""Command line: ``jvpgraph demo | verify | draw``.
+"""Command line: ``jvpgraph demo | verify | draw | train | robustness``.
 
 Example:
     >>> from jvpgraph.cli import build_parser
@@ -31,8 +31,9 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout, **k
 
 
 def build_model(spec: str, size: int, num_classes: int = 10):
-    """A torchvision classifier by name (random weights), one of jvpgraph's (``lenet``, ``sigmoid_bn_cnn``,
-    ``sigmoid_mlp``), or ``package.module:factory`` for your own.
+    """A torchvision classifier by name (random weights), one of jvpgraph's (``lenet``, ``vgg16_bn``,
+    ``sigmoid_bn_cnn``, ``sigmoid_mlp``), or ``package.module:factory`` for your own (see
+    :func:`jvpgraph.experiments.models.build_model`); a bad name exits with the message.
 
     Example:
         >>> build_model("resnet18", 32).__class__.__name__
@@ -42,33 +43,12 @@ def build_model(spec: str, size: int, num_classes: int = 10):
         >>> build_model("torch.nn:Identity", 32).__class__.__name__
         'Identity'
     """
-    import importlib
+    from .experiments.models import build_model as build
 
-    from .experiments.models import MODELS
-
-    if spec in MODELS:
-        return MODELS[spec][0](num_classes=num_classes) if spec != "sigmoid_mlp" else MODELS[spec][0]()
-
-    if ":" in spec:
-        mod, _, fn = spec.partition(":")
-        try:
-            factory = getattr(importlib.import_module(mod), fn)
-        except (ImportError, AttributeError) as e:
-            raise SystemExit(f"jvpgraph: cannot load {spec!r}: {e}") from e
-        return factory()
-    import torchvision
-
-    names = torchvision.models.list_models(module=torchvision.models)
-    if spec not in names:
-        raise SystemExit(f"jvpgraph: unknown model {spec!r}: use one of torchvision's classifiers "
-                         f"({', '.join(names[:6])}, ...) or package.module:factory")
-    kwargs = {"weights": None, "num_classes": num_classes}
-    if spec.startswith("vit_"):
-        kwargs["image_size"] = size  # torchvision's ViTs take any image size divisible by the patch size
-    if spec in ("inception_v3", "googlenet"):
-        kwargs["aux_logits"] = False
-        kwargs["init_weights"] = True
-    return torchvision.models.get_model(spec, **kwargs)
+    try:
+        return build(spec, size=size, num_classes=num_classes)
+    except ValueError as e:
+        raise SystemExit(f"jvpgraph: {e}") from None
 
 
 def input_shape(spec: str, size: int | None, channels: int | None) -> tuple[int, ...]:
@@ -109,6 +89,41 @@ def draw_cmd(args) -> int:
     except ValueError as e:
         raise SystemExit(str(e)) from None
     print(f"jvpgraph draw: {args.model} [{args.mode}, bn={args.bn}] -> {args.output}")
+    return 0
+
+
+def train_cmd(args) -> int:
+    from .experiments.runner import GRIDS, run_experiment
+
+    lams, lrs, bss = args.lam, args.lr, args.batch_size
+    if args.grid:
+        if args.model not in GRIDS:
+            raise SystemExit(f"jvpgraph train: --grid is the paper's grid for {', '.join(GRIDS)}; for "
+                             f"{args.model!r} give --lam/--lr/--batch-size lists")
+        g = GRIDS[args.model]
+        lams, lrs, bss = g["lam"], g["lr"], g["batch_size"]
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        run_experiment(args.out, dataset=args.dataset, model=args.model, regs=args.reg, lams=lams, lrs=lrs,
+                       batch_sizes=bss, epochs=args.epochs, seeds=args.seeds, data_dir=args.data_dir,
+                       size=args.size, n_iter=args.n_iter, limit=args.limit, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"jvpgraph train: {e}") from None
+    return 0
+
+
+def robustness_cmd(args) -> int:
+    from .experiments.runner import robustness_report
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        robustness_report(args.out, noise=args.noise, attacks=args.attacks, iterations=args.iterations,
+                          square_queries=args.square_queries, n_test=args.n_test, n_boundary=args.n_boundary,
+                          n_directions=args.n_directions, data_dir=args.data_dir)
+    except (ValueError, FileNotFoundError) as e:
+        raise SystemExit(f"jvpgraph robustness: {e}") from None
     return 0
 
 
@@ -166,6 +181,41 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--size", type=int, default=None, help="input height and width (default: the model's, or 64)")
     w.add_argument("--channels", type=int, default=None)
     w.add_argument("--seed", type=int, default=0)
+    from .experiments.data import DATASETS
+    from .experiments.train import REGULARIZERS
+
+    t = sub.add_parser("train", help="train with each regularizer over a grid and seeds; results table (Table 1)")
+    t.add_argument("--dataset", choices=DATASETS, default="digits",
+                   help="digits ships with scikit-learn; the others are read from --data-dir (never downloaded)")
+    t.add_argument("--data-dir", default=None, help="folder in torchvision's layout (FashionMNIST/raw/..., ...)")
+    t.add_argument("--model", default="lenet", help="lenet, vgg16_bn (32x32), sigmoid_bn_cnn, a torchvision "
+                                                    "classifier or package.module:factory")
+    t.add_argument("--reg", nargs="+", default=list(REGULARIZERS), choices=REGULARIZERS)
+    t.add_argument("--lam", nargs="+", type=float, default=[1e-3, 1e-2, 1e-1], help="penalty weights to try")
+    t.add_argument("--lr", nargs="+", type=float, default=[0.01])
+    t.add_argument("--batch-size", nargs="+", type=int, default=[32])
+    t.add_argument("--grid", action="store_true", help="the paper's grid (Appendix A.2) instead of the lists")
+    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    t.add_argument("--n-iter", type=int, default=1, help="power iterations / projections per step (default 1)")
+    t.add_argument("--size", type=int, default=None, help="resize images (default: digits 28, others as stored)")
+    t.add_argument("--limit", type=int, default=None, help="at most this many training and test images")
+    t.add_argument("--threads", type=int, default=None)
+    t.add_argument("--out", default="runs/experiment", help="results, checkpoints (resumes what is there)")
+    t.add_argument("--no-progress", action="store_true")
+
+    r = sub.add_parser("robustness", help="noise, PGD/TPGD/Square and decision-boundary distances for the models "
+                                          "`jvpgraph train` selected (Figures 3 and 4)")
+    r.add_argument("out", help="the folder `jvpgraph train --out` wrote")
+    r.add_argument("--data-dir", default=None)
+    r.add_argument("--noise", nargs="+", type=float, default=[0.05, 0.1, 0.2, 0.3, 0.4])
+    r.add_argument("--attacks", nargs="+", choices=("pgd", "tpgd", "square"), default=["pgd", "tpgd", "square"])
+    r.add_argument("--iterations", nargs="+", type=int, default=[1, 2, 5, 10], help="PGD and TPGD steps")
+    r.add_argument("--square-queries", nargs="+", type=int, default=[10, 50, 100, 200])
+    r.add_argument("--n-test", type=int, default=500, help="test images attacked (default 500)")
+    r.add_argument("--n-boundary", type=int, default=50, help="test points whose boundary distance is measured")
+    r.add_argument("--n-directions", type=int, default=100)
+    r.add_argument("--threads", type=int, default=None)
     return ap
 
 
@@ -179,6 +229,10 @@ def main(argv=None) -> int:
         return verify_cmd(args)
     if args.command == "draw":
         return draw_cmd(args)
+    if args.command == "train":
+        return train_cmd(args)
+    if args.command == "robustness":
+        return robustness_cmd(args)
     return 2
 
 

@@ -6,7 +6,7 @@ from typing import Mapping
 
 import torch
 
-__all__ = ["plot_training"]
+__all__ = ["plot_training", "plot_robustness", "plot_boundary"]
 
 
 def plot_training(histories: Mapping[str, "object"], sigmas: Mapping[str, torch.Tensor], path: str) -> None:
@@ -43,6 +43,84 @@ def plot_training(histories: Mapping[str, "object"], sigmas: Mapping[str, torch.
     for ax in axes:
         ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _band(ax, xs, rows, label, colour):
+    t = torch.tensor(rows, dtype=torch.float64)
+    mean, std = t.mean(0), (t.std(0) if len(rows) > 1 else torch.zeros(t.shape[1], dtype=torch.float64))
+    ax.plot(xs, mean.numpy(), marker="o", ms=3, label=label, color=colour)
+    ax.fill_between(xs, (mean - std).numpy(), (mean + std).numpy(), color=colour, alpha=0.15)
+
+
+def plot_robustness(report: dict, path: str) -> None:
+    """The paper's Figure 3: accuracy drop under white noise, accuracy under each attack against its number of
+    iterations; one line per method, mean ± std over seeds (bands).
+
+    Example:
+        >>> import tempfile, os
+        >>> rep = {"noise": [0.1, 0.2], "iterations": [1, 2], "square_queries": [10], "eps": 0.1, "dataset": "d",
+        ...        "model": "m", "methods": {"none": {"seeds": [{"noise_drop": [0.1, 0.2], "pgd": [0.5, 0.4]}]}}}
+        >>> path = os.path.join(tempfile.mkdtemp(), "r.png"); plot_robustness(rep, path); os.path.getsize(path) > 0
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    attacks = [a for a in ("pgd", "tpgd", "square") if any(a in s for m in report["methods"].values()
+                                                          for s in m["seeds"])]
+    fig, axes = plt.subplots(1, 1 + len(attacks), figsize=(4.2 * (1 + len(attacks)), 3.6), squeeze=False)
+    axes = axes[0]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    for (reg, m), c in zip(report["methods"].items(), colours):
+        _band(axes[0], report["noise"], [s["noise_drop"] for s in m["seeds"]], reg, c)
+        for ax, atk in zip(axes[1:], attacks):
+            xs = report["square_queries"] if atk == "square" else report["iterations"]
+            _band(ax, xs, [s[atk] for s in m["seeds"]], reg, c)
+    axes[0].set(xlabel="noise σ (pixels in [0, 1])", ylabel="accuracy drop", title="white noise")
+    for ax, atk in zip(axes[1:], attacks):
+        ax.set(xlabel="queries" if atk == "square" else "iterations", ylabel="accuracy",
+               title=f"{atk.upper()}, ε = {report['eps'] * 255:.0f}/255")
+    for ax in axes:
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.suptitle(f"{report['model']} on {report['dataset']}: robustness (mean ± std over seeds)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_boundary(report: dict, path: str) -> None:
+    """The paper's Figure 4: histograms of the distance to the nearest decision boundary, one per method,
+    seeds pooled.
+
+    Example:
+        >>> import tempfile, os
+        >>> rep = {"dataset": "d", "model": "m", "methods": {"none": {"seeds": [{"boundary": [1.0, 2.0, 2.5]}]}}}
+        >>> path = os.path.join(tempfile.mkdtemp(), "b.png"); plot_boundary(rep, path); os.path.getsize(path) > 0
+        True
+    """
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    methods = report["methods"]
+    fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.0), sharex=True, squeeze=False)
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    dists = {reg: [d for s in m["seeds"] for d in s["boundary"] if d != float("inf")] for reg, m in methods.items()}
+    hi = max((max(d) for d in dists.values() if d), default=1.0)
+    for ax, (reg, d), c in zip(axes[0], dists.items(), colours):
+        ax.hist(d, bins=20, range=(0, hi), color=c, alpha=0.8)
+        med = float(torch.tensor(d).median()) if d else float("nan")
+        ax.axvline(med, color="black", lw=1, ls="--")
+        ax.set(title=f"{reg}: median {med:.2f}", xlabel="L2 distance to the boundary")
+    axes[0][0].set_ylabel("test points")
+    fig.suptitle(f"{report['model']} on {report['dataset']}: distance to the nearest decision boundary", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
