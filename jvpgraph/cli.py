@@ -195,7 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lr", nargs="+", type=float, default=[0.01])
     t.add_argument("--batch-size", nargs="+", type=int, default=[32])
     t.add_argument("--grid", action="store_true", help="the paper's grid (Appendix A.2) instead of the lists")
-    t.add_argument("--epochs", type=int, default=10)
+    t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     t.add_argument("--n-iter", type=int, default=1, help="power iterations / projections per step (default 1)")
     t.add_argument("--size", type=int, default=None, help="resize images (default: digits 28, others as stored)")

@@ -130,3 +130,62 @@ def test_demo_writes_drawing_plots_and_results(tmp_path):
     for r in res["results"]:
         assert 0 < r["test_acc"] <= 1 and r["sigma_mean"] > 0 and len(r["history"]) == 2
         assert f"{r['sigma_mean']:.2f}" in text  # the table prints what the file holds
+
+
+# ------------------------------------------------------------------ the protocol: jvpgraph train / robustness
+def test_train_cli_runs_selects_resumes_and_reports(tmp_path, capsys):
+    """Two methods x two weights x two seeds on a slice of the digits: a checkpoint per run, the table picks
+    per method the setting with the lowest mean validation loss, a second call resumes without training."""
+    from jvpgraph.cli import main
+    from jvpgraph.experiments.runner import select
+
+    out = tmp_path / "exp"
+    args = ["train", "--model", "sigmoid_bn_cnn", "--size", "12", "--reg", "none", "spectral", "--lam", "0.01",
+            "1.0", "--epochs", "1", "--seeds", "0", "1", "--limit", "300", "--out", str(out), "--no-progress"]
+    assert main(args) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert len(res["runs"]) == 6 and len(list((out / "runs").glob("*.pt"))) == 6
+    assert res["selected"] == json.loads(json.dumps(select(res["runs"])))
+    sel = res["selected"]["spectral"]
+    others = [r for r in res["runs"] if r["setting"]["reg"] == "spectral" and r["setting"]["lam"] != sel["setting"]["lam"]]
+    mean_val = lambda rs: sum(r["history"][-1]["val_loss"] for r in rs) / len(rs)  # noqa: E731
+    assert sel["val_loss_mean"] <= mean_val(others)
+    table = (out / "results.md").read_text()
+    assert f"{100 * sel['test_acc_mean']:.2f} ± {100 * sel['test_acc_std']:.2f}" in table
+    capsys.readouterr()
+    assert main(args) == 0  # resumes: every run is "done earlier"
+    assert capsys.readouterr().out.count("done earlier") == 6
+
+
+def test_robustness_cli_on_a_trained_experiment(tmp_path):
+    from jvpgraph.cli import main
+
+    out = tmp_path / "exp"
+    assert main(["train", "--model", "sigmoid_bn_cnn", "--size", "12", "--reg", "none", "--epochs", "2",
+                 "--seeds", "0", "--limit", "300", "--out", str(out), "--no-progress"]) == 0
+    assert main(["robustness", str(out), "--n-test", "60", "--n-boundary", "5", "--n-directions", "20",
+                 "--iterations", "1", "3", "--square-queries", "5", "--noise", "0.1", "0.5"]) == 0
+    rep = json.loads((out / "robustness.json").read_text())
+    row = rep["methods"]["none"]["seeds"][0]
+    assert len(row["pgd"]) == 2 and len(row["square"]) == 1 and len(row["noise_drop"]) == 2
+    assert all(0 <= a <= 1 for a in row["pgd"] + row["tpgd"] + row["square"])
+    assert len(row["boundary"]) == 5 and all(d > 0 for d in row["boundary"])
+    for name in ("robustness.png", "boundary.png"):
+        assert (out / name).read_bytes().startswith(b"\x89PNG")
+
+
+def test_train_reads_a_local_dataset_folder(tmp_path):
+    """The same command on KMNIST given a folder in torchvision's layout (small files in the real format)."""
+    from dataset_files import write_mnist_like
+    from jvpgraph.cli import main
+
+    write_mnist_like(str(tmp_path / "data"), "KMNIST", n_train=80, n_test=20)
+    out = tmp_path / "exp"
+    assert main(["train", "--dataset", "kmnist", "--data-dir", str(tmp_path / "data"), "--reg", "none",
+                 "spectral", "--lam", "0.1", "--epochs", "1", "--seeds", "0", "--out", str(out),
+                 "--no-progress"]) == 0
+    res = json.loads((out / "results.json").read_text())
+    assert res["dataset"] == "kmnist" and res["input_shape"] == [1, 28, 28] and set(res["selected"]) == {
+        "none", "spectral"}
+    with pytest.raises(SystemExit, match="KMNIST/raw"):
+        main(["train", "--dataset", "kmnist", "--data-dir", str(tmp_path / "nothing"), "--out", str(out)])

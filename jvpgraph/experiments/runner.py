@@ -97,7 +97,7 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
                    lams: Sequence[float] = (1e-3, 1e-2, 1e-1), lrs: Sequence[float] = (0.01,),
                    batch_sizes: Sequence[int] = (32,), epochs: int = 10, seeds: Sequence[int] = (0, 1, 2),
                    data_dir: str | None = None, size: int | None = None, n_iter: int = 1, limit: int | None = None,
-                   progress: bool = True, log=sys.stdout) -> dict[str, Any]:
+                   progress: bool = True, log="stdout") -> dict[str, Any]:
     """Train every setting with every seed (skipping runs already checkpointed), select per method, write the
     results; returns what ``results.json`` holds.
 
@@ -108,9 +108,9 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
         >>> sorted(res["selected"]), len(res["runs"])
         (['none', 'spectral'], 2)
     """
-    def say(msg):
+    def say(msg):  # log: a file, None (quiet) or "stdout" (the one current at the call)
         if log is not None:
-            print(msg, file=log, flush=True)
+            print(msg, file=sys.stdout if log == "stdout" else log, flush=True)
 
     data = load(dataset, data_dir, size=size, seed=0, limit=limit)
     x0 = data.train.tensors[0]
@@ -154,7 +154,7 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
         if bar is not None:
             bar.update()
             bar.set_postfix_str(f"{setting.name} seed {seed}: {status}")
-        elif log is not None:
+        else:
             say(f"  [{k + 1}/{total}] {setting.name} seed {seed}: {status}")
     if bar is not None:
         bar.close()
@@ -234,7 +234,7 @@ def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2,
                       attacks: Sequence[str] = ("pgd", "tpgd", "square"), iterations: Sequence[int] = (1, 2, 5, 10),
                       square_queries: Sequence[int] = (10, 50, 100, 200), n_test: int = 500,
                       n_boundary: int = 50, n_directions: int = 100, eps: float = 32 / 255, alpha: float = 2 / 255,
-                      data_dir: str | None = None, log=sys.stdout) -> dict[str, Any]:
+                      data_dir: str | None = None, log="stdout") -> dict[str, Any]:
     """Figures 3 and 4 for the models :func:`run_experiment` selected in ``out_dir``: accuracy drop under white
     noise, accuracy under PGD, TPGD (``iterations`` steps) and Square (``square_queries``), each per seed, and
     distances to the decision boundary of correctly classified test points. Writes ``robustness.json``,
@@ -243,9 +243,9 @@ def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2,
     from .plots import plot_boundary, plot_robustness
     from .robustness import attack_accuracy, boundary_distance, noisy_accuracy
 
-    def say(msg):
+    def say(msg):  # log: a file, None (quiet) or "stdout" (the one current at the call)
         if log is not None:
-            print(msg, file=log, flush=True)
+            print(msg, file=sys.stdout if log == "stdout" else log, flush=True)
 
     with open(os.path.join(out_dir, "results.json")) as f:
         result = json.load(f)
