@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from .data import load
 from .models import build_model
-from .train import REGULARIZERS, TrainConfig, evaluate, fit
+from .train import REGULARIZERS, TrainConfig, _NoBar, _progress, evaluate, fit
 
 __all__ = ["GRIDS", "Setting", "settings", "run_experiment", "select", "results_table", "load_run",
            "robustness_report"]
@@ -68,17 +68,6 @@ def settings(regs: Sequence[str], lams: Sequence[float], lrs: Sequence[float], b
     return out
 
 
-def _progress(total: int, enabled: bool):
-    if enabled:
-        try:
-            from tqdm.auto import tqdm
-
-            return tqdm(total=total, unit="run", file=sys.stderr, dynamic_ncols=True, disable=None)
-        except ImportError:
-            pass
-    return None
-
-
 def load_run(path: str, model: str, in_channels: int, num_classes: int, size: int) -> tuple[nn.Module, dict]:
     """A checkpointed run: the trained model (eval mode) and its record."""
     record = torch.load(path, map_location="cpu", weights_only=False)
@@ -121,7 +110,8 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
     say(f"jvpgraph train: {dataset} ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"{tuple(x0.shape[1:])}), {model}, {len(grid)} settings x {len(seeds)} seeds = {total} runs of "
         f"{epochs} epochs -> {out_dir}")
-    bar = _progress(total, progress)
+    bar = _progress(total, None, progress, unit="run")
+    quiet_bar = isinstance(bar, _NoBar) or getattr(bar, "disable", False)
     runs = []
     t_start = time.perf_counter()
     for k, (setting, seed) in enumerate(itertools.product(grid, seeds)):
@@ -151,13 +141,11 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
             status = "diverged" if diverged else f"test acc {test['acc']:.1%}"
         runs.append({k2: v for k2, v in record.items() if k2 not in ("state_dict", "mean", "std")} |
                     {"checkpoint": os.path.relpath(path, out_dir)})
-        if bar is not None:
-            bar.update()
-            bar.set_postfix_str(f"{setting.name} seed {seed}: {status}")
-        else:
+        bar.update()
+        bar.set_postfix_str(f"{setting.name} seed {seed}: {status}")
+        if quiet_bar:  # no bar on screen (a log, CI): a line per run instead
             say(f"  [{k + 1}/{total}] {setting.name} seed {seed}: {status}")
-    if bar is not None:
-        bar.close()
+    bar.close()
     selected = select(runs)
     result = {"dataset": dataset, "model": model, "input_shape": list(x0.shape[1:]), "epochs": epochs,
               "seeds": list(seeds), "n_iter": n_iter,

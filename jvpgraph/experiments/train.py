@@ -146,15 +146,15 @@ class _NoBar:
         pass
 
 
-def _progress(total: int, desc: str, enabled: bool):
-    """One progress bar over every step of a run (tqdm, on a terminal only); a no-op without tqdm."""
+def _progress(total: int, desc: str | None, enabled: bool, unit: str = "step"):
+    """One progress bar over ``total`` units (tqdm, on a terminal only); a no-op without tqdm."""
     if not enabled:
         return _NoBar()
     try:
         from tqdm.auto import tqdm
     except ImportError:  # progress bars are an optional extra
         return _NoBar()
-    return tqdm(total=total, desc=desc, unit="step", leave=True, file=sys.stderr, dynamic_ncols=True,
+    return tqdm(total=total, desc=desc, unit=unit, leave=True, file=sys.stderr, dynamic_ncols=True,
                 disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
 
