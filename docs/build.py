@@ -31,7 +31,7 @@ API_MODULES = [
     "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
     "jvpgraph.testing", "jvpgraph.measure", "jvpgraph.graph", "jvpgraph.flip", "jvpgraph.rules.registry",
     "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
-    "jvpgraph.experiments.robustness",
+    "jvpgraph.experiments.runner", "jvpgraph.experiments.robustness", "jvpgraph.experiments.plots",
 ]
 
 
