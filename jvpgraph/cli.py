@@ -121,7 +121,7 @@ def robustness_cmd(args) -> int:
     try:
         robustness_report(args.out, noise=args.noise, attacks=args.attacks, iterations=args.iterations,
                           square_queries=args.square_queries, n_test=args.n_test, n_boundary=args.n_boundary,
-                          n_directions=args.n_directions, data_dir=args.data_dir)
+                          n_directions=args.n_directions, max_radius=args.max_radius, data_dir=args.data_dir)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"jvpgraph robustness: {e}") from None
     return 0
@@ -215,6 +215,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--n-test", type=int, default=500, help="test images attacked (default 500)")
     r.add_argument("--n-boundary", type=int, default=50, help="test points whose boundary distance is measured")
     r.add_argument("--n-directions", type=int, default=100)
+    r.add_argument("--max-radius", type=float, default=100.0, help="boundary search radius (L2, pixels in [0, 1])")
     r.add_argument("--threads", type=int, default=None)
     return ap
 

@@ -112,13 +112,16 @@ def plot_boundary(report: dict, path: str) -> None:
     methods = report["methods"]
     fig, axes = plt.subplots(1, len(methods), figsize=(3.2 * len(methods), 3.0), sharex=True, squeeze=False)
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    dists = {reg: [d for s in m["seeds"] for d in s["boundary"] if d != float("inf")] for reg, m in methods.items()}
-    hi = max((max(d) for d in dists.values() if d), default=1.0)
+    dists = {reg: [d for s in m["seeds"] for d in s["boundary"]] for reg, m in methods.items()}
+    finite = [d for ds in dists.values() for d in ds if d != float("inf")]
+    hi = max(finite, default=1.0)
     for ax, (reg, d), c in zip(axes[0], dists.items(), colours):
-        ax.hist(d, bins=20, range=(0, hi), color=c, alpha=0.8)
-        med = float(torch.tensor(d).median()) if d else float("nan")
+        ax.hist([v for v in d if v != float("inf")], bins=20, range=(0, hi), color=c, alpha=0.8)
+        med = float(torch.tensor(d).median()) if d else float("nan")  # inf (no crossing found) counts as far
+        beyond = sum(v == float("inf") for v in d)
         ax.axvline(med, color="black", lw=1, ls="--")
-        ax.set(title=f"{reg}: median {med:.2f}", xlabel="L2 distance to the boundary")
+        ax.set(title=f"{reg}: median {med:.2f}" + (f"\n{beyond}/{len(d)} beyond the search radius" if beyond else ""),
+               xlabel="L2 distance to the boundary")
     axes[0][0].set_ylabel("test points")
     fig.suptitle(f"{report['model']} on {report['dataset']}: distance to the nearest decision boundary", fontsize=10)
     fig.tight_layout()

@@ -26,7 +26,7 @@ from .models import build_model
 from .train import REGULARIZERS, TrainConfig, _NoBar, _progress, evaluate, fit
 
 __all__ = ["GRIDS", "Setting", "settings", "run_experiment", "select", "results_table", "load_run",
-           "robustness_report"]
+           "robustness_report", "robustness_table"]
 
 #: The hyper-parameter grids of the paper's Appendix A.2.
 GRIDS = {
@@ -221,7 +221,8 @@ def results_table(result: dict) -> str:
 def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2, 0.3, 0.4),
                       attacks: Sequence[str] = ("pgd", "tpgd", "square"), iterations: Sequence[int] = (1, 2, 5, 10),
                       square_queries: Sequence[int] = (10, 50, 100, 200), n_test: int = 500,
-                      n_boundary: int = 50, n_directions: int = 100, eps: float = 32 / 255, alpha: float = 2 / 255,
+                      n_boundary: int = 50, n_directions: int = 100, max_radius: float = 100.0,
+                      eps: float = 32 / 255, alpha: float = 2 / 255,
                       data_dir: str | None = None, log="stdout") -> dict[str, Any]:
     """Figures 3 and 4 for the models :func:`run_experiment` selected in ``out_dir``: accuracy drop under white
     noise, accuracy under PGD, TPGD (``iterations`` steps) and Square (``square_queries``), each per seed, and
@@ -242,7 +243,8 @@ def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2,
     test = TensorDataset(xt, yt)
     in_channels, num_classes, img = xt.shape[1], data.num_classes, xt.shape[-1]
     report: dict[str, Any] = {"dataset": result["dataset"], "model": result["model"], "n_test": len(xt),
-                              "eps": eps, "alpha": alpha, "noise": list(noise), "iterations": list(iterations),
+                              "eps": eps, "alpha": alpha, "n_directions": n_directions, "max_radius": max_radius,
+                              "noise": list(noise), "iterations": list(iterations),
                               "square_queries": list(square_queries), "methods": {}}
     for reg, sel in result["selected"].items():
         per_seed = []
@@ -257,7 +259,7 @@ def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2,
                             for k in its]
             with torch.no_grad():
                 ok = (net(xt).argmax(1) == yt).nonzero().flatten()[:n_boundary]
-            row["boundary"] = boundary_distance(net, xt[ok], n_directions=n_directions,
+            row["boundary"] = boundary_distance(net, xt[ok], n_directions=n_directions, max_radius=max_radius,
                                                 seed=record["seed"]).tolist()
             per_seed.append(row)
             say(f"  {reg} seed {record['seed']}: clean {clean:.1%}, "
@@ -266,8 +268,40 @@ def robustness_report(out_dir: str, *, noise: Sequence[float] = (0.05, 0.1, 0.2,
         report["methods"][reg] = {"setting": sel["setting"], "seeds": per_seed}
     with open(os.path.join(out_dir, "robustness.json"), "w") as f:
         json.dump(report, f, indent=1)
+    with open(os.path.join(out_dir, "robustness.md"), "w") as f:
+        f.write(robustness_table(report))
     plot_robustness(report, os.path.join(out_dir, "robustness.png"))
     plot_boundary(report, os.path.join(out_dir, "boundary.png"))
     say(f"robustness: {os.path.join(out_dir, 'robustness.png')}, {os.path.join(out_dir, 'boundary.png')}")
     return report
 
+
+
+def robustness_table(report: dict) -> str:
+    """Markdown summary of :func:`robustness_report`: per method, mean ± std over seeds of the accuracy under
+    the largest noise and the most iterations of each attack, and the median distance to the boundary.
+
+    Example:
+        >>> rep = {"dataset": "d", "model": "m", "n_test": 10, "eps": 32 / 255, "noise": [0.1], "iterations": [1, 5],
+        ...        "square_queries": [9], "methods": {"none": {"seeds": [{"clean": 0.9, "noise_drop": [0.1],
+        ...        "pgd": [0.5, 0.4], "boundary": [1.0, 2.0, 3.0]}]}}}
+        >>> print(robustness_table(rep).splitlines()[-1])
+        | none | 90.0 ± 0.0 | 10.0 ± 0.0 | 40.0 ± 0.0 | 2.00 |
+    """
+    attacks = [a for a in ("pgd", "tpgd", "square") if any(a in s for m in report["methods"].values()
+                                                          for s in m["seeds"])]
+    cols = [f"drop at noise {report['noise'][-1]:g}"] + [
+        f"{a.upper()} {report['square_queries'][-1] if a == 'square' else report['iterations'][-1]}"
+        + (" queries" if a == "square" else " steps") for a in attacks]
+    lines = [f"Robustness of the selected models, {report['model']} on {report['dataset']}, {report['n_test']} test "
+             f"images, attacks with ε = {report['eps'] * 255:.0f}/255: accuracy (%) mean ± std over seeds; "
+             f"boundary: median L2 distance (pixels in [0, 1]) over correctly classified points, all seeds.", "",
+             "| method | clean | " + " | ".join(cols) + " | boundary |", "|---" * (len(cols) + 3) + "|"]
+    for reg, m in report["methods"].items():
+        def ms(key, i=-1):
+            return _mean_std([100 * (s[key][i] if isinstance(s[key], list) else s[key]) for s in m["seeds"]])
+        cells = [ms("clean"), ms("noise_drop")] + [ms(a) for a in attacks]
+        d = torch.tensor([x for s in m["seeds"] for x in s["boundary"]], dtype=torch.float64)
+        lines.append(f"| {reg} | " + " | ".join(f"{a:.1f} ± {b:.1f}" for a, b in cells)
+                     + f" | {float(d.median()):.2f} |")
+    return "\n".join(lines) + "\n"
