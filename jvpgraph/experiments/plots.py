@@ -56,13 +56,15 @@ def _band(ax, xs, rows, label, colour):
 
 
 def plot_robustness(report: dict, path: str) -> None:
-    """The paper's Figure 3: accuracy drop under white noise, accuracy under each attack against its number of
-    iterations; one line per method, mean ± std over seeds (bands).
+    """The paper's Figure 3: accuracy drop (clean minus perturbed, as the paper plots it, so that methods with
+    different clean accuracy compare fairly) under white noise against σ and under each attack against its
+    number of iterations; one line per method, mean ± std over seeds (bands).
 
     Example:
         >>> import tempfile, os
         >>> rep = {"noise": [0.1, 0.2], "iterations": [1, 2], "square_queries": [10], "eps": 0.1, "dataset": "d",
-        ...        "model": "m", "methods": {"none": {"seeds": [{"noise_drop": [0.1, 0.2], "pgd": [0.5, 0.4]}]}}}
+        ...        "model": "m", "methods": {"none": {"seeds": [{"clean": 0.9, "noise_drop": [0.1, 0.2],
+        ...        "pgd": [0.5, 0.4]}]}}}
         >>> path = os.path.join(tempfile.mkdtemp(), "r.png"); plot_robustness(rep, path); os.path.getsize(path) > 0
         True
     """
@@ -80,10 +82,10 @@ def plot_robustness(report: dict, path: str) -> None:
         _band(axes[0], report["noise"], [s["noise_drop"] for s in m["seeds"]], reg, c)
         for ax, atk in zip(axes[1:], attacks):
             xs = report["square_queries"] if atk == "square" else report["iterations"]
-            _band(ax, xs, [s[atk] for s in m["seeds"]], reg, c)
+            _band(ax, xs, [[s["clean"] - a for a in s[atk]] for s in m["seeds"]], reg, c)
     axes[0].set(xlabel="noise σ (pixels in [0, 1])", ylabel="accuracy drop", title="white noise")
     for ax, atk in zip(axes[1:], attacks):
-        ax.set(xlabel="queries" if atk == "square" else "iterations", ylabel="accuracy",
+        ax.set(xlabel="queries" if atk == "square" else "iterations", ylabel="accuracy drop",
                title=f"{atk.upper()}, ε = {report['eps'] * 255:.0f}/255")
     for ax in axes:
         ax.grid(alpha=0.3)
