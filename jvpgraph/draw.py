@@ -324,16 +324,16 @@ def draw(graph: Graph, path: str | os.PathLike | None = None, *, depth: int | No
     from matplotlib.lines import Line2D
 
     expand = tuple(expand)
+    modules = {m for m in (d.get("module") for _, d in graph.nx.nodes(data=True)) if m}
+    for e in expand:
+        if not any(m == e or m.startswith(e + ".") for m in modules):
+            raise ValueError(f"jvpgraph.draw: expand={e!r} names no module of the traced model; modules are "
+                             f"e.g. {sorted(modules)[:8]}")
     if depth == "auto":
         depth = _auto_depth(graph, max_nodes, expand)
     elif depth is not None and not isinstance(depth, int):
         raise ValueError(f"jvpgraph.draw: depth must be None, an int or 'auto', not {depth!r}")
     H = collapse(graph, depth, expand)
-    known = {G_m for G_m in (d.get("module") for _, d in graph.nx.nodes(data=True)) if G_m}
-    for e in expand:
-        if not any(m == e or m.startswith(e + ".") for m in known):
-            raise ValueError(f"jvpgraph.draw: expand={e!r} names no module of the traced model; modules are "
-                             f"e.g. {sorted(known)[:8]}")
     # the cotangent u after the outputs (left panel) and the fictitious v before the inputs (right panel)
     outs = [n for n, d in H.nodes(data=True) if d["role"] == "output"]
     ins = [n for n, d in H.nodes(data=True) if d["role"] == "input" and d["active"]]
@@ -365,8 +365,8 @@ def draw(graph: Graph, path: str | os.PathLike | None = None, *, depth: int | No
            pending=pending)
     _panel(axes[1], F, pos, flipped=True, labels=labels, title="flipped (Appendix C): paths from v give Jv",
            pending=pending)
-    used = sorted({d["kind"] for _, _, d in H.edges(data=True)} - {"structural"},
-                  key=list(KIND_STYLE).index)
+    used = sorted({"fallback" if d["kind"] == "opaque" else d["kind"] for _, _, d in H.edges(data=True)}
+                  - {"structural"}, key=list(KIND_STYLE).index)
     handles = [Line2D([], [], color=KIND_STYLE[k][1], lw=2, label=KIND_STYLE[k][0]) for k in used]
     if not all(d["active"] for _, d in H.nodes(data=True)):
         handles.append(Line2D([], [], color="#cccccc", lw=1.5, ls="--", label="pruned: off every v -> output path"))
