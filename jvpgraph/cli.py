@@ -102,12 +102,15 @@ def train_cmd(args) -> int:
                              f"{args.model!r} give --lam/--lr/--batch-size lists")
         g = GRIDS[args.model]
         lams, lrs, bss = g["lam"], g["lr"], g["batch_size"]
+        args.schedule = g.get("schedule", args.schedule)
+        args.augment = g.get("augment", args.augment)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         run_experiment(args.out, dataset=args.dataset, model=args.model, regs=args.reg, lams=lams, lrs=lrs,
                        batch_sizes=bss, epochs=args.epochs, seeds=args.seeds, data_dir=args.data_dir,
-                       size=args.size, n_iter=args.n_iter, limit=args.limit, progress=not args.no_progress)
+                       size=args.size, n_iter=args.n_iter, limit=args.limit, schedule=args.schedule,
+                       augment=args.augment, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as e:
         raise SystemExit(f"jvpgraph train: {e}") from None
     return 0
@@ -194,7 +197,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lam", nargs="+", type=float, default=[1e-3, 1e-2, 1e-1], help="penalty weights to try")
     t.add_argument("--lr", nargs="+", type=float, default=[0.01])
     t.add_argument("--batch-size", nargs="+", type=int, default=[32])
-    t.add_argument("--grid", action="store_true", help="the paper's grid (Appendix A.2) instead of the lists")
+    t.add_argument("--grid", action="store_true", help="the paper's grid (Appendix A.2) instead of the lists; for "
+                                                       "vgg16_bn also its cosine schedule and augmentation")
+    t.add_argument("--schedule", choices=("constant", "cosine"), default="constant", help="learning-rate schedule")
+    t.add_argument("--augment", action="store_true", help="random padded crops and horizontal flips")
     t.add_argument("--epochs", type=int, default=30)
     t.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     t.add_argument("--n-iter", type=int, default=1, help="power iterations / projections per step (default 1)")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import math
 import json
 
 import pytest
@@ -189,3 +190,26 @@ def test_train_reads_a_local_dataset_folder(tmp_path):
         "none", "spectral"}
     with pytest.raises(SystemExit, match="KMNIST/raw"):
         main(["train", "--dataset", "kmnist", "--data-dir", str(tmp_path / "nothing"), "--out", str(out)])
+
+
+def test_cosine_schedule_and_augmentation():
+    """The VGG/CIFAR protocol's options: the learning rate follows half a cosine over the epochs; augmented
+    batches train (the crops and flips are seeded: two runs agree)."""
+    x, y = torch.rand(64, 3, 16, 16), torch.randint(0, 10, (64,))
+    data = torch.utils.data.TensorDataset(x, y)
+
+    def run():
+        torch.manual_seed(0)
+        net = SigmoidBNCNN(in_channels=3, width=2)
+        cfg = TrainConfig("spectral", lam=0.01, epochs=4, lr=0.1, schedule="cosine", augment=True)
+        return net, fit(net, data, data, cfg, progress=False)
+
+    net, hist = run()
+    lrs = [e["lr"] for e in hist.epochs]
+    want = [0.05 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert lrs == pytest.approx(want)
+    net2, _ = run()
+    for a, b in zip(net.state_dict().values(), net2.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="step")

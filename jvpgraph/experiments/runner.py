@@ -31,7 +31,8 @@ __all__ = ["GRIDS", "Setting", "settings", "run_experiment", "select", "results_
 #: The hyper-parameter grids of the paper's Appendix A.2.
 GRIDS = {
     "lenet": {"lr": [0.01, 0.001], "batch_size": [16, 32], "lam": [1e-4, 1e-3, 1e-2, 1e-1]},
-    "vgg16_bn": {"lr": [0.1], "batch_size": [128], "lam": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1]},
+    "vgg16_bn": {"lr": [0.1], "batch_size": [128], "lam": [1e-5, 1e-4, 1e-3, 1e-2, 1e-1], "schedule": "cosine",
+                 "augment": True},
 }
 
 
@@ -86,7 +87,8 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
                    lams: Sequence[float] = (1e-3, 1e-2, 1e-1), lrs: Sequence[float] = (0.01,),
                    batch_sizes: Sequence[int] = (32,), epochs: int = 10, seeds: Sequence[int] = (0, 1, 2),
                    data_dir: str | None = None, size: int | None = None, n_iter: int = 1, limit: int | None = None,
-                   progress: bool = True, log="stdout") -> dict[str, Any]:
+                   schedule: str = "constant", augment: bool = False, progress: bool = True,
+                   log="stdout") -> dict[str, Any]:
     """Train every setting with every seed (skipping runs already checkpointed), select per method, write the
     results; returns what ``results.json`` holds.
 
@@ -124,7 +126,7 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
                 torch.manual_seed(seed)
                 net = _model(model, in_channels, data.num_classes, img, data.mean, data.std)
             cfg = TrainConfig(setting.reg, lam=setting.lam, epochs=epochs, batch_size=setting.batch_size,
-                              lr=setting.lr, seed=seed, n_iter=n_iter)
+                              lr=setting.lr, seed=seed, n_iter=n_iter, schedule=schedule, augment=augment)
             t0 = time.perf_counter()
             try:
                 hist = fit(net, data.train, data.val, cfg, progress=False)
@@ -148,7 +150,7 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
     bar.close()
     selected = select(runs)
     result = {"dataset": dataset, "model": model, "input_shape": list(x0.shape[1:]), "epochs": epochs,
-              "seeds": list(seeds), "n_iter": n_iter,
+              "seeds": list(seeds), "n_iter": n_iter, "schedule": schedule, "augment": augment,
               "grid": {"reg": list(regs), "lam": list(lams), "lr": list(lrs), "batch_size": list(batch_sizes)},
               "machine": {"python": platform.python_version(), "torch": torch.__version__,
                           "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()},

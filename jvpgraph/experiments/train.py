@@ -20,7 +20,8 @@ from torch.utils.data import TensorDataset
 from ..regularizers import FrobeniusRegularizer, SpectralBoundRegularizer, SpectralRegularizer
 from ..spectral import spectral_norm
 
-__all__ = ["REGULARIZERS", "TrainConfig", "History", "make_regularizer", "fit", "evaluate", "mean_sigma"]
+__all__ = ["REGULARIZERS", "TrainConfig", "History", "make_regularizer", "fit", "evaluate", "mean_sigma",
+           "augment"]
 
 #: The methods of the paper's Table 1.
 REGULARIZERS = ("none", "l2", "frobenius", "spectral-bound", "spectral")
@@ -29,7 +30,9 @@ REGULARIZERS = ("none", "l2", "frobenius", "spectral-bound", "spectral")
 @dataclasses.dataclass
 class TrainConfig:
     """One training run. ``lam`` weighs the penalty (for ``l2``: ``λ Σ‖θ‖²``); ``n_iter`` is the number of
-    power iterations (spectral, spectral-bound) or random projections (frobenius) per step."""
+    power iterations (spectral, spectral-bound) or random projections (frobenius) per step; ``schedule``
+    ``"cosine"`` anneals the learning rate to 0 over the epochs; ``augment`` takes random 4-pixel-padded crops
+    and horizontal flips of each batch (the paper's VGG16/CIFAR-10 protocol)."""
 
     reg: str = "none"
     lam: float = 0.0
@@ -39,8 +42,12 @@ class TrainConfig:
     momentum: float = 0.8
     seed: int = 0
     n_iter: int = 1
+    schedule: str = "constant"
+    augment: bool = False
 
     def __post_init__(self):
+        if self.schedule not in ("constant", "cosine"):
+            raise ValueError(f"schedule={self.schedule!r}: expected 'constant' or 'cosine'")
         if self.reg not in REGULARIZERS:
             raise ValueError(f"reg={self.reg!r}: expected one of {', '.join(REGULARIZERS)}")
         for name in ("epochs", "batch_size", "n_iter"):
@@ -146,6 +153,28 @@ class _NoBar:
         pass
 
 
+def augment(x: torch.Tensor, generator: torch.Generator, pad: int = 4) -> torch.Tensor:
+    """Random crops of the zero-padded images (``pad`` pixels each side) and random horizontal flips, one draw
+    per image from ``generator``.
+
+    Example:
+        >>> import torch
+        >>> x = torch.rand(5, 3, 8, 8)
+        >>> augment(x, torch.Generator().manual_seed(0)).shape
+        torch.Size([5, 3, 8, 8])
+        >>> y = augment(x, torch.Generator().manual_seed(0), pad=0)  # no room to crop: flips only
+        >>> all(torch.equal(a, b) or torch.equal(a, b.flip(-1)) for a, b in zip(y, x))
+        True
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator)
+    flip = torch.rand(n, generator=generator) < 0.5
+    out = torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.where(flip.reshape(-1, 1, 1, 1), out.flip(-1), out)
+
+
 def _progress(total: int, desc: str | None, enabled: bool, unit: str = "step"):
     """One progress bar over ``total`` units (tqdm, on a terminal only); a no-op without tqdm."""
     if not enabled:
@@ -182,6 +211,8 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
         order_gen = torch.Generator().manual_seed(config.seed)
         reg = make_regularizer(model, config.reg, config.n_iter, config.seed)
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
+        sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) \
+            if config.schedule == "cosine" else None
         history = History(config)
         model.train()
         steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
@@ -194,6 +225,8 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
             for idx in batches:
                 t0 = time.perf_counter()
                 x, y = x_all[idx], y_all[idx]
+                if config.augment:
+                    x = augment(x, order_gen)
                 if reg is None:
                     out = model(x)
                     penalty = out.new_zeros(())
@@ -213,9 +246,12 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
                 bar.update()
                 tot_loss += float(loss.detach()) * len(idx)
                 tot_pen += float(penalty.detach()) * len(idx)
+            lr_used = opt.param_groups[0]["lr"]
+            if sched is not None:
+                sched.step()
             ev = evaluate(model, val)
             step_times.sort()
-            history.epochs.append({"epoch": epoch, "train_loss": tot_loss / n, "penalty": tot_pen / n,
+            history.epochs.append({"epoch": epoch, "lr": lr_used, "train_loss": tot_loss / n, "penalty": tot_pen / n,
                                    "val_loss": ev["loss"], "val_acc": ev["acc"],
                                    "step_time": step_times[len(step_times) // 2]})
             bar.set_postfix_str(f"epoch {epoch}, val acc {ev['acc']:.1%}")
