@@ -64,7 +64,10 @@ class SpectralRegularizer(_JacobianRegularizer):
         bn: BatchNorm in train mode: ``"frozen"`` (batch statistics held constant in the Jacobian: the
             paper's pseudo-inference mode) or ``"eval"`` (running statistics).
         warm_start: keep each sample's right singular vector between calls, keyed by the ``index`` passed
-            to :meth:`__call__` (e.g. dataset indices), so one iteration per step converges over training.
+            to :meth:`__call__` (e.g. dataset indices), so one iteration per step converges over training
+            (default on; calls without ``index`` start cold). From a cold start, ``n_iter=1`` with the default
+            ``grad`` gives ``‖Jv‖`` for a random unit ``v`` — half an iteration, nearer ``‖J‖_F/√n`` than ``σ``:
+            pass indices, or ``n_iter >= 2``, or ``grad="JTu"`` (the paper's one full iteration).
         grad: what the penalty is, and what its gradient flows through (the first ``n_iter - 1`` iterations
             always run without autograd):
 
@@ -98,7 +101,7 @@ class SpectralRegularizer(_JacobianRegularizer):
     GRADS = ("uJv", "JTu", "iterations")
 
     def __init__(self, model: nn.Module, n_iter: int = 1, penalty: str = "sigma", *, bn: str = "frozen",
-                 warm_start: bool = False, grad: str = "uJv", update_buffers: bool = True,
+                 warm_start: bool = True, grad: str = "uJv", update_buffers: bool = True,
                  generator: torch.Generator | None = None):
         super().__init__(model, bn, update_buffers)
         if penalty not in ("sigma", "sigma2"):

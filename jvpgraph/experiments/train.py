@@ -89,7 +89,9 @@ def make_regularizer(model: nn.Module, reg: str, n_iter: int = 1, seed: int = 0
     """
     g = torch.Generator().manual_seed(seed)
     if reg == "spectral":
-        return SpectralRegularizer(model, n_iter=n_iter, generator=g)
+        # fit passes dataset indices: each sample's right singular vector carries over between epochs, so one
+        # iteration per step converges over training (cold, one iteration would only give ‖Jv‖ for a random v)
+        return SpectralRegularizer(model, n_iter=n_iter, warm_start=True, generator=g)
     if reg == "frobenius":
         return FrobeniusRegularizer(model, n_proj=n_iter, generator=g)
     if reg == "spectral-bound":
