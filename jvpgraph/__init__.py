@@ -12,7 +12,7 @@ Example:
 from .api import Linearized, Traced, jvp, linearize, trace, vjp
 from .flip import FlippedGraph
 from .graph import Graph
-from .regularizers import FrobeniusRegularizer, SpectralBoundRegularizer, SpectralRegularizer
+from .regularizers import FrobeniusRegularizer, Regularized, SpectralBoundRegularizer, SpectralRegularizer
 from .rules import RuleError
 from .spectral import SpectralNorm, spectral_norm
 from .trace import TraceError
@@ -22,4 +22,4 @@ __version__ = "0.1.0"
 
 __all__ = ["trace", "jvp", "vjp", "linearize", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
            "RuleError", "verify", "VerifyReport", "spectral_norm", "SpectralNorm", "SpectralRegularizer",
-           "FrobeniusRegularizer", "SpectralBoundRegularizer"]
+           "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized"]

@@ -25,7 +25,7 @@ import torch.nn as nn
 from . import api
 from .spectral import _check_per_sample, normalize_per_sample, per_sample_norm
 
-__all__ = ["SpectralRegularizer", "FrobeniusRegularizer", "SpectralBoundRegularizer"]
+__all__ = ["SpectralRegularizer", "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized"]
 
 
 class _JacobianRegularizer:
@@ -120,12 +120,20 @@ class SpectralRegularizer(_JacobianRegularizer):
     def _start(self, x: torch.Tensor, index) -> torch.Tensor:
         if self.generator is None:
             self.generator = torch.Generator(device=x.device).manual_seed(0)
-        v = torch.randn(x.shape, generator=self.generator, dtype=x.dtype, device=x.device)
-        if self.warm_start and index is not None:
-            for row, i in enumerate(_as_list(index)):
-                kept = self._vectors.get(i)
-                if kept is not None and kept.shape == x.shape[1:]:
-                    v[row] = kept.to(v)
+        if not (self.warm_start and index is not None):
+            return normalize_per_sample(torch.randn(x.shape, generator=self.generator, dtype=x.dtype,
+                                                    device=x.device))
+        # with indices, a sample's first vector depends on its index only (not on the batch it came in, nor on
+        # the process that sees it: a run sharded by DistributedDataParallel starts like a single process)
+        v = torch.empty_like(x)
+        seed = self.generator.initial_seed()
+        for row, i in enumerate(_as_list(index)):
+            kept = self._vectors.get(i)
+            if kept is not None and kept.shape == x.shape[1:]:
+                v[row] = kept.to(v)
+            else:
+                g = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + i) % (2 ** 63))
+                v[row] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
         return normalize_per_sample(v)
 
     def _keep(self, index, v: torch.Tensor) -> None:
@@ -260,3 +268,33 @@ def _as_list(index) -> list[int]:
         return [int(i) for i in index.reshape(-1).tolist()]
     return [int(i) for i in index]
 
+
+
+class Regularized(nn.Module):
+    """A model and its regularizer as one module whose ``forward(x, index=None)`` returns ``(output, penalty)``:
+    what a training engine that wraps modules needs, e.g. ``DistributedDataParallel(Regularized(model, reg))``
+    (the regularizer's forward then runs inside DDP's, so its gradients are all-reduced like any other).
+
+    With DDP each rank regularizes its own samples; the penalty's mean over a rank's batch, averaged over the
+    ranks by DDP's gradient averaging, is the mean over the global batch. BatchNorm in train mode uses each
+    rank's batch statistics, as in any DDP training (``bn="frozen"`` holds those), and DDP broadcasts rank 0's
+    running statistics at each forward.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 3))
+        >>> both = Regularized(net, jvpgraph.SpectralRegularizer(net))
+        >>> out, penalty = both(torch.randn(5, 4), torch.arange(5))
+        >>> out.shape, penalty.shape, [n for n, _ in both.named_parameters()][:1]
+        (torch.Size([5, 3]), torch.Size([5]), ['model.0.weight'])
+    """
+
+    def __init__(self, model: nn.Module, regularizer):
+        super().__init__()
+        if getattr(regularizer, "model", model) is not model:
+            raise ValueError("Regularized: the regularizer was built for another model; build it with this one")
+        self.model = model
+        self.regularizer = regularizer  # not a module: its state (warm-start vectors) stays per process
+
+    def forward(self, x: torch.Tensor, index=None):
+        return self.regularizer(x, index=index)
