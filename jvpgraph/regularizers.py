@@ -114,7 +114,9 @@ class SpectralRegularizer(_JacobianRegularizer):
             _check_per_sample(model, bn)
         self.n_iter, self.penalty, self.warm_start, self.grad = n_iter, penalty, warm_start, grad
         self.generator = generator
-        self._vectors: dict[int, torch.Tensor] = {}
+        # warm-start vectors by dataset index: row i of _store, valid where _kept[i]
+        self._store: torch.Tensor | None = None
+        self._kept: torch.Tensor | None = None
         self.last: dict[str, torch.Tensor] = {}
 
     def _start(self, x: torch.Tensor, index) -> torch.Tensor:
@@ -123,28 +125,43 @@ class SpectralRegularizer(_JacobianRegularizer):
         if not (self.warm_start and index is not None):
             return normalize_per_sample(torch.randn(x.shape, generator=self.generator, dtype=x.dtype,
                                                     device=x.device))
-        # with indices, a sample's first vector depends on its index only (not on the batch it came in, nor on
-        # the process that sees it: a run sharded by DistributedDataParallel starts like a single process)
-        v = torch.empty_like(x)
+        idx = _index_tensor(index, x.shape[0])
+        self._reserve(x, int(idx.max()) + 1 if idx.numel() else 0)
+        on = idx.to(self._store.device)
+        kept = self._kept[on].to(x.device)
+        v = torch.where(kept.reshape(-1, *([1] * (x.dim() - 1))), self._store[on].to(x), torch.zeros_like(x))
+        # a sample's first vector depends on its index only (not on the batch it came in, nor on the process
+        # that sees it: a run sharded by DistributedDataParallel starts like a single process)
         seed = self.generator.initial_seed()
-        for row, i in enumerate(_as_list(index)):
-            kept = self._vectors.get(i)
-            if kept is not None and kept.shape == x.shape[1:]:
-                v[row] = kept.to(v)
-            else:
-                g = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + i) % (2 ** 63))
-                v[row] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
+        for row in (~kept).nonzero().flatten().tolist():
+            g = torch.Generator(device=x.device).manual_seed((seed * 1_000_003 + int(idx[row])) % (2 ** 63))
+            v[row] = torch.randn(x.shape[1:], generator=g, dtype=x.dtype, device=x.device)
         return normalize_per_sample(v)
 
+    def _reserve(self, x: torch.Tensor, size: int) -> None:
+        """Grow the vector store to ``size`` rows of ``x``'s sample shape (a new shape starts it afresh)."""
+        shape = tuple(x.shape[1:])
+        if self._store is None or tuple(self._store.shape[1:]) != shape or self._store.dtype != x.dtype:
+            self._store = x.new_zeros((0, *shape))
+            self._kept = torch.zeros(0, dtype=torch.bool, device=x.device)
+        if size > self._store.shape[0]:
+            grow = max(size, 2 * self._store.shape[0]) - self._store.shape[0]
+            self._store = torch.cat([self._store, x.new_zeros((grow, *shape))])
+            self._kept = torch.cat([self._kept, torch.zeros(grow, dtype=torch.bool, device=self._kept.device)])
+
     def _keep(self, index, v: torch.Tensor) -> None:
-        if self.warm_start and index is not None:
-            for row, i in enumerate(_as_list(index)):
-                if bool(v[row].abs().sum() > 0):  # a zero gradient (lambda = 0) keeps the old vector
-                    self._vectors[i] = v[row].detach().clone()
+        if not (self.warm_start and index is not None):
+            return
+        idx = _index_tensor(index, v.shape[0])
+        self._reserve(v, int(idx.max()) + 1 if idx.numel() else 0)
+        nonzero = v.detach().flatten(1).abs().sum(1) > 0  # a zero gradient (lambda = 0) keeps the old vector
+        rows = idx[nonzero.cpu()].to(self._store.device)
+        self._store[rows] = v.detach()[nonzero].to(self._store)
+        self._kept[rows] = True
 
     def __call__(self, x: torch.Tensor, index=None):
-        if self.warm_start and index is not None and len(_as_list(index)) != x.shape[0]:
-            raise ValueError(f"index has {len(_as_list(index))} entries for a batch of {x.shape[0]}")
+        if self.warm_start and index is not None:
+            _index_tensor(index, x.shape[0])  # checks it before any work
         lin = self._forward(x, vjp=self.grad != "uJv")
         v = self._start(x, index)
         expand = (-1,) + (1,) * (x.dim() - 1)
@@ -155,7 +172,7 @@ class SpectralRegularizer(_JacobianRegularizer):
         if self.grad == "uJv":
             if self.warm_start and index is not None and torch.is_grad_enabled():
                 v = v.clone().requires_grad_(True)  # its gradient in loss.backward() is Jᵀu (scaled)
-                keys = list(_as_list(index))
+                keys = _index_tensor(index, x.shape[0])
                 v.register_hook(lambda g: self._keep(keys, normalize_per_sample(g)))
             jv = lin.jvp(v)  # the one tangent pass, recorded by autograd
             u = normalize_per_sample(jv.detach())
@@ -263,10 +280,18 @@ class SpectralBoundRegularizer:
             torch.zeros(out.shape[0], dtype=out.dtype, device=out.device)
 
 
-def _as_list(index) -> list[int]:
-    if isinstance(index, torch.Tensor):
-        return [int(i) for i in index.reshape(-1).tolist()]
-    return [int(i) for i in index]
+def _index_tensor(index, batch: int) -> torch.Tensor:
+    """Dataset indices of a batch as a CPU int64 tensor, checked: one non-negative integer per sample."""
+    idx = torch.as_tensor(index).reshape(-1)
+    if idx.is_floating_point() or idx.is_complex() or idx.dtype == torch.bool:
+        raise TypeError(f"index must hold integers (dataset indices), got dtype {idx.dtype}")
+    idx = idx.to(device="cpu", dtype=torch.int64)
+    if idx.numel() != batch:
+        raise ValueError(f"index has {idx.numel()} entries for a batch of {batch}")
+    if idx.numel() and int(idx.min()) < 0:
+        raise ValueError(f"index must be non-negative dataset indices, got {int(idx.min())}")
+    return idx
+
 
 
 

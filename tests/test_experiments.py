@@ -120,7 +120,9 @@ def test_normalize_is_linear_in_jv():
 
 def test_demo_writes_drawing_plots_and_results(tmp_path):
     buf = io.StringIO()
-    assert jvpgraph.cli.demo(batch=4, out=buf, out_dir=str(tmp_path), epochs=2, lams=(0.1,), progress=False) == 0
+    from jvpgraph.cli import demo
+
+    assert demo(batch=4, out=buf, out_dir=str(tmp_path), epochs=2, lams=(0.1,), progress=False) == 0
     text = buf.getvalue()
     assert "all checks passed" in text and "spectral (λ=0.1)" in text
     for name in ("flipped_graph.png", "training.png"):

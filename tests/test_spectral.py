@@ -322,3 +322,17 @@ def test_penalty_gradient_with_train_mode_batchnorm():
     got = [torch.zeros_like(p) if g is None else g for g, p in zip(got, net.parameters())]
     for (name, w), g in zip(want.items(), got):
         torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_warm_start_index_is_checked():
+    net = _mlp()
+    reg = jvpgraph.SpectralRegularizer(net)
+    x = torch.randn(3, 5, dtype=D)
+    with pytest.raises(ValueError, match="3 entries for a batch of 3|2 entries for a batch of 3"):
+        reg(x, index=[0, 1])
+    with pytest.raises(ValueError, match="non-negative"):
+        reg(x, index=[0, -1, 2])
+    with pytest.raises(TypeError, match="integers"):
+        reg(x, index=torch.tensor([0.0, 1.0, 2.0]))
+    _, first = reg(x, index=[7, 8, 9])  # indices need not start at 0 or be dense
+    assert first.shape == (3,)
