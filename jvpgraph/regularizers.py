@@ -293,8 +293,6 @@ def _index_tensor(index, batch: int) -> torch.Tensor:
     return idx
 
 
-
-
 class Regularized(nn.Module):
     """A model and its regularizer as one module whose ``forward(x, index=None)`` returns ``(output, penalty)``:
     what a training engine that wraps modules needs, e.g. ``DistributedDataParallel(Regularized(model, reg))``
