@@ -150,6 +150,126 @@ def api_markdown() -> str:
     return "\n".join(parts + toc + [""] + body).rstrip() + "\n"
 
 
+# ------------------------------------------------------------------ bad input
+def _bad_input_cases():
+    """(what the user does, a call) pairs; the page shows what each call answers."""
+    import functools
+
+    import torch
+    import torch.nn as nn
+
+    import jvpgraph
+    from jvpgraph.experiments.models import SigmoidBNCNN
+    from jvpgraph.rules import RuleError  # noqa: F401 - named in the page
+
+    x = torch.randn(4, 3)
+    bn_model = SigmoidBNCNN(width=2).train()
+
+    class Counter(nn.Module):  # writes a buffer that is not a BatchNorm statistic
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.register_buffer("calls", torch.zeros(()))
+
+        def forward(self, z):
+            self.calls += 1
+            return self.lin(z)
+
+    counter = Counter()
+
+    def counter_case():
+        lin = jvpgraph.trace(counter, x).linearize(x)
+        return f"model.calls stays {float(counter.calls):g}; lin.new_buffers = {dict(lin.new_buffers)}"
+
+    if hasattr(torch.ops, "docs_bad_input") and hasattr(torch.ops.docs_bad_input, "noback"):
+        noback = torch.ops.docs_bad_input.noback  # registered by an earlier call in this process
+    else:
+        @torch.library.custom_op("docs_bad_input::noback", mutates_args=(), schema="(Tensor z) -> Tensor")
+        def noback(z):
+            return z * 2
+
+        noback.register_fake(lambda z: torch.empty_like(z))
+
+    def nested_case():
+        out, jv = jvpgraph.jvp(lambda d, scale=2.0: {"sum": d["a"] + d["b"][0], "pair": (d["a"] * scale,)},
+                               ({"a": x, "b": [x]},), ({"a": torch.ones_like(x), "b": [torch.ones_like(x)]},))
+        return f"Jv = {{'sum': tensor of {tuple(jv['sum'].shape)}, 'pair': (tensor of {tuple(jv['pair'][0].shape)},)}}"
+
+    return [
+        ("Python control flow on a value: `if x.sum() > 0`",
+         lambda: jvpgraph.jvp(lambda z: z.sin() if z.sum() > 0 else z.cos(), (x,), (x,)) and "Jv computed"),
+        ("dict / list / tuple inputs and outputs, keyword defaults", nested_case),
+        ("an integer input given a tangent",
+         lambda: jvpgraph.jvp(lambda z, n: z * n, (x, torch.tensor(2)), (x, torch.tensor(1)))),
+        ("an integer input with `None` as its tangent",
+         lambda: jvpgraph.jvp(lambda z, n: z * n, (x, torch.tensor(2)), (x, None)) and "Jv computed"),
+        ("a tangent of the wrong shape", lambda: jvpgraph.jvp(torch.sin, (x,), (torch.randn(3, 4),))),
+        ("a tangent of the wrong dtype", lambda: jvpgraph.jvp(torch.sin, (x,), (x.double(),))),
+        ("a tangent on the wrong device",
+         lambda: jvpgraph.jvp(torch.sin, (x,), (torch.empty(4, 3, device="meta"),))),
+        ("a non-tensor input", lambda: jvpgraph.jvp(torch.sin, ([1.0, 2.0],), ([1.0, 2.0],))),
+        ("a new batch size after tracing",
+         lambda: (lambda g: g.jvp(torch.randn(7, 3), torch.randn(7, 3)) and
+                  f"traced again for (7, 3): {g}")(jvpgraph.trace(nn.Linear(3, 2), x))),
+        ("NaN and inf in the input", lambda: "Jv = " + str(jvpgraph.jvp(
+            torch.sin, (torch.tensor([float("nan"), 0.0, float("inf")]),), (torch.ones(3),))[1])),
+        ("complex input through `abs` (complex to real)",
+         lambda: jvpgraph.jvp(torch.abs, (torch.randn(3, dtype=torch.complex64),),
+                              (torch.randn(3, dtype=torch.complex64),))),
+        ("an op with neither a backward nor a rule",
+         lambda: jvpgraph.jvp(lambda z: noback(z), (x,), (x,))),
+        ("a model that writes a buffer of its own", counter_case),
+        ("an unknown `bn=` mode", lambda: jvpgraph.trace(nn.Linear(3, 3), x, bn="sync")),
+        ("per-sample σ with BatchNorm coupling the batch",
+         lambda: jvpgraph.SpectralRegularizer(bn_model, bn="batch")),
+        ("warm-start indices that do not match the batch",
+         lambda: jvpgraph.SpectralRegularizer(bn_model)(torch.randn(4, 1, 8, 8), index=[0, 1])),
+        ("drawing with a module name the model does not have",
+         lambda: jvpgraph.trace(nn.Linear(3, 3), x).graph.draw(expand=["encoder"])),
+        ("functools.partial binding a non-tensor argument",
+         lambda: jvpgraph.jvp(functools.partial(torch.pow, exponent=2), (x,), (x,)) and "Jv computed"),
+    ]
+
+
+def _outcome(fn) -> tuple[str, str]:
+    """(kind, first line of the message or result) of one call, with warnings it raised."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            result = fn()
+            kind = "works"
+            text = result if isinstance(result, str) else "ok"
+        except Exception as e:  # noqa: BLE001 - the page shows what the user sees
+            kind, text = type(e).__name__, str(e)
+    said = [str(w.message) for w in caught if "jvpgraph" in str(w.message)]
+    if kind == "works" and said:
+        kind, text = "works, warns", said[0]
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    text = lines[0] if lines else ""
+    if text.endswith(":"):  # a list follows: show its hint
+        text += " … " + next((ln for ln in lines if ln.startswith(("Register", "Make", "use"))), lines[-1])
+    text = text.replace(str(ROOT), "…").replace("|", "\\|")
+    return kind, (text[:230] + " …") if len(text) > 230 else text
+
+
+def bad_input_markdown() -> str:
+    """The bad-input page: every case of :func:`_bad_input_cases`, run now, with what the user sees."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    lines = ["# Bad input: what you see", "",
+             "Each row is run by `./run docs` (docs/build.py) and checked by tests/test_docs.py: the message is what "
+             "the call printed on this build (first line). Nothing here changes the model: parameters, buffers, "
+             "`training` flags and the caller's random number generator stay as they were.", "",
+             "| you do | jvpgraph answers | message (first line) |", "|---|---|---|"]
+    for what, fn in _bad_input_cases():
+        kind, text = _outcome(fn)
+        lines.append(f"| {what} | {kind} | {text} |")
+    return "\n".join(lines) + "\n"
+
+
 # ------------------------------------------------------------------ demo, HTML
 def demo(out: pathlib.Path = IMG / "demo") -> None:
     from jvpgraph.experiments.demo import demo as run
@@ -209,6 +329,8 @@ def main(argv=None) -> int:
             print(f"docs: {path.relative_to(ROOT)}")
     (DOCS / "api.md").write_text(api_markdown())
     print("docs: docs/api.md")
+    (DOCS / "bad-input.md").write_text(bad_input_markdown())
+    print("docs: docs/bad-input.md")
     if args.demo:
         demo()
         print("docs: docs/img/demo/, docs/demo-output.txt")

@@ -47,6 +47,12 @@ def test_api_reference_is_generated_from_the_docstrings():
         "docs/api.md is stale: run ./run docs"
 
 
+def test_bad_input_page_is_what_the_calls_answer():
+    """docs/bad-input.md lists what each bad call answers; it must be what they answer today."""
+    assert (ROOT / "docs" / "bad-input.md").read_text() == _build().bad_input_markdown(), \
+        "docs/bad-input.md is stale: run ./run docs"
+
+
 @pytest.mark.parametrize("page", PAGES, ids=_name)
 def test_pictures_and_links_exist(page):
     text = re.sub(r"^```.*?^```", "", page.read_text(), flags=re.S | re.M)  # links, not code
