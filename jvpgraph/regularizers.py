@@ -119,13 +119,13 @@ class SpectralRegularizer(_JacobianRegularizer):
         self._kept: torch.Tensor | None = None
         self.last: dict[str, torch.Tensor] = {}
 
-    def _start(self, x: torch.Tensor, index) -> torch.Tensor:
+    def _start(self, x: torch.Tensor, idx: torch.Tensor | None) -> torch.Tensor:
+        """Starting right vectors: kept ones for the indices ``idx`` (checked, or ``None``: a cold start)."""
         if self.generator is None:
             self.generator = torch.Generator(device=x.device).manual_seed(0)
-        if not (self.warm_start and index is not None):
+        if idx is None:
             return normalize_per_sample(torch.randn(x.shape, generator=self.generator, dtype=x.dtype,
                                                     device=x.device))
-        idx = _index_tensor(index, x.shape[0])
         self._reserve(x, int(idx.max()) + 1 if idx.numel() else 0)
         on = idx.to(self._store.device)
         kept = self._kept[on].to(x.device)
@@ -149,10 +149,9 @@ class SpectralRegularizer(_JacobianRegularizer):
             self._store = torch.cat([self._store, x.new_zeros((grow, *shape))])
             self._kept = torch.cat([self._kept, torch.zeros(grow, dtype=torch.bool, device=self._kept.device)])
 
-    def _keep(self, index, v: torch.Tensor) -> None:
-        if not (self.warm_start and index is not None):
+    def _keep(self, idx: torch.Tensor | None, v: torch.Tensor) -> None:
+        if idx is None:
             return
-        idx = _index_tensor(index, v.shape[0])
         self._reserve(v, int(idx.max()) + 1 if idx.numel() else 0)
         nonzero = v.detach().flatten(1).abs().sum(1) > 0  # a zero gradient (lambda = 0) keeps the old vector
         rows = idx[nonzero.cpu()].to(self._store.device)
@@ -160,38 +159,37 @@ class SpectralRegularizer(_JacobianRegularizer):
         self._kept[rows] = True
 
     def __call__(self, x: torch.Tensor, index=None):
-        if self.warm_start and index is not None:
-            _index_tensor(index, x.shape[0])  # checks it before any work
+        # the batch's dataset indices, checked before any work; None: no warm start for this call
+        idx = _index_tensor(index, x.shape[0]) if self.warm_start and index is not None else None
         lin = self._forward(x, vjp=self.grad != "uJv")
-        v = self._start(x, index)
+        v = self._start(x, idx)
         expand = (-1,) + (1,) * (x.dim() - 1)
         plain = lin.detach()
         with torch.no_grad():
             for _ in range(self.n_iter - 1):
                 v = normalize_per_sample(plain.vjp(normalize_per_sample(plain.jvp(v))))
         if self.grad == "uJv":
-            if self.warm_start and index is not None and torch.is_grad_enabled():
+            if idx is not None and torch.is_grad_enabled():
                 v = v.clone().requires_grad_(True)  # its gradient in loss.backward() is Jᵀu (scaled)
-                keys = _index_tensor(index, x.shape[0])
-                v.register_hook(lambda g: self._keep(keys, normalize_per_sample(g)))
+                v.register_hook(lambda g: self._keep(idx, normalize_per_sample(g)))
             jv = lin.jvp(v)  # the one tangent pass, recorded by autograd
             u = normalize_per_sample(jv.detach())
             sigma = (u * jv).flatten(1).sum(1)  # = ‖Jv‖, differentiable as uᵀ(∇J)v (u held constant)
-            if not v.requires_grad:
-                self._keep(index, normalize_per_sample(plain.vjp(u)) if self.warm_start else v)
+            if idx is not None and not v.requires_grad:  # no backward to come: Jᵀu for the next call here
+                self._keep(idx, normalize_per_sample(plain.vjp(u)))
         elif self.grad == "JTu":
             with torch.no_grad():
                 u = normalize_per_sample(plain.jvp(v))
             w = lin.vjp(u, create_graph=True)  # Jᵀu, differentiable in the parameters
             sigma = per_sample_norm(w)
             v = normalize_per_sample(w.detach())
-            self._keep(index, v)
+            self._keep(idx, v)
         else:  # "iterations"
             u = normalize_per_sample(lin.jvp(v))
             w = lin.vjp(u, create_graph=True)
             sigma = per_sample_norm(w)
             v = w / sigma.clamp_min(1e-30).reshape(expand)
-            self._keep(index, v)
+            self._keep(idx, v)
         self.last = dict(u=u.detach(), v=v.detach(), sigma=sigma.detach())
         return lin.out, sigma if self.penalty == "sigma" else sigma ** 2
 
