@@ -9,12 +9,13 @@ import json
 import pytest
 import torch
 import torch.nn as nn
+from sklearn.datasets import load_digits
 
 import jvpgraph
 from jvpgraph.experiments.data import Normalize, digits, split_indices
 from jvpgraph.experiments.models import SigmoidBNCNN
 from jvpgraph.experiments.robustness import noisy_accuracy
-from jvpgraph.experiments.train import REGULARIZERS, TrainConfig, evaluate, fit, mean_sigma
+from jvpgraph.experiments.train import REGULARIZERS, TrainConfig, evaluate, fit, sigma_per_sample
 
 
 @pytest.fixture(scope="module")
@@ -28,7 +29,7 @@ def test_digits_splits_are_disjoint_stratified_and_normalizable(data):
     sizes = [len(data.train), len(data.val), len(data.test)]
     assert sum(sizes) == 1797 and abs(sizes[0] / 1797 - 0.6) < 0.01
     # no image appears in two splits (the 8x8 digits contain a few exact duplicates: compare indices)
-    parts = split_indices(torch.tensor(__import__("sklearn.datasets").datasets.load_digits().target))
+    parts = split_indices(torch.tensor(load_digits().target))
     assert len(set(torch.cat(parts).tolist())) == 1797
     for k in range(10):  # every class in the same proportion in each split (±1 sample)
         n_k = [int((d.tensors[1] == k).sum()) for d in (data.train, data.val, data.test)]
@@ -83,20 +84,20 @@ def test_spectral_penalty_lowers_sigma_and_l2_lowers_weights(data):
         torch.manual_seed(0)
         model = nn.Sequential(data.normalize(), SigmoidBNCNN(width=4))
         fit(model, data.train, data.val, TrainConfig(reg, lam=lam, epochs=3, lr=0.05), progress=False)
-        results[reg] = (float(mean_sigma(model, data.test.tensors[0][:64]).mean()),
+        results[reg] = (float(sigma_per_sample(model, data.test.tensors[0][:64]).mean()),
                         sum(float(p.detach().pow(2).sum()) for p in model.parameters()))
     assert results["spectral"][0] < 0.7 * results["none"][0], results
     assert results["l2"][1] < results["none"][1]
 
 
-def test_mean_sigma_is_the_exact_spectral_norm_in_eval_mode():
+def test_sigma_per_sample_is_the_exact_spectral_norm_in_eval_mode():
     torch.manual_seed(0)
     model = SigmoidBNCNN(width=2).double().train()
     model(torch.randn(16, 1, 8, 8, dtype=torch.double))  # running statistics away from their init
     x = torch.randn(5, 1, 8, 8, dtype=torch.double)
     exact = jvpgraph.spectral_norm(model.eval(), x, method="exact").sigma
     model.train()
-    torch.testing.assert_close(mean_sigma(model, x), exact, rtol=1e-4, atol=0)
+    torch.testing.assert_close(sigma_per_sample(model, x), exact, rtol=1e-4, atol=0)
     assert model.training
 
 

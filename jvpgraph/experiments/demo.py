@@ -113,7 +113,7 @@ def _train_section(p, out_dir: str, epochs: int, lams, seed: int, progress: bool
     from .models import SigmoidBNCNN
     from .plots import plot_training
     from .robustness import noisy_accuracy
-    from .train import TrainConfig, evaluate, fit, mean_sigma
+    from .train import TrainConfig, evaluate, fit, sigma_per_sample
 
     data = digits(size=16, seed=seed)
     p(f"3. Training on the embedded digits ({data.name}: {len(data.train)} train / {len(data.val)} val / "
@@ -129,7 +129,7 @@ def _train_section(p, out_dir: str, epochs: int, lams, seed: int, progress: bool
         cfg = TrainConfig(reg, lam=lam_, epochs=epochs, lr=0.05, batch_size=32, seed=seed)
         hist, t_total = _timed(lambda: fit(model, data.train, data.val, cfg, progress=progress, desc=label))
         test = evaluate(model, data.test)
-        sigma = mean_sigma(model, data.test.tensors[0])
+        sigma = sigma_per_sample(model, data.test.tensors[0])
         histories[label], sigmas[label] = hist, sigma
         results.append({"method": label, "reg": reg, "lam": lam_, "test_acc": test["acc"],
                         "noise": noise, "noisy_test_acc": noisy_accuracy(model, data.test, noise, seed=seed),

@@ -10,6 +10,8 @@ import torch
 import torch.nn as nn
 from torch.utils.data import TensorDataset
 
+from ..spectral import normalize_per_sample
+
 __all__ = ["noisy_accuracy", "attack_accuracy", "boundary_distance", "ATTACKS"]
 
 
@@ -123,7 +125,7 @@ def boundary_distance(model: nn.Module, x: torch.Tensor, n_directions: int = 100
         for i, xi in enumerate(x):
             label = model(xi[None]).argmax(1)
             dirs = torch.randn((n_directions, *xi.shape), generator=g).to(xi)
-            dirs = dirs / dirs.flatten(1).norm(dim=1).reshape(-1, *([1] * xi.dim()))
+            dirs = normalize_per_sample(dirs)
 
             def flips(r):  # (n_directions,) bool: class changed at radius r along each direction
                 res = []

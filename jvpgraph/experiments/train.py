@@ -20,7 +20,7 @@ from torch.utils.data import TensorDataset
 from ..regularizers import FrobeniusRegularizer, SpectralBoundRegularizer, SpectralRegularizer
 from ..spectral import spectral_norm
 
-__all__ = ["REGULARIZERS", "TrainConfig", "History", "make_regularizer", "fit", "evaluate", "mean_sigma",
+__all__ = ["REGULARIZERS", "TrainConfig", "History", "make_regularizer", "fit", "evaluate", "sigma_per_sample",
            "augment"]
 
 #: The methods of the paper's Table 1.
@@ -126,12 +126,12 @@ def evaluate(model: nn.Module, data: TensorDataset, batch_size: int = 512) -> di
         model.train(was)
 
 
-def mean_sigma(model: nn.Module, x: torch.Tensor, n_iter: int = 50, batch_size: int = 256) -> torch.Tensor:
+def sigma_per_sample(model: nn.Module, x: torch.Tensor, n_iter: int = 50, batch_size: int = 256) -> torch.Tensor:
     """Per-sample spectral norm ``‖J(x_i)‖₂`` of the model in eval mode (power iteration to ``1e-5``).
 
     Example:
         >>> import torch, torch.nn as nn
-        >>> mean_sigma(nn.Linear(3, 2, bias=False), torch.randn(4, 3)).shape
+        >>> sigma_per_sample(nn.Linear(3, 2, bias=False), torch.randn(4, 3)).shape
         torch.Size([4])
     """
     was = model.training
