@@ -248,7 +248,7 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
         err = testing.max_rel_err(jv, ref)
         checks.append(Check(ref_name, "pass" if err <= tol else "FAIL", err, tol, dt))
 
-    def fd_check(ref_name, g, jv_of):
+    def fd_check(ref_name, make_g, jv_of):
         """Central differences at ε and ε/2, Richardson-extrapolated, ``(4 D(ε/2) − D(ε)) / 3``: the ε² terms
         cancel (error O(ε⁴)), which matters where the function bends hard (BatchNorm over two values per
         channel: plain differences are off by 1e-5 there). ``|R − D(ε/2)|`` bounds the differences' own
@@ -256,7 +256,8 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
         tol = tolerance(torch.float64, "finite differences")
         try:
             t0 = time.perf_counter()
-            jv_, fd, fd_half = seeded(lambda: (jv_of(), testing.finite_differences(g, x, v, eps=1e-7),
+            g = make_g()  # inside the try: a model that cannot be copied to float64 makes the row n/a
+            jv_, fd, fd_half = seeded(lambda: (jv_of(g), testing.finite_differences(g, x, v, eps=1e-7),
                                                testing.finite_differences(g, x, v, eps=5e-8)))
             extrapolated = (4 * fd_half - fd) / 3
             err, noise = testing.max_rel_err(jv_, extrapolated), testing.max_rel_err(fd_half, extrapolated)
@@ -288,13 +289,13 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
             checks.append(Check("central finite differences", "n/a",
                                 reason=f"random ops in the graph ({', '.join(random)}): two forwards differ"))
         elif dt == torch.float64:
-            fd_check("central finite differences", f, lambda: jv)
+            fd_check("central finite differences", lambda: f, lambda g: jv)
         else:
             # A float32 model and its float64 twin are different piecewise functions near kinks (ReLU masks,
             # max-pool argmaxes flip at rounding level): compare the twin's Jv with differences on the twin.
-            f64 = copy.deepcopy(f).double() if isinstance(f, nn.Module) else f
-            fd_check("finite differences (float64 twin)", f64,
-                     lambda: Traced(f64, (x.double(),), bn=bn).jvp(x.double(), v.double())[1])
+            fd_check("finite differences (float64 twin)",
+                     lambda: copy.deepcopy(f).double() if isinstance(f, nn.Module) else f,
+                     lambda g: Traced(g, (x.double(),), bn=bn).jvp(x.double(), v.double())[1])
         try:
             t0 = time.perf_counter()
             gap = seeded(lambda: testing.adjoint_gap(jv, f, x, v))
