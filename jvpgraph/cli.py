@@ -1,4 +1,4 @@
-"""Command line: ``jvpgraph demo | verify | draw | train | robustness``.
+"""Command line: ``jvpgraph demo | verify | draw | train | robustness | bench``.
 
 Example:
     >>> from jvpgraph.cli import build_parser
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 import warnings
 
 import torch
@@ -130,6 +131,25 @@ def robustness_cmd(args) -> int:
     return 0
 
 
+def bench_cmd(args) -> int:
+    from .experiments import bench
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quick = dict(models=["lenet", "mlp"], modes=["eval"], repeats=3, batches=(1, 8, 64)) if args.quick else {}
+    try:
+        bench.run(args.out, parts=args.parts, models=args.models or quick.get("models"),
+                  modes=args.modes or quick.get("modes", ("eval", "train")),
+                  repeats=args.repeats or quick.get("repeats", 20),
+                  batches=args.batches or quick.get("batches", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
+                  compile=args.compile, readme=args.readme)
+    except ValueError as e:
+        raise SystemExit(f"jvpgraph bench: {e}") from None
+    print((Path(args.out) / "bench.md").read_text())
+    print(f"jvpgraph bench: wrote {args.out}/bench.json, bench.md and the plots")
+    return 0
+
+
 def verify_cmd(args) -> int:
     from .verify import verify
 
@@ -210,6 +230,20 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", default="runs/experiment", help="results, checkpoints (resumes what is there)")
     t.add_argument("--no-progress", action="store_true")
 
+    b = sub.add_parser("bench", help="Jv and the regularizers against autograd: time, memory, accuracy as ratios "
+                                     "from one run; JSON, plots and a markdown table")
+    b.add_argument("--out", default="benchmarks/results", help="folder for bench.json, bench.md and the plots")
+    b.add_argument("--parts", nargs="+", choices=("jvp", "sweep", "trace"), default=["jvp", "sweep", "trace"],
+                   help="jvp: Jv vs torch.func/forward_ad/double-backward; sweep: Figure 5 (left), time per "
+                        "batch vs batch size; trace: one-off trace cost and its amortization")
+    b.add_argument("--models", nargs="+", default=None, help="lenet, mlp, vgg16_bn, resnet18, vit (default all)")
+    b.add_argument("--modes", nargs="+", choices=("eval", "train"), default=None)
+    b.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 20)")
+    b.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes of the sweep")
+    b.add_argument("--compile", action="store_true", help="also time the flipped graph under torch.compile")
+    b.add_argument("--quick", action="store_true", help="LeNet and the MLP, eval, 3 repeats: a minute")
+    b.add_argument("--readme", default=None, help="replace this README's generated benchmark section")
+    b.add_argument("--threads", type=int, default=None)
     r = sub.add_parser("robustness", help="noise, PGD/TPGD/Square and decision-boundary distances for the models "
                                           "`jvpgraph train` selected (Figures 3 and 4)")
     r.add_argument("out", help="the folder `jvpgraph train --out` wrote")
@@ -240,6 +274,8 @@ def main(argv=None) -> int:
         return train_cmd(args)
     if args.command == "robustness":
         return robustness_cmd(args)
+    if args.command == "bench":
+        return bench_cmd(args)
     return 2
 
 

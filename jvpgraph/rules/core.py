@@ -288,8 +288,6 @@ defrule([aten.div.Scalar_mode],
         lambda ts, out, x, y, rounding_mode=None: None if rounding_mode else ts[0] / y, "linear")
 
 # ------------------------------------------------------------------ elementwise: f'(x) * t
-_SQRT_2_OVER_PI = math.sqrt(2.0 / math.pi)
-_INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
 def _unary(op, deriv, kind="elementwise"):
@@ -298,12 +296,9 @@ def _unary(op, deriv, kind="elementwise"):
 
 
 def _gelu_d(out, x, approximate="none"):
-    if approximate == "tanh":
-        inner = _SQRT_2_OVER_PI * (x + 0.044715 * x * x * x)
-        th = torch.tanh(inner)
-        return 0.5 * (1 + th) + 0.5 * x * (1 - th * th) * _SQRT_2_OVER_PI * (1 + 3 * 0.044715 * x * x)
-    cdf = 0.5 * (1 + torch.erf(x * (1 / math.sqrt(2.0))))
-    return cdf + x * torch.exp(-0.5 * x * x) * _INV_SQRT_2PI
+    # GELU's own backward kernel at a unit gradient: f'(x) in one fused pass (written out with erf and exp it
+    # was seven elementwise passes, 5x the cost of the GELU itself on the CPU here)
+    return aten.gelu_backward(torch.ones_like(x), x, approximate=approximate)
 
 
 def _silu_d(out, x):
@@ -414,7 +409,15 @@ defrule(aten.maximum, _minmax(True), "mask")
 defrule(aten.minimum, _minmax(False), "mask")
 
 # ------------------------------------------------------------------ softmax family
-defjvp(aten._softmax, lambda t, out, x, dim, half: out * (t - (out * t).sum(dim, keepdim=True)), kind="coupled")
+def _softmax(t, out, x, dim, half_to_float):
+    """``out * (t - sum(out * t))``: softmax's Jacobian is symmetric, so this is its backward kernel (fused)."""
+    if half_to_float or t.dtype != out.dtype:
+        t = t.to(out.dtype)
+        return out * (t - (out * t).sum(dim, keepdim=True))
+    return aten._softmax_backward_data(t, out, dim, x.dtype)
+
+
+defjvp(aten._softmax, _softmax, kind="coupled")
 defjvp(aten._log_softmax, lambda t, out, x, dim, half: t - (torch.exp(out) * t).sum(dim, keepdim=True),
        kind="coupled")
 # softmax whose fully masked rows (all -inf) give 0 instead of NaN (attention's math path): there out = 0
@@ -483,16 +486,47 @@ defrule(aten.std.correction,
         lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "coupled")
 
 # ------------------------------------------------------------------ normalization
-def _stats(x, dims, eps):
-    """``mean`` and ``rstd = (var + eps)^-1/2`` of ``x`` over ``dims`` (kept), recomputed from ``x``.
+@torch.library.custom_op("jvpgraph::norm_stats", mutates_args=())
+def norm_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dims: list[int]) -> tuple[
+        torch.Tensor, torch.Tensor]:
+    """The statistics a normalization kernel returned (``mean``, ``rstd = (var + eps)^-1/2`` of ``x`` over
+    ``dims``, shaped to broadcast against ``x``), made differentiable in ``x``.
 
-    The normalization kernels return the same numbers, but autograd treats those outputs as
-    non-differentiable: a tangent built on them is right as a value yet its gradient with respect to the
-    parameters (what a Jacobian penalty trains with) misses how the statistics move. Measured before this:
-    the spectral penalty's gradient for the weights feeding a train-mode BatchNorm was off by 80-180%.
+    The kernels return them as outputs autograd does not differentiate: a tangent built on them is right as a
+    value, yet its gradient with respect to the parameters (what a Jacobian penalty trains with) would miss how
+    the statistics move (measured: the spectral penalty's gradient for the weights feeding a train-mode
+    BatchNorm was off by 80-180%). Recomputing them costs a pass over ``x`` (``var_mean`` over the last
+    dimension took 4x LayerNorm itself here); this op copies the kernel's numbers and carries their gradient,
+    ``d mean = mean(dx)``, ``d rstd = -rstd³ mean((x - mean) dx)``, computed only when a backward asks.
     """
-    var, mean = torch.var_mean(x, dims, correction=0, keepdim=True)
-    return mean, torch.rsqrt(var + eps)
+    return mean.clone(), rstd.clone()
+
+
+@norm_stats.register_fake
+def _(x, mean, rstd, dims):
+    return torch.empty_like(mean), torch.empty_like(rstd)
+
+
+def _norm_stats_setup(ctx, inputs, output):
+    x, _, _, dims = inputs
+    ctx.save_for_backward(x, *output)
+    ctx.dims = dims
+
+
+def _norm_stats_backward(ctx, g_mean, g_rstd):
+    x, mean, rstd = ctx.saved_tensors
+    n = 1
+    for d in ctx.dims:
+        n *= x.shape[d]
+    gx = torch.zeros_like(x)
+    if g_mean is not None:
+        gx = gx + g_mean / n
+    if g_rstd is not None:
+        gx = gx - (g_rstd * rstd * rstd * rstd / n) * (x - mean)
+    return gx, None, None, None
+
+
+norm_stats.register_autograd(_norm_stats_backward, setup_context=_norm_stats_setup)
 
 
 def _stats_tangents(t, xc, rstd, dims, keepdim):
@@ -507,58 +541,74 @@ def _stats_tangents(t, xc, rstd, dims, keepdim):
     return t_mean, t_rstd
 
 
-def _normalize_tangent(t, xhat, rstd, dims, coupled):
-    """Tangent of ``xhat = (x - mean(x)) * rstd(x)`` over ``dims``; ``coupled=False`` holds the stats."""
-    if not coupled:
-        return rstd * t
-    return rstd * (t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True))
-
-
-def _affine_tangent(t_xhat, xhat, w, tw, tb, shape, out):
-    parts = [t_xhat if w is None else (t_xhat * w.view(shape) if t_xhat is not None else None)]
+def _affine_tangent(t_x, x, mean, rstd, w, tw, tb, shape, out):
+    """``t_x`` (the tangent through ``x``, weight applied) plus those of the weight and bias, which need
+    ``xhat = (x - mean) * rstd`` (computed only then: weights rarely carry a tangent)."""
+    parts = [t_x]
     if tw is not None:
-        parts.append(xhat * tw.view(shape))
+        parts.append(((x - mean) * rstd) * tw.view(shape))
     if tb is not None:
         parts.append(_expand(tb.view(shape), out))
     return add_tangents(*parts)
 
 
-def _batch_norm_tangent(ts, out, x, w, b, mean, invstd, coupled):
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    dims = [0] + list(range(2, x.dim()))
-    xhat = (x - mean.view(shape)) * invstd.view(shape)
-    t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, invstd.view(shape), dims, coupled)
-    return _affine_tangent(t_xhat, xhat, w, ts[1], ts[2], shape, out)
+def _normalize_tangent(t, xhat, rstd, dims):
+    """Tangent of ``xhat = (x - mean(x)) * rstd(x)`` over ``dims``."""
+    if t is None:
+        return None
+    return rstd * (t - t.mean(dims, keepdim=True) - xhat * (t * xhat).mean(dims, keepdim=True))
 
 
+def _scaled(t, w, rstd, shape):
+    """``t * w * rstd`` per channel (the statistics held: one multiply)."""
+    if t is None:
+        return None
+    scale = rstd if w is None else rstd * w.view(shape)
+    return t * scale
+
+
+# The normalizations' Jacobians with respect to x are symmetric — rstd (I - 11ᵀ/n - x̂x̂ᵀ/n), then the weight —
+# so the flipped edge is the op's own backward kernel applied to the tangent: one fused kernel instead of
+# eight elementwise passes. Its gradient in the parameters comes from PyTorch's second-order formulas for
+# these kernels (tests/test_second_order.py checks it against central differences).
 def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
-    y, mean, invstd = out[0], out[1], out[2]
+    y, save_mean, save_invstd = out[0], out[1], out[2]
     if not training and (ts[3] is not None or ts[4] is not None):
         raise NotImplementedError("tangents of the running statistics: use the fallback")
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    dims = [0] + list(range(2, x.dim()))
     # bn="frozen" holds the *batch* statistics of BatchNorm layers. Instance norm also runs through this op
     # (as a batch of one with N*C channels and no running statistics): its statistics are per sample and
     # always differentiated, and so are those of a functional batch_norm without running statistics.
     per_sample = rm is None or x.shape[0] == 1
     coupled = training and (current_options().bn != "frozen" or per_sample)
     if not training:
-        mean, invstd = rm, torch.rsqrt(rv + eps)
-    else:
-        mean, invstd = (s.reshape(-1) for s in _stats(x, [0] + list(range(2, x.dim())), eps))
-    t = _batch_norm_tangent(ts, y, x, w, b, mean, invstd, coupled)
+        return (_bn_eval_tangent(ts, y, x, w, rm, rv, eps, shape),) + (None,) * (len(out) - 1)
+    mean, rstd = norm_stats(x, save_mean.view(shape).to(x.dtype), save_invstd.view(shape).to(x.dtype), dims)
+    t = None
+    if ts[0] is not None:
+        t = (aten.native_batch_norm_backward(ts[0], x, w, rm, rv, save_mean, save_invstd, True, eps,
+                                             [True, False, False])[0] if coupled else _scaled(ts[0], w, rstd, shape))
+    t = _affine_tangent(t, x, mean, rstd, w, ts[1], ts[2], shape, y)
     t_mean = t_invstd = None
     if coupled:  # the returned batch statistics move with x too (they are constants when frozen)
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        dims = [0] + list(range(2, x.dim()))
-        t_mean, t_invstd = _stats_tangents(ts[0], x - mean.view(shape), invstd.view(shape), dims, False)
+        t_mean, t_invstd = _stats_tangents(ts[0], x - mean, rstd, dims, False)
+        t_mean = None if t_mean is None else t_mean.to(save_mean.dtype)
+        t_invstd = None if t_invstd is None else t_invstd.to(save_invstd.dtype)
     return (t, t_mean, t_invstd) + (None,) * (len(out) - 3)
+
+
+def _bn_eval_tangent(ts, y, x, w, rm, rv, eps, shape):
+    rstd = torch.rsqrt(rv + eps).view(shape)
+    return _affine_tangent(_scaled(ts[0], w, rstd, shape), x, rm.view(shape), rstd, w, ts[1], ts[2], shape, y)
 
 
 def _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps):
     if ts[3] is not None or ts[4] is not None:
         # running statistics passed as differentiated inputs (a functional batch_norm in eval mode): rare
         raise NotImplementedError("tangents of the running statistics: use the fallback")
-    t = _batch_norm_tangent(ts, out[0], x, w, b, rm, torch.rsqrt(rv + eps), False)
-    return (t,) + (None,) * (len(out) - 1)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    return (_bn_eval_tangent(ts, out[0], x, w, rm, rv, eps, shape),) + (None,) * (len(out) - 1)
 
 
 def _bn_native(ts, out, x, w, b, rm, rv, training, momentum, eps):
@@ -573,34 +623,38 @@ defrule(aten.native_batch_norm, _bn_native, "batch")
 
 
 def _layer_norm(ts, out, x, normalized_shape, w, b, eps):
-    y = out[0]
-    k = len(normalized_shape)
-    dims = list(range(x.dim() - k, x.dim()))
-    mean, rstd = _stats(x, dims, eps)
-    xhat = (x - mean) * rstd
-    t_xhat = None if ts[0] is None else _normalize_tangent(ts[0], xhat, rstd, dims, True)
-    shape = list(normalized_shape)
-    return (_affine_tangent(t_xhat, xhat, w, ts[2], ts[3], shape, y),
-            *_stats_tangents(ts[0], x - mean, rstd, dims, True))
+    y, k_mean, k_rstd = out
+    dims = list(range(x.dim() - len(normalized_shape), x.dim()))
+    mean, rstd = norm_stats(x, k_mean, k_rstd, dims)
+    # not native_layer_norm_backward: the parameter gradient through its derivative disagrees with the double
+    # backward of native_layer_norm (9% on a Linear-LayerNorm MLP), so the tangent is written out
+    t = _normalize_tangent(ts[0], (x - mean) * rstd, rstd, dims)
+    t = t if t is None or w is None else t * w
+    t = _affine_tangent(t, x, mean, rstd, None, ts[2], ts[3], list(normalized_shape), y)
+    return (t, *_stats_tangents(ts[0], x - mean, rstd, dims, True))
 
 
 defrule(aten.native_layer_norm, _layer_norm, "coupled")
 
 
 def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
-    y = out[0]
+    y, k_mean, k_rstd = out
     per_group = (C // group) * HxW  # explicit: reshape(-1) is ambiguous for an empty batch
     xg = x.reshape(N, group, per_group)
-    mean, rstd = _stats(xg, [-1], eps)
-    xhat = (xg - mean.reshape(N, group, 1)) * rstd.reshape(N, group, 1)
-    t_xhat = None
-    if ts[0] is not None:
-        t_xhat = _normalize_tangent(ts[0].reshape(N, group, per_group), xhat, rstd.reshape(N, group, 1), [-1], True)
-        t_xhat = t_xhat.reshape(x.shape)
+    mean, rstd = norm_stats(xg, k_mean.reshape(N, group, 1), k_rstd.reshape(N, group, 1), [-1])
     shape = [1, -1] + [1] * (x.dim() - 2)
+    xhat = (xg - mean) * rstd
+    t = None
+    if ts[0] is not None:  # native_group_norm_backward has no derivative in PyTorch: written out
+        t = _normalize_tangent(ts[0].reshape(N, group, per_group), xhat, rstd, [-1]).reshape(x.shape)
+        t = t if w is None else t * w.view(shape)
+    if ts[1] is not None:  # the weight's tangent: xhat per group, then per channel
+        t = add_tangents(t, xhat.reshape(x.shape) * ts[1].view(shape))
+    if ts[2] is not None:
+        t = add_tangents(t, _expand(ts[2].view(shape), y))
     tg = None if ts[0] is None else ts[0].reshape(N, group, per_group)
-    return (_affine_tangent(t_xhat, xhat.reshape(x.shape), w, ts[1], ts[2], shape, y),
-            *_stats_tangents(tg, xg - mean.reshape(N, group, 1), rstd.reshape(N, group, 1), [-1], False))
+    t_mean, t_rstd = _stats_tangents(tg, xg - mean, rstd, [-1], False)
+    return (t, t_mean, t_rstd)
 
 
 defrule(aten.native_group_norm, _group_norm, "coupled")
@@ -640,8 +694,8 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
     if tq is not None or tk is not None or t_mask is not None:
         ts_ = add_tangents(None if tq is None else torch.matmul(tq, k.transpose(-2, -1)) * scale,
                            None if tk is None else torch.matmul(q, tk.transpose(-2, -1)) * scale, t_mask)
-        t_lse = (p * ts_).sum(-1)  # d logsumexp(s) = softmax(s) . ds
-        tp = p * (ts_ - t_lse.unsqueeze(-1))
+        t_lse = (p * ts_).sum(-1)  # d logsumexp(s) = softmax(s) . ds (pruned when the output is unused)
+        tp = aten._softmax_backward_data(ts_, p, -1, p.dtype)  # p * (ts_ - t_lse): softmax's symmetric Jacobian
         parts.append(torch.matmul(tp, v))
     if tv is not None:
         parts.append(torch.matmul(p, tv))

@@ -1,0 +1,698 @@
+"""Benchmarks against autograd: speed, memory and accuracy of Jv and of the regularizers, as ratios from one run.
+
+Three questions, each answered by one function that returns plain rows (saved as JSON by ``jvpgraph bench``):
+
+* :func:`jvp_table` — Jv on a new batch and from a recorded forward, jvpgraph against ``torch.func.jvp``,
+  ``torch.func.linearize`` (build + apply, apply only), ``torch.autograd.forward_ad`` dual tensors and the
+  double-backward trick, on the paper's LeNet, VGG16-BN at CIFAR size, ResNet-18, a small ViT and a GELU/sigmoid
+  MLP, in eval and in train mode. A baseline that cannot run gets its error in the row, not a crash.
+* :func:`batch_sweep` — the paper's Figure 5 (left): time per training step against batch size for the Spectral
+  regularizer, Spectral-Bound, Frobenius, the exact σ through each sample's full Jacobian, and plain passes.
+* :func:`trace_cost` — the one-off cost of tracing and emitting the flipped graph, and after how many steps it
+  is paid back.
+
+Times are medians of rotating blocks (:func:`jvpgraph.measure.median_times`) after warm-up; memory is the peak
+of tensor storage created inside one call (:class:`jvpgraph.measure.PeakTensorMemory`). This machine is shared
+and noisy: compare ratios from one run, never absolute times across runs.
+
+Example:
+    >>> rows = jvp_table(["mlp"], modes=["eval"], batch=4, repeats=2, methods=["func_jvp", "new", "recorded"])
+    >>> r = rows[0]
+    >>> r["model"], r["mode"], r["methods"]["new"]["ok"], r["methods"]["func_jvp"]["runs"]
+    ('mlp', 'eval', True, True)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import os
+import platform
+import time
+from typing import Callable, Iterable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .. import api, testing
+from ..measure import median_times, peak_memory
+from ..regularizers import FrobeniusRegularizer, SpectralBoundRegularizer, SpectralRegularizer
+from ..spectral import jacobian_per_sample
+from .models import LeNet, VGG16BN
+
+__all__ = ["BENCH_MODELS", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost", "machine",
+           "targets", "markdown", "plot_jvp", "plot_sweep", "plot_trace"]
+
+MB = 1 << 20
+#: float32 agreement with the double-backward reference (see benchmarks/results/zoo.md for why 1e-4)
+TOL = 1e-4
+
+
+def _mlp() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(784, 512), nn.GELU(), nn.Linear(512, 512), nn.Sigmoid(),
+                         nn.Linear(512, 10))
+
+
+def _resnet18() -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=10)
+
+
+def _vit() -> nn.Module:
+    import torchvision
+
+    m = torchvision.models.VisionTransformer(image_size=32, patch_size=4, num_layers=4, num_heads=4,
+                                             hidden_dim=128, mlp_dim=512, num_classes=10)
+    nn.init.normal_(m.heads.head.weight, std=0.02)  # torchvision zero-initializes the head: Jv would be 0
+    return m
+
+
+#: name -> (factory, shape of one input sample, default batch, what it is)
+BENCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, str]] = {
+    "lenet": (LeNet, (1, 28, 28), 64, "the paper's LeNet, 28x28"),
+    "mlp": (_mlp, (1, 28, 28), 64, "MLP 784-512-512-10, GELU and sigmoid"),
+    "vgg16_bn": (VGG16BN, (3, 32, 32), 16, "the paper's VGG16-BN at CIFAR size"),
+    "resnet18": (_resnet18, (3, 64, 64), 16, "torchvision ResNet-18, 64x64"),
+    "vit": (_vit, (3, 32, 32), 16, "ViT: 4 layers, 4 heads, width 128, patches 4x4 of 32x32"),
+}
+
+#: methods of :func:`jvp_table`: key -> description
+JVP_METHODS = {
+    "forward": "plain forward pass (the unit)",
+    "new": "jvpgraph Jv on a new batch (flipped graph: primal and tangent in one pass)",
+    "recorded": "jvpgraph Jv from a recorded forward (tangent pass only)",
+    "linearize": "jvpgraph linearize: record the forward (build)",
+    "compiled": "jvpgraph Jv on a new batch, flipped graph under torch.compile (inductor)",
+    "func_jvp": "torch.func.jvp",
+    "func_linearize": "torch.func.linearize, build + apply",
+    "func_linearize_apply": "torch.func.linearize, apply only",
+    "forward_ad": "torch.autograd.forward_ad dual tensors",
+    "double_backward": "double-backward trick (torch.autograd.functional.jvp)",
+}
+_DEFAULT_METHODS = [k for k in JVP_METHODS if k != "compiled"]
+
+
+def machine() -> dict:
+    """Where a run happened: the figures only compare within one run on one machine.
+
+    Example:
+        >>> sorted(machine())[:3]
+        ['cpus', 'date', 'device']
+    """
+    import torchvision
+
+    return dict(machine=platform.machine(), processor=platform.processor() or platform.machine(),
+                cpus=os.cpu_count(), threads=torch.get_num_threads(), torch=torch.__version__,
+                torchvision=torchvision.__version__, python=platform.python_version(),
+                device="cpu", date=time.strftime("%Y-%m-%d %H:%M"))
+
+
+def _error(e: BaseException) -> str:
+    first = (str(e).strip().splitlines() or [""])[0]
+    return f"{type(e).__name__}: {first}"[:240]
+
+
+@contextlib.contextmanager
+def _math_attention():
+    """The CPU flash-attention kernel's backward is not differentiable twice: double-backward needs MATH."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def _fixed_rng(fn: Callable[[], object]) -> Callable[[], object]:
+    """``fn`` under the same seed each call (dropout draws the same masks), the caller's RNG untouched."""
+    def run():
+        with torch.random.fork_rng():
+            torch.manual_seed(1)
+            return fn()
+    return run
+
+
+def _jvp_callables(model: nn.Module, x: torch.Tensor, v: torch.Tensor, methods: Iterable[str]):
+    """Each method as ``(prepare, call)``: ``prepare()`` builds what is reused (traces, linearizations,
+    outside the timing) and returns the callable timed, which returns Jv (or the output, for ``forward``)."""
+    params = dict(model.named_parameters())
+    buffers = dict(model.named_buffers())
+
+    def fresh():  # every baseline on its own copy: train-mode ones write running statistics
+        return copy.deepcopy(model)
+
+    def functional(m):
+        p, b = dict(m.named_parameters()), dict(m.named_buffers())
+        return lambda z: torch.func.functional_call(m, (p, b), (z,))
+
+    def forward():
+        m = fresh()
+        return lambda: torch.no_grad()(m)(x)
+
+    def new():
+        g = api.trace(model, x)
+        return lambda: torch.no_grad()(g.jvp)(x, v)[1]
+
+    def recorded():
+        g = api.trace(model, x)
+        with torch.no_grad():
+            lin = g.linearize(x, vjp=False)
+        return lambda: torch.no_grad()(lin.jvp)(v)
+
+    def linearize():
+        g = api.trace(model, x)
+        return lambda: torch.no_grad()(g.linearize)(x, vjp=False).jvp(v)
+
+    def compiled():
+        g = api.trace(model, x)
+        comp = g._compiled_for((x,))
+        fn = torch.compile(comp.flipped.module)
+        state = g._state()
+        n = comp.n_out
+        return lambda: torch.no_grad()(fn)(*state, x, v)[n]
+
+    def func_jvp():
+        f = functional(fresh())
+        return lambda: torch.no_grad()(torch.func.jvp)(f, (x,), (v,))[1]
+
+    def func_linearize():
+        f = functional(fresh())
+
+        def run():
+            with torch.no_grad():
+                _, jvp_fn = torch.func.linearize(f, x)
+                return jvp_fn(v)
+        return run
+
+    def func_linearize_apply():
+        f = functional(fresh())
+        with torch.no_grad():
+            _, jvp_fn = torch.func.linearize(f, x)
+        return lambda: torch.no_grad()(jvp_fn)(v)
+
+    def forward_ad():
+        import torch.autograd.forward_ad as fwAD
+
+        m = fresh()
+
+        def run():
+            with torch.no_grad(), fwAD.dual_level():
+                out = m(fwAD.make_dual(x, v))
+                return fwAD.unpack_dual(out).tangent
+        return run
+
+    def double_backward():
+        m = fresh()
+
+        def run():
+            with _math_attention():
+                return torch.autograd.functional.jvp(m, x, v)[1]
+        return run
+
+    table = dict(forward=forward, new=new, recorded=recorded, linearize=linearize, compiled=compiled,
+                 func_jvp=func_jvp, func_linearize=func_linearize, func_linearize_apply=func_linearize_apply,
+                 forward_ad=forward_ad, double_backward=double_backward)
+    del params, buffers
+    unknown = [k for k in methods if k not in table]
+    if unknown:
+        raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(JVP_METHODS)}")
+    return {k: table[k] for k in methods}
+
+
+def bench_model(name: str, mode: str = "eval", batch: int | None = None, repeats: int = 20,
+                methods: Iterable[str] | None = None, seed: int = 0) -> dict:
+    """One row of :func:`jvp_table`: every method's median time, peak memory and error on one model.
+
+    Each method is timed on its own copy of the model (train-mode baselines write running statistics);
+    its Jv is checked against the double-backward reference computed in the same run (relative max error,
+    float32 tolerance 1e-4). A method that raises is reported with its error.
+
+    Example:
+        >>> r = bench_model("lenet", "eval", batch=2, repeats=2, methods=["new", "func_jvp"])
+        >>> r["methods"]["new"]["rel_err"] < 1e-4, r["ratios"]["new_vs_func_jvp"] > 0
+        (True, True)
+    """
+    if name not in BENCH_MODELS:
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(BENCH_MODELS)}")
+    if mode not in ("eval", "train"):
+        raise ValueError(f"mode={mode!r}: expected 'eval' or 'train'")
+    factory, shape, default_batch, what = BENCH_MODELS[name]
+    batch = batch or default_batch
+    methods = list(methods or _DEFAULT_METHODS)
+    torch.manual_seed(seed)
+    model = factory().train(mode == "train")
+    x = torch.randn(batch, *shape)
+    v = torch.randn_like(x)
+    with _math_attention():
+        reference = _fixed_rng(lambda: torch.autograd.functional.jvp(copy.deepcopy(model), x, v)[1])()
+    row = dict(model=name, what=what, mode=mode, batch=batch, input=list(shape),
+               params_m=sum(p.numel() for p in model.parameters()) / 1e6, methods={})
+    timed = {}
+    for key, prepare in _jvp_callables(model, x, v, methods).items():
+        entry = dict(description=JVP_METHODS[key])
+        try:
+            call = _fixed_rng(prepare())
+            t0 = time.perf_counter()
+            result = call()  # the first call: compiles where there is something to compile
+            entry["first_call_s"] = time.perf_counter() - t0
+            if key != "forward":
+                entry["rel_err"] = testing.max_rel_err(result, reference)
+                entry["ok"] = entry["rel_err"] <= TOL
+            entry["runs"] = True
+            timed[key] = call
+        except Exception as e:  # noqa: BLE001 - a baseline that cannot run is a result
+            entry.update(runs=False, error=_error(e))
+        row["methods"][key] = entry
+    times = median_times(timed, repeats, rounds=min(5, max(1, repeats)), warmup=1)
+    for key, t in times.items():
+        row["methods"][key]["time_s"] = t
+        row["methods"][key]["peak_mb"] = peak_memory(timed[key]) / MB
+    row["ratios"] = _ratios(row["methods"])
+    return row
+
+
+def _ratios(m: dict) -> dict:
+    def ratio(a, b, what="time_s"):
+        if a in m and b in m and what in m[a] and what in m[b] and m[b][what] > 0:
+            return m[a][what] / m[b][what]
+        return None
+
+    out = {}
+    for ours in ("new", "recorded", "compiled", "linearize"):
+        for base in ("func_jvp", "double_backward", "forward_ad", "func_linearize", "func_linearize_apply",
+                     "forward"):
+            r = ratio(ours, base)
+            if r is not None:
+                out[f"{ours}_vs_{base}"] = r
+    for base in ("func_jvp", "double_backward"):
+        r = ratio("new", base, "peak_mb")
+        if r is not None:
+            out[f"memory_new_vs_{base}"] = r
+    r = ratio("func_jvp", "forward")
+    if r is not None:
+        out["func_jvp_in_forwards"] = r
+    return out
+
+
+def jvp_table(models: Iterable[str] | None = None, modes: Iterable[str] = ("eval", "train"),
+              batch: int | None = None, repeats: int = 20, methods: Iterable[str] | None = None,
+              progress: Callable[[str], None] | None = None) -> list[dict]:
+    """:func:`bench_model` for each model and mode (``train`` only where it differs: BatchNorm, dropout,
+    attention's train path).
+
+    Example:
+        >>> [r["model"] for r in jvp_table(["mlp"], modes=["eval", "train"], batch=2, repeats=1,
+        ...                                methods=["new"])]
+        ['mlp']
+    """
+    rows = []
+    for name in models or BENCH_MODELS:
+        for mode in modes:
+            if mode == "train" and not _train_differs(name):
+                continue
+            if progress:
+                progress(f"{name} {mode}")
+            rows.append(bench_model(name, mode, batch, repeats, methods))
+    return rows
+
+
+def _train_differs(name: str) -> bool:
+    m = BENCH_MODELS[name][0]()
+    return any(isinstance(k, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.MultiheadAttention))
+               for k in m.modules())
+
+
+def targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets checked on :func:`jvp_table` rows: new batch ≤ 0.6x ``torch.func.jvp``, recorded
+    ≤ 0.35x, ≤ 0.5x double-backward where ``torch.func.jvp`` cannot run, peak memory ≤ ``torch.func.jvp``'s.
+
+    Example:
+        >>> row = dict(model="m", mode="eval", methods=dict(func_jvp=dict(runs=True)),
+        ...            ratios=dict(new_vs_func_jvp=0.5, recorded_vs_func_jvp=0.3, memory_new_vs_func_jvp=0.9))
+        >>> [t["met"] for t in targets([row])]
+        [True, True, True]
+    """
+    out = []
+    for r in rows:
+        q = r["ratios"]
+        func_runs = r["methods"].get("func_jvp", {}).get("runs", False)
+        checks = ([("new batch vs torch.func.jvp", q.get("new_vs_func_jvp"), 0.6),
+                   ("recorded vs torch.func.jvp", q.get("recorded_vs_func_jvp"), 0.35),
+                   ("peak memory vs torch.func.jvp", q.get("memory_new_vs_func_jvp"), 1.0)] if func_runs else
+                  [("new batch vs double-backward (torch.func.jvp fails)", q.get("new_vs_double_backward"), 0.5)])
+        for what, value, limit in checks:
+            if value is not None:
+                out.append(dict(model=r["model"], mode=r["mode"], target=what, value=value, limit=limit,
+                                met=value <= limit))
+    return out
+
+
+# ------------------------------------------------------------------ Figure 5 (left)
+def _exact_penalty(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The exact per-sample σ as a differentiable penalty: each sample's whole Jacobian (one transposed
+    pass per output, kept differentiable), its largest singular value (the paper's analytical method)."""
+    g = api._traced_for(model, (x,), "frozen")
+    lin = g.linearize(x, vjp=True)
+    J = jacobian_per_sample(lin, x, lin.out, create_graph=True)
+    return lin.out, torch.linalg.matrix_norm(J, ord=2)
+
+
+def _step_fns(model: nn.Module, x: torch.Tensor, y: torch.Tensor, methods: Iterable[str], lam: float = 0.01):
+    """One training step per method (forward, penalty, backward, SGD update), each on its own model copy."""
+    fns = {}
+    for key in methods:
+        m = copy.deepcopy(model)
+        opt = torch.optim.SGD(m.parameters(), lr=1e-3)
+        if key == "forward":
+            fns[key] = (lambda m: lambda: m(x))(m)
+            continue
+        if key == "plain":
+            loss_fn = (lambda m: lambda: F.cross_entropy(m(x), y))(m)
+        elif key == "exact":
+            def loss_fn(m=m):
+                out, sigma = _exact_penalty(m, x)
+                return F.cross_entropy(out, y) + lam * sigma.mean()
+        else:
+            reg = {"spectral": lambda: SpectralRegularizer(m, n_iter=1),
+                   "spectral_bound": lambda: SpectralBoundRegularizer(m, n_iter=1),
+                   "frobenius": lambda: FrobeniusRegularizer(m, n_proj=1)}[key]()
+
+            def loss_fn(reg=reg):
+                out, penalty = reg(x)
+                return F.cross_entropy(out, y) + lam * penalty.mean()
+
+        def step(opt=opt, loss_fn=loss_fn):
+            opt.zero_grad(set_to_none=True)
+            loss = loss_fn()
+            loss.backward()
+            opt.step()
+        fns[key] = step
+    return fns
+
+
+SWEEP_METHODS = ("forward", "plain", "spectral", "spectral_bound", "frobenius", "exact")
+
+
+def batch_sweep(batches: Iterable[int] = (1, 2, 4, 8, 16, 32, 64, 128, 256), num_classes: int = 10,
+                repeats: int = 10, methods: Iterable[str] = SWEEP_METHODS, exact_max_s: float = 5.0,
+                progress: Callable[[str], None] | None = None) -> dict:
+    """Figure 5 (left): seconds per training step of LeNet against batch size, for each regularizer.
+
+    ``exact`` (each sample's full Jacobian, its 2-norm, differentiated) is skipped at the larger batches once
+    one step of it takes more than ``exact_max_s`` seconds (it grows with outputs x batch).
+
+    Example:
+        >>> r = batch_sweep([2], repeats=1, methods=["plain", "spectral"])
+        >>> sorted(r["times_s"]), r["batches"]
+        (['plain', 'spectral'], [2])
+    """
+    methods = list(methods)
+    times: dict[str, list] = {k: [] for k in methods}
+    slow = set()
+    for b in batches:
+        if progress:
+            progress(f"batch {b}")
+        torch.manual_seed(0)
+        model = LeNet(num_classes=num_classes)
+        x, y = torch.randn(b, 1, 28, 28), torch.randint(0, num_classes, (b,))
+        keys = [k for k in methods if k not in slow]
+        fns = _step_fns(model, x, y, keys)
+        for k in keys:  # trace, warm up; the first exact step decides whether it is timed at this size
+            t0 = time.perf_counter()
+            fns[k]()
+            if k == "exact" and time.perf_counter() - t0 > exact_max_s:
+                slow.add(k)
+        med = median_times({k: fns[k] for k in keys}, repeats, rounds=min(3, repeats), warmup=1)
+        for k in methods:
+            times[k].append(med.get(k))
+    ratios = {f"{k}_vs_frobenius": [None if a is None or f is None else a / f
+                                    for a, f in zip(times[k], times.get("frobenius", []))]
+              for k in ("spectral", "exact") if k in times and "frobenius" in times}
+    if "exact" in times and "spectral" in times:
+        ratios["exact_vs_spectral"] = [None if e is None else e / s for e, s in zip(times["exact"], times["spectral"])]
+    return dict(model="lenet", num_classes=num_classes, batches=list(batches), times_s=times, ratios=ratios)
+
+
+# ------------------------------------------------------------------ trace cost
+def trace_cost(models: Iterable[str] | None = None, repeats: int = 10,
+               progress: Callable[[str], None] | None = None) -> list[dict]:
+    """One-off cost of ``jvpgraph.trace`` + emitting the flipped graph (+ the recorded-forward split), in
+    units of one Spectral training step and of one ``torch.func.jvp``; steps to amortize it against the
+    double-backward Jv (which needs no trace).
+
+    Example:
+        >>> r = trace_cost(["mlp"], repeats=1)[0]
+        >>> r["trace_s"] > 0 and r["steps_to_amortize"] is not None
+        True
+    """
+    rows = []
+    for name in models or BENCH_MODELS:
+        if progress:
+            progress(name)
+        factory, shape, batch, _ = BENCH_MODELS[name]
+        torch.manual_seed(0)
+        model = factory().train()
+        x, v = torch.randn(batch, *shape), torch.randn(batch, *shape)
+        t0 = time.perf_counter()
+        g = api.Traced(model, (x,))
+        t_trace = time.perf_counter() - t0  # aten tracing + flipping + emitting fx code
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            g.linearize(x, vjp=False)
+        t_split = time.perf_counter() - t0  # first linearize: partition into forward + tangent pass
+        calls = _jvp_callables(model, x, v, ["new", "double_backward"])
+        new, dbl = calls["new"](), calls["double_backward"]()
+        med = median_times({"new": new, "double_backward": dbl}, repeats, rounds=min(3, repeats), warmup=1)
+        saving = med["double_backward"] - med["new"]
+        rows.append(dict(model=name, batch=batch, trace_s=t_trace, partition_s=t_split,
+                         new_s=med["new"], double_backward_s=med["double_backward"],
+                         trace_in_new_calls=(t_trace + t_split) / med["new"],
+                         steps_to_amortize=(t_trace + t_split) / saving if saving > 0 else None))
+    return rows
+
+
+# ------------------------------------------------------------------ reports
+def _fmt(x, spec=".2f"):
+    return "-" if x is None else format(x, spec)
+
+
+def markdown(results: dict) -> str:
+    """The README section from a saved ``jvpgraph bench`` JSON (all figures come from the file).
+
+    Example:
+        >>> print(markdown(dict(meta=dict(torch="2", threads=2, cpus=2, processor="x", date="d"))).splitlines()[0])
+        Measured on x, 2 CPU(s), 2 thread(s), torch 2, d. Ratios are medians from one run.
+    """
+    meta = results["meta"]
+    lines = [f"Measured on {meta.get('processor')}, {meta.get('cpus')} CPU(s), {meta.get('threads')} thread(s), "
+             f"torch {meta.get('torch')}, {meta.get('date')}. Ratios are medians from one run.", ""]
+    if "jvp" in results:
+        lines += ["**Jv** — time as a multiple of `torch.func.jvp` (of double-backward where `torch.func.jvp` "
+                  "fails), peak tensor memory of jvpgraph's new-batch Jv against the same baseline:", "",
+                  "| model | mode | batch | new batch | recorded forward | compiled | torch.func.jvp "
+                  "| forward_ad | func.linearize (apply) | double-backward | memory | rel err |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        for r in results["jvp"]:
+            m = r["methods"]
+            base = "func_jvp" if m.get("func_jvp", {}).get("runs") else "double_backward"
+
+            def rel(k, m=m, base=base):
+                e = m.get(k)
+                if e is None:
+                    return "-"
+                if not e.get("runs"):
+                    return "fails"
+                return _fmt(e["time_s"] / m[base]["time_s"]) + "x"
+
+            mem = r["ratios"].get(f"memory_new_vs_{base}")
+            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {rel('new')} | {rel('recorded')} | "
+                         f"{rel('compiled')} | {rel('func_jvp')} | {rel('forward_ad')} | "
+                         f"{rel('func_linearize_apply')} | {rel('double_backward')} | {_fmt(mem)}x | "
+                         f"{_fmt(max((e.get('rel_err', 0) for e in m.values() if e.get('runs')), default=0), '.0e')} |")
+        fails = {(k, e["error"]) for r in results["jvp"] for k, e in r["methods"].items() if not e.get("runs")}
+        if fails:
+            lines += ["", "Where a baseline fails (its error):", ""]
+            for r in results["jvp"]:
+                for k, e in r["methods"].items():
+                    if not e.get("runs"):
+                        lines.append(f"- {r['model']} {r['mode']}, {k}: `{e['error'][:150]}`")
+        if "targets" in results:
+            met = [t for t in results["targets"] if t["met"]]
+            lines += ["", f"Targets met: {len(met)}/{len(results['targets'])}."]
+            for t in results["targets"]:
+                if not t["met"]:
+                    lines.append(f"- not met: {t['model']} {t['mode']}, {t['target']}: {t['value']:.2f}x "
+                                 f"(target ≤ {t['limit']})")
+    if "sweep" in results:
+        s = results["sweep"]
+        lines += ["", f"**Figure 5 (left)**, LeNet with {s['num_classes']} outputs, seconds per training step:", "",
+                  "| batch | " + " | ".join(s["times_s"]) + " | Spectral / Frobenius | exact / Spectral |",
+                  "|---" * (len(s["times_s"]) + 3) + "|"]
+        for i, b in enumerate(s["batches"]):
+            cells = [_fmt(s["times_s"][k][i], ".4f") for k in s["times_s"]]
+            sf = s["ratios"].get("spectral_vs_frobenius", [None] * (i + 1))[i]
+            es = s["ratios"].get("exact_vs_spectral", [None] * (i + 1))[i]
+            lines.append(f"| {b} | " + " | ".join(cells) + f" | {_fmt(sf)} | {_fmt(es, '.0f')} |")
+    for s in results.get("sweep_outputs", []):
+        lines += ["", f"With {s['num_classes']} outputs: exact σ costs "
+                  + ", ".join(f"{_fmt(e, '.0f')}x (batch {b})" for b, e in
+                              zip(s["batches"], s["ratios"].get("exact_vs_spectral", [])) if e is not None)
+                  + " the Spectral step."]
+    if "trace" in results:
+        lines += ["", "**Trace cost** (one-off, train mode):", "",
+                  "| model | trace + flip + emit s | partition s | = new-batch Jv calls | steps to amortize vs "
+                  "double-backward |", "|---|---|---|---|---|"]
+        for r in results["trace"]:
+            lines.append(f"| {r['model']} | {r['trace_s']:.2f} | {r['partition_s']:.2f} | "
+                         f"{r['trace_in_new_calls']:.0f} | {_fmt(r['steps_to_amortize'], '.0f')} |")
+    return "\n".join(lines) + "\n"
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_jvp(rows: list[dict], path) -> None:
+    """Bar chart: each method's time per model/mode, as a multiple of ``torch.func.jvp`` (or double-backward
+    where it fails); failing baselines marked."""
+    plt = _plt()
+    keys = [k for k in JVP_METHODS if k != "forward" and any(k in r["methods"] for r in rows)]
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    width = 0.8 / max(1, len(keys))
+    for j, k in enumerate(keys):
+        xs, ys = [], []
+        for i, r in enumerate(rows):
+            m = r["methods"]
+            base = "func_jvp" if m.get("func_jvp", {}).get("runs") else "double_backward"
+            e = m.get(k)
+            if e and e.get("runs") and "time_s" in e:
+                xs.append(i + j * width)
+                ys.append(e["time_s"] / m[base]["time_s"])
+            elif e:
+                ax.text(i + j * width, 0.02, "x", ha="center", color="red", fontsize=8)
+        ax.bar(xs, ys, width, label=k)
+    ax.axhline(1.0, color="gray", lw=0.8)
+    ax.set_yscale("log")
+    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
+    ax.set_xticklabels([f"{r['model']}\n{r['mode']}" for r in rows], fontsize=8)
+    ax.set_ylabel("time / torch.func.jvp\n(/ double-backward where it fails)")
+    ax.set_title("Jv against autograd (x = cannot run)")
+    ax.legend(fontsize=7, ncol=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_sweep(sweeps: list[dict], path) -> None:
+    """Figure 5 (left): seconds per batch against batch size, log-log, one panel per output width."""
+    plt = _plt()
+    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 3.9), squeeze=False)
+    names = dict(forward="forward pass", plain="plain step", spectral="Spectral", spectral_bound="Spectral-Bound",
+                 frobenius="Frobenius", exact="exact σ (full Jacobian)")
+    for ax, s in zip(axes[0], sweeps):
+        for k, ts in s["times_s"].items():
+            pts = [(b, t) for b, t in zip(s["batches"], ts) if t is not None]
+            if pts:
+                ax.loglog(*zip(*pts), "o-", ms=3, label=names.get(k, k))
+        ax.set_xlabel("batch size")
+        ax.set_ylabel("seconds per batch")
+        ax.set_title(f"LeNet, {s['num_classes']} outputs (CPU)")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_trace(rows: list[dict], path, steps: int = 200) -> None:
+    """Cumulative time over training steps: jvpgraph (trace once, then new-batch Jv) against double-backward."""
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(5.5, 3.8))
+    for r in rows:
+        n = range(steps + 1)
+        line, = ax.plot(n, [r["trace_s"] + r["partition_s"] + k * r["new_s"] for k in n], label=f"{r['model']}")
+        ax.plot(n, [k * r["double_backward_s"] for k in n], ls="--", color=line.get_color())
+    ax.set_xlabel("Jv calls")
+    ax.set_ylabel("cumulative seconds")
+    ax.set_title("trace once (solid) vs double-backward (dashed)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+# ------------------------------------------------------------------ the whole suite
+PARTS = ("jvp", "sweep", "trace")
+README_BEGIN = "<!-- bench:begin (generated by `jvpgraph bench --readme`) -->"
+README_END = "<!-- bench:end -->"
+
+
+def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
+        modes: Iterable[str] = ("eval", "train"), repeats: int = 20, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+        compile: bool = False, readme=None, log: Callable[[str], None] = print) -> dict:
+    """Run the suite, write ``out/bench.json``, the plots and ``out/bench.md``; return the results.
+
+    ``readme``: a README whose section between the ``bench:begin``/``bench:end`` markers is replaced by
+    ``bench.md`` (the committed README section is generated, never typed).
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> d = pathlib.Path(tempfile.mkdtemp())
+        >>> res = run(d, parts=["trace"], models=["mlp"], repeats=1, log=lambda s: None)
+        >>> sorted(p.name for p in d.iterdir())
+        ['bench.json', 'bench.md', 'trace_amortization.png']
+    """
+    import json
+    from pathlib import Path
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    parts = list(parts)
+    unknown = [p for p in parts if p not in PARTS]
+    if unknown:
+        raise ValueError(f"unknown part(s) {unknown}: choose from {', '.join(PARTS)}")
+    models = list(models or BENCH_MODELS)
+    unknown = [m for m in models if m not in BENCH_MODELS]
+    if unknown:
+        raise ValueError(f"unknown model(s) {unknown}: choose from {', '.join(BENCH_MODELS)}")
+    path = out / "bench.json"
+    results = json.loads(path.read_text()) if path.exists() else {}
+    results["meta"] = machine()
+
+    def save():
+        path.write_text(json.dumps(results, indent=1))
+
+    if "jvp" in parts:
+        methods = _DEFAULT_METHODS + (["compiled"] if compile else [])
+        t0 = time.perf_counter()
+        results["jvp"] = jvp_table(models, modes, repeats=repeats, methods=methods,
+                                   progress=lambda s: log(f"jvp: {s} ({time.perf_counter() - t0:.0f} s)"))
+        results["targets"] = targets(results["jvp"])
+        save()
+        plot_jvp(results["jvp"], out / "jvp.png")
+    if "sweep" in parts:
+        results["sweep"] = batch_sweep(batches, 10, max(3, repeats // 2), progress=lambda s: log(f"sweep: {s}"))
+        wide = [b for b in batches if b <= 64]
+        results["sweep_outputs"] = [batch_sweep(wide, 1000, max(3, repeats // 4), exact_max_s=20.0,
+                                                progress=lambda s: log(f"sweep, 1000 outputs: {s}"))]
+        save()
+        plot_sweep([results["sweep"], *results["sweep_outputs"]], out / "figure5_left.png")
+    if "trace" in parts:
+        results["trace"] = trace_cost(models, repeats, progress=lambda s: log(f"trace: {s}"))
+        save()
+        plot_trace(results["trace"], out / "trace_amortization.png")
+    md = markdown(results)
+    (out / "bench.md").write_text(md)
+    if readme is not None:
+        readme = Path(readme)
+        text = readme.read_text()
+        if README_BEGIN not in text or README_END not in text:
+            raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} section to replace")
+        head, rest = text.split(README_BEGIN, 1)
+        _, tail = rest.split(README_END, 1)
+        readme.write_text(head + README_BEGIN + "\n" + md + README_END + tail)
+    return results
