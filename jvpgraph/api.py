@@ -34,15 +34,46 @@ def _holds_batch_statistics(gm) -> bool:
 
 
 class _Compiled:
-    """One trace at one set of shapes: the graph, its flip, and the recorded-forward split."""
+    """One trace at one set of shapes: the graph, its flip, and the recorded-forward split — as fx modules,
+    or under ``torch.compile`` when the :class:`Traced` asked for it (compiled on first use)."""
 
-    def __init__(self, graph: Graph):
+    def __init__(self, graph: Graph, compile: bool | dict = False):
         self.graph = graph
         self.flipped: FlippedGraph = graph.flip()
         self.n_out = self.flipped.n_outputs
         self.n_buf = len(self.flipped.buffer_update_names)
         # with bn="frozen", Jv holds the batch statistics constant; the forward's own backward does not
         self.frozen_statistics = graph.program.bn == "frozen" and _holds_batch_statistics(graph.program.gm)
+        self._compile = compile
+        self._fns: dict[str, Callable] = {}
+
+    def _fn(self, which: str) -> Callable:
+        fn = self._fns.get(which)
+        if fn is None:
+            if which == "joint":
+                fn = self.flipped.module
+            else:
+                fn = dict(zip(("forward", "tangent"), self.flipped.partition()))[which]
+            if self._compile:
+                options = self._compile if isinstance(self._compile, dict) else {}
+                fn = torch.compile(fn, **{"dynamic": False, **options})
+            self._fns[which] = fn
+        return fn
+
+    @property
+    def joint(self) -> Callable:
+        """``(*params, *buffers, *inputs, *tangents) -> (*outputs, *tangent_outputs, *new_buffers)``."""
+        return self._fn("joint")
+
+    @property
+    def forward(self) -> Callable:
+        """The recorded forward: ``(*params, *buffers, *inputs) -> (*outputs, *new_buffers, *saved)``."""
+        return self._fn("forward")
+
+    @property
+    def tangent(self) -> Callable:
+        """The tangent pass: ``(*saved, *tangents) -> tangent_outputs``."""
+        return self._fn("tangent")
 
 
 class Linearized:
@@ -73,8 +104,7 @@ class Linearized:
     def jvp(self, *tangents):
         """``J v`` from the recorded activations (no primal recomputation)."""
         ts = self._traced._check_tangents(self._inputs, tangents, self._compiled.graph.wrt)
-        _, tan = self._compiled.flipped.partition()
-        touts = tan(*self._saved, *ts)
+        touts = self._compiled.tangent(*self._saved, *ts)
         return pytree.tree_unflatten(list(touts), self._out_spec)
 
     def vjp(self, *cotangents, create_graph: bool = False):
@@ -99,7 +129,7 @@ class Linearized:
 
     def _transposed_tangent_pass(self, us, create_graph):
         wrt = self._compiled.graph.wrt
-        _, tan = self._compiled.flipped.partition()
+        tan = self._compiled.tangent
         with torch.enable_grad():
             vs = [torch.zeros_like(self._inputs[i]).requires_grad_(True) for i in wrt]
             touts = tan(*self._saved, *vs)
@@ -134,6 +164,9 @@ class Traced:
             ``"frozen"`` (batch statistics held constant: the paper's pseudo-inference, per-sample Jacobian)
             or ``"eval"`` (running statistics, as in ``model.eval()``; the rest of the model keeps its mode).
         wrt: indices of the inputs that carry a tangent (default: all floating-point inputs).
+        compile: run the emitted graphs (Jv on a new batch, recorded forward, tangent pass) under
+            ``torch.compile`` (``True``, or a dict of its keyword arguments, e.g. ``{"mode": "max-autotune"}``);
+            each is compiled on its first call. Measured on the CPU here: see ``jvpgraph bench --compile``.
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -148,7 +181,7 @@ class Traced:
     """
 
     def __init__(self, f: Callable, example_inputs: Sequence[Any], *, bn: str = "batch",
-                 wrt: Sequence[int] | None = None):
+                 wrt: Sequence[int] | None = None, compile: bool | dict = False):
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
         if not callable(f):
@@ -156,6 +189,9 @@ class Traced:
         self.f = f
         self.bn = bn
         self.wrt = None if wrt is None else list(wrt)
+        if not isinstance(compile, (bool, dict)):
+            raise TypeError(f"compile={compile!r}: expected True/False or a dict of torch.compile options")
+        self.compile = compile
         self.module = f if isinstance(f, nn.Module) else None
         self._cache: dict[tuple, _Compiled] = {}
         self._example = tuple(example_inputs)
@@ -187,13 +223,13 @@ class Traced:
                     if i >= len(flat_in) or not flat_in[i].is_floating_point():
                         raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
             try:
-                hit = _Compiled(Graph(prog, wrt))
+                hit = _Compiled(Graph(prog, wrt), self.compile)
             except Exception as e:  # noqa: BLE001
                 if prog.values is not None or not _data_dependent(e):
                     raise
                 # the walk of the flipped graph met a size that depends on values: trace on the values
                 prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
-                hit = _Compiled(Graph(prog, wrt))
+                hit = _Compiled(Graph(prog, wrt), self.compile)
             self._cache[key] = hit
         return hit
 
@@ -265,7 +301,7 @@ class Traced:
         flat_in = pytree.tree_leaves(inputs)
         comp = self._compiled_for(inputs)
         ts = self._check_tangents(flat_in, _as_tuple(tangents), comp.graph.wrt)
-        res = comp.flipped.module(*self._state(), *flat_in, *ts)
+        res = comp.joint(*self._state(), *flat_in, *ts)
         n = comp.n_out
         spec = comp.graph.program.out_spec
         return pytree.tree_unflatten(list(res[:n]), spec), pytree.tree_unflatten(list(res[n:2 * n]), spec)
@@ -282,8 +318,7 @@ class Traced:
             for i in comp.graph.wrt:
                 if not flat_in[i].requires_grad:
                     flat_in[i] = flat_in[i].detach().requires_grad_(True)
-        fwd, _ = comp.flipped.partition()
-        res = fwd(*self._state(comp.flipped.buffer_update_names), *flat_in)
+        res = comp.forward(*self._state(comp.flipped.buffer_update_names), *flat_in)
         n, nb = comp.n_out, comp.n_buf
         new_buffers = dict(zip(comp.flipped.buffer_update_names, res[n:n + nb]))
         return Linearized(self, comp, res[:n], new_buffers, res[n + nb:], flat_in, comp.graph.program.out_spec)
@@ -297,8 +332,10 @@ class Traced:
         return f"Traced({name}, bn={self.bn!r}, {len(self._cache)} trace(s))"
 
 
-def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None) -> Traced:
-    """Trace ``f`` (an ``nn.Module`` or function) once at ``example_inputs``; returns a :class:`Traced`.
+def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None,
+          compile: bool | dict = False) -> Traced:
+    """Trace ``f`` (an ``nn.Module`` or function) once at ``example_inputs``; returns a :class:`Traced`
+    (``bn``, ``wrt``, ``compile``: see there).
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -310,20 +347,21 @@ def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | 
         >>> print(g.flipped.code.strip().splitlines()[0])
         def forward(self, p__0_weight, p__0_bias, p__2_weight, p__2_bias, x, v):
     """
-    return Traced(f, example_inputs, bn=bn, wrt=wrt)
+    return Traced(f, example_inputs, bn=bn, wrt=wrt, compile=compile)
 
 
-_MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[str, Traced]]" = weakref.WeakKeyDictionary()
+_MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]]" = weakref.WeakKeyDictionary()
 
 
-def _traced_for(f, primals, bn) -> Traced:
+def _traced_for(f, primals, bn, compile: bool | dict = False) -> Traced:
     if isinstance(f, nn.Module):
         per = _MODULE_CACHE.setdefault(f, {})
-        t = per.get(bn)
+        key = (bn, repr(compile))
+        t = per.get(key)
         if t is None:
-            t = per[bn] = Traced(f, primals, bn=bn)
+            t = per[key] = Traced(f, primals, bn=bn, compile=compile)
         return t
-    return Traced(f, primals, bn=bn)  # a function may close over anything: trace it afresh
+    return Traced(f, primals, bn=bn, compile=compile)  # a function may close over anything: trace it afresh
 
 
 def jvp(f: Callable, primals, tangents, *, bn: str = "batch"):

@@ -18,6 +18,7 @@ forward that records what the tangent pass needs and a tangent pass that reuses 
 from __future__ import annotations
 
 import functools
+import operator
 from typing import Any
 
 import networkx as nx
@@ -63,6 +64,58 @@ def _primal_first(graph: fx.Graph, n_primal: int) -> None:
     tangent = _tangent_nodes(graph, n_primal)
     for n in [n for n in graph.nodes if n.op == "call_function" and n in tangent]:
         out.prepend(n)
+
+
+def _fuse_relu_max_pool(graph: fx.Graph) -> int:
+    """ReLU then max-pool: apply ReLU's mask after the pool's gather, on the pooled output.
+
+    The tangent of ``pool(relu(x))`` is ``gather(mask(relu) * t, idx)``; since the pool picks the largest ReLU
+    output of its window, the mask at the picked index is ``pooled > 0``, so it equals
+    ``threshold_backward(gather(t, idx), pooled, 0)`` exactly (ties and NaN included). The ReLU output, the
+    size of the layer, no longer has to be kept for the tangent pass (the pooled output is 1/4 of it) and
+    the mask runs on the pooled size. Returns how many were rewritten.
+    """
+    aten = torch.ops.aten
+    pools = (aten.max_pool2d_with_indices.default, aten.max_pool3d_with_indices.default)
+
+    def only_user(n, target):
+        users = list(n.users)
+        return users[0] if len(users) == 1 and users[0].target in target else None
+
+    done = 0
+    for tb in list(graph.nodes):
+        if tb.target is not aten.threshold_backward.default or tb.args[2] != 0:
+            continue
+        t, relu = tb.args[0], tb.args[1]
+        if not isinstance(relu, fx.Node) or relu.target is not aten.relu.default:
+            continue
+        view = only_user(tb, (aten.view.default,))
+        gather = view and only_user(view, (aten.gather.default,))
+        back = gather and only_user(gather, (aten.view.default,))
+        if back is None or gather.args[0] is not view or gather.args[1] != -1:
+            continue
+        idx = gather.args[2]
+        pool_idx = idx.args[0] if isinstance(idx, fx.Node) and idx.target is aten.view.default else None
+        if pool_idx is None or pool_idx.target is not operator.getitem or pool_idx.args[1] != 1:
+            continue
+        pool = pool_idx.args[0]
+        if pool.target not in pools or pool.args[0] is not relu:
+            continue
+        pooled = next((u for u in pool.users if u.target is operator.getitem and u.args[1] == 0), None)
+        if pooled is None:
+            continue
+        with graph.inserting_before(back):
+            t_view = graph.call_function(aten.view.default, (t, *view.args[1:]))
+            picked = graph.call_function(aten.gather.default, (t_view, -1, idx))
+            shaped = graph.call_function(aten.view.default, (picked, *back.args[1:]))
+            masked = graph.call_function(aten.threshold_backward.default, (shaped, pooled, 0))
+        for new, old in ((t_view, view), (picked, gather), (shaped, back), (masked, back)):
+            new.meta = dict(old.meta)
+        back.replace_all_uses_with(masked)
+        for n in (back, gather, view, tb):
+            graph.erase_node(n)
+        done += 1
+    return done
 
 
 def _placeholder_examples(gm: fx.GraphModule) -> list[torch.Tensor]:
@@ -150,6 +203,7 @@ class FlippedGraph:
             node._rename(name)
             node.target = node.name
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        _fuse_relu_max_pool(gm.graph)
         _primal_first(gm.graph, n_primal=len(names) - len(self.graph.wrt))
         gm.graph.lint()
         gm.recompile()

@@ -29,17 +29,18 @@ __all__ = ["SpectralRegularizer", "FrobeniusRegularizer", "SpectralBoundRegulari
 
 
 class _JacobianRegularizer:
-    def __init__(self, model: nn.Module, bn: str, update_buffers: bool):
+    def __init__(self, model: nn.Module, bn: str, update_buffers: bool, compile: bool | dict = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} expects an nn.Module, got {type(model).__name__}")
         self.model = model
         self.bn = bn
         self.update_buffers = update_buffers
+        self.compile = compile
 
     def _forward(self, x: torch.Tensor, vjp: bool) -> "api.Linearized":
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        traced = api._traced_for(self.model, (x,), self.bn)
+        traced = api._traced_for(self.model, (x,), self.bn, self.compile)
         # one forward, recorded by autograd for the loss (and with respect to x when Jᵀu is its backward)
         lin = traced.linearize(x, vjp=vjp)
         out = lin.out
@@ -83,6 +84,8 @@ class SpectralRegularizer(_JacobianRegularizer):
               written out differentiates ``‖u‖/‖v‖``; the same gradient at convergence, more memory.
         update_buffers: copy the forward's new running statistics into the model (as ``model(x)`` would).
         generator: random starting vectors (default: a private generator; the caller's RNG is not touched).
+        compile: run the recorded forward and the tangent pass under ``torch.compile`` (``True`` or a dict
+            of its options; see :class:`jvpgraph.Traced`).
 
     Calling ``reg(x, index=None)`` returns ``(output, penalty)`` with ``penalty`` of shape ``(B,)``;
     ``reg.last`` holds ``u``, ``v`` and ``sigma`` (detached) of the last call.
@@ -102,8 +105,8 @@ class SpectralRegularizer(_JacobianRegularizer):
 
     def __init__(self, model: nn.Module, n_iter: int = 1, penalty: str = "sigma", *, bn: str = "frozen",
                  warm_start: bool = True, grad: str = "uJv", update_buffers: bool = True,
-                 generator: torch.Generator | None = None):
-        super().__init__(model, bn, update_buffers)
+                 generator: torch.Generator | None = None, compile: bool | dict = False):
+        super().__init__(model, bn, update_buffers, compile)
         if penalty not in ("sigma", "sigma2"):
             raise ValueError(f"penalty={penalty!r}: expected 'sigma' or 'sigma2'")
         if grad not in self.GRADS:
@@ -196,7 +199,8 @@ class SpectralRegularizer(_JacobianRegularizer):
 
 class FrobeniusRegularizer(_JacobianRegularizer):
     """Hoffman et al. (2019): ``‖J_b‖_F²`` per sample, estimated with ``n_proj`` random projections,
-    ``n_out / n_proj · Σ_p ‖J_bᵀ ε_p‖²`` with ``ε_p`` uniform on the unit sphere of the output space.
+    ``n_out / n_proj · Σ_p ‖J_bᵀ ε_p‖²`` with ``ε_p`` uniform on the unit sphere of the output space
+    (``bn``, ``update_buffers``, ``generator``, ``compile``: as :class:`SpectralRegularizer`).
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -207,8 +211,8 @@ class FrobeniusRegularizer(_JacobianRegularizer):
     """
 
     def __init__(self, model: nn.Module, n_proj: int = 1, *, bn: str = "frozen", update_buffers: bool = True,
-                 generator: torch.Generator | None = None):
-        super().__init__(model, bn, update_buffers)
+                 generator: torch.Generator | None = None, compile: bool | dict = False):
+        super().__init__(model, bn, update_buffers, compile)
         if n_proj < 1:
             raise ValueError(f"n_proj={n_proj}: at least one projection")
         self.n_proj = n_proj

@@ -84,14 +84,15 @@ JVP_METHODS = {
     "new": "jvpgraph Jv on a new batch (flipped graph: primal and tangent in one pass)",
     "recorded": "jvpgraph Jv from a recorded forward (tangent pass only)",
     "linearize": "jvpgraph linearize: record the forward (build)",
-    "compiled": "jvpgraph Jv on a new batch, flipped graph under torch.compile (inductor)",
+    "compiled": "jvpgraph Jv on a new batch, trace(..., compile=True) (torch.compile, inductor)",
+    "compiled_recorded": "jvpgraph Jv from a recorded forward, tangent pass under torch.compile",
     "func_jvp": "torch.func.jvp",
     "func_linearize": "torch.func.linearize, build + apply",
     "func_linearize_apply": "torch.func.linearize, apply only",
     "forward_ad": "torch.autograd.forward_ad dual tensors",
     "double_backward": "double-backward trick (torch.autograd.functional.jvp)",
 }
-_DEFAULT_METHODS = [k for k in JVP_METHODS if k != "compiled"]
+_DEFAULT_METHODS = [k for k in JVP_METHODS if not k.startswith("compiled")]
 
 
 def machine() -> dict:
@@ -135,9 +136,6 @@ def _fixed_rng(fn: Callable[[], object]) -> Callable[[], object]:
 def _jvp_callables(model: nn.Module, x: torch.Tensor, v: torch.Tensor, methods: Iterable[str]):
     """Each method as ``(prepare, call)``: ``prepare()`` builds what is reused (traces, linearizations,
     outside the timing) and returns the callable timed, which returns Jv (or the output, for ``forward``)."""
-    params = dict(model.named_parameters())
-    buffers = dict(model.named_buffers())
-
     def fresh():  # every baseline on its own copy: train-mode ones write running statistics
         return copy.deepcopy(model)
 
@@ -164,12 +162,14 @@ def _jvp_callables(model: nn.Module, x: torch.Tensor, v: torch.Tensor, methods: 
         return lambda: torch.no_grad()(g.linearize)(x, vjp=False).jvp(v)
 
     def compiled():
-        g = api.trace(model, x)
-        comp = g._compiled_for((x,))
-        fn = torch.compile(comp.flipped.module)
-        state = g._state()
-        n = comp.n_out
-        return lambda: torch.no_grad()(fn)(*state, x, v)[n]
+        g = api.trace(model, x, compile=True)
+        return lambda: torch.no_grad()(g.jvp)(x, v)[1]
+
+    def compiled_recorded():
+        g = api.trace(model, x, compile=True)
+        with torch.no_grad():
+            lin = g.linearize(x, vjp=False)
+        return lambda: torch.no_grad()(lin.jvp)(v)
 
     def func_jvp():
         f = functional(fresh())
@@ -210,9 +210,9 @@ def _jvp_callables(model: nn.Module, x: torch.Tensor, v: torch.Tensor, methods: 
         return run
 
     table = dict(forward=forward, new=new, recorded=recorded, linearize=linearize, compiled=compiled,
+                 compiled_recorded=compiled_recorded,
                  func_jvp=func_jvp, func_linearize=func_linearize, func_linearize_apply=func_linearize_apply,
                  forward_ad=forward_ad, double_backward=double_backward)
-    del params, buffers
     unknown = [k for k in methods if k not in table]
     if unknown:
         raise ValueError(f"unknown method(s) {unknown}: choose from {', '.join(JVP_METHODS)}")
@@ -278,7 +278,7 @@ def _ratios(m: dict) -> dict:
         return None
 
     out = {}
-    for ours in ("new", "recorded", "compiled", "linearize"):
+    for ours in ("new", "recorded", "compiled", "compiled_recorded", "linearize"):
         for base in ("func_jvp", "double_backward", "forward_ad", "func_linearize", "func_linearize_apply",
                      "forward"):
             r = ratio(ours, base)
@@ -487,11 +487,17 @@ def markdown(results: dict) -> str:
     lines = [f"Measured on {meta.get('processor')}, {meta.get('cpus')} CPU(s), {meta.get('threads')} thread(s), "
              f"torch {meta.get('torch')}, {meta.get('date')}. Ratios are medians from one run.", ""]
     if "jvp" in results:
-        lines += ["**Jv** — time as a multiple of `torch.func.jvp` (of double-backward where `torch.func.jvp` "
-                  "fails), peak tensor memory of jvpgraph's new-batch Jv against the same baseline:", "",
-                  "| model | mode | batch | new batch | recorded forward | compiled | torch.func.jvp "
-                  "| forward_ad | func.linearize (apply) | double-backward | memory | rel err |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+        cols = [("new", "new batch"), ("recorded", "recorded forward"), ("compiled", "new, compiled"),
+                ("compiled_recorded", "recorded, compiled"), ("func_jvp", "torch.func.jvp"),
+                ("func_linearize", "func.linearize build+apply"), ("func_linearize_apply", "func.linearize apply"),
+                ("forward_ad", "forward_ad"), ("double_backward", "double-backward"), ("forward", "forward pass")]
+        cols = [(k, h) for k, h in cols if any(k in r["methods"] for r in results["jvp"])]
+        lines += ["**Jv** — each method's median time as a multiple of `torch.func.jvp`'s (of double-backward's, "
+                  "marked †, where `torch.func.jvp` fails); memory: peak tensor memory of jvpgraph's new-batch Jv "
+                  "against the same baseline; error: the largest relative error of any method against "
+                  "double-backward:", "",
+                  "| model | mode | batch | " + " | ".join(h for _, h in cols) + " | memory | error |",
+                  "|---" * (len(cols) + 5) + "|"]
         for r in results["jvp"]:
             m = r["methods"]
             base = "func_jvp" if m.get("func_jvp", {}).get("runs") else "double_backward"
@@ -505,10 +511,9 @@ def markdown(results: dict) -> str:
                 return _fmt(e["time_s"] / m[base]["time_s"]) + "x"
 
             mem = r["ratios"].get(f"memory_new_vs_{base}")
-            lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {rel('new')} | {rel('recorded')} | "
-                         f"{rel('compiled')} | {rel('func_jvp')} | {rel('forward_ad')} | "
-                         f"{rel('func_linearize_apply')} | {rel('double_backward')} | {_fmt(mem)}x | "
-                         f"{_fmt(max((e.get('rel_err', 0) for e in m.values() if e.get('runs')), default=0), '.0e')} |")
+            err = max((e.get("rel_err", 0) for e in m.values() if e.get("runs")), default=0)
+            lines.append(f"| {r['model']} | {r['mode']}{'' if base == 'func_jvp' else ' †'} | {r['batch']} | "
+                         + " | ".join(rel(k) for k, _ in cols) + f" | {_fmt(mem)}x | {err:.0e} |")
         fails = {(k, e["error"]) for r in results["jvp"] for k, e in r["methods"].items() if not e.get("runs")}
         if fails:
             lines += ["", "Where a baseline fails (its error):", ""]
@@ -667,7 +672,7 @@ def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
         path.write_text(json.dumps(results, indent=1))
 
     if "jvp" in parts:
-        methods = _DEFAULT_METHODS + (["compiled"] if compile else [])
+        methods = _DEFAULT_METHODS + (["compiled", "compiled_recorded"] if compile else [])
         t0 = time.perf_counter()
         results["jvp"] = jvp_table(models, modes, repeats=repeats, methods=methods,
                                    progress=lambda s: log(f"jvp: {s} ({time.perf_counter() - t0:.0f} s)"))

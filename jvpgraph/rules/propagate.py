@@ -13,7 +13,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .registry import collapse_zeros, op_name
+from .registry import WithPrimal, collapse_zeros, op_name
 
 __all__ = ["propagate", "tangents_of", "check_tangent"]
 
@@ -53,6 +53,23 @@ def check_tangent(node: fx.Node, out, t):
             raise RuleError(
                 f"rule for {op_name(node.target)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
                 f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
+
+
+def _check_same_primal(node, out, new):
+    from .fallback import RuleError
+
+    def differ(x, y):
+        if not isinstance(x, torch.Tensor):
+            return False
+        if not isinstance(y, torch.Tensor) or not _same_shape(x.shape, y.shape) or x.dtype != y.dtype:
+            return True
+        # the layout matters: a view after the op may rely on it (strides of size-1 dimensions do not)
+        return any(n > 1 and sx != sy for n, sx, sy in zip(x.shape, x.stride(), y.stride()))
+
+    a, b = pytree.tree_leaves(out), pytree.tree_leaves(new)
+    if len(a) != len(b) or any(differ(x, y) for x, y in zip(a, b)):
+        raise RuleError(f"rule for {op_name(node.target)} replaced the primal output by one of another structure, "
+                        f"shape, dtype or layout at node {node.format_node()}")
 
 
 def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
@@ -95,6 +112,10 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
             trace = node.meta.get("stack_trace")
             raise RuleError(f"{e}\n  at node: {node.format_node()}" + (f"\n  from:\n{trace}" if trace else "")) \
                 from e
+        if isinstance(t, WithPrimal):  # the rule recomputed the primal from the tangent's intermediates
+            _check_same_primal(node, out, t.primal)
+            out = env[node] = t.primal
+            t = t.tangent
         check_tangent(node, out, t)
         if how is not None:
             how[node.name] = kind

@@ -19,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 
@@ -81,6 +81,19 @@ def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False):
     """
     assert kind in EDGE_KINDS, kind
     _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents))
+
+
+class WithPrimal(NamedTuple):
+    """A rule's answer that also replaces the op's primal output by one computed from what the tangent needs.
+
+    A fused kernel keeps its intermediates to itself (flash attention never returns the attention weights);
+    when the tangent must compute them anyway, the primal output can come from them too, and the kernel call,
+    now unused, is pruned from the emitted graph. ``primal`` must equal the op's output (same structure,
+    shapes, strides and dtypes) up to rounding.
+    """
+
+    primal: Any
+    tangent: Any
 
 
 def add_tangents(*ts):

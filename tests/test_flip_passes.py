@@ -1,0 +1,93 @@
+"""Rewrites of the emitted flipped graph that make it cheaper: each must leave Jv exactly as it was."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn as nn
+
+import jvpgraph
+from jvpgraph import flip
+from jvpgraph.flip import _fuse_relu_max_pool
+
+aten = torch.ops.aten
+
+
+def _cnn(dim):
+    conv, pool = (nn.Conv2d, nn.MaxPool2d) if dim == 2 else (nn.Conv3d, nn.MaxPool3d)
+    return nn.Sequential(conv(2, 3, 3, padding=1), nn.ReLU(), pool(2), conv(3, 2, 3, padding=1), nn.ReLU(),
+                         pool(2, stride=1, padding=1), nn.Flatten()).double()
+
+
+@pytest.mark.parametrize("dim", [2, 3])
+@pytest.mark.parametrize("data", ["random", "ties", "nan"])
+def test_relu_max_pool_fused_equals_torch_func_jvp(dim, data, monkeypatch):
+    """ReLU's mask moved after the pool's gather: the same Jv as torch.func.jvp, on inputs with many ties
+    (integers: equal maxima and windows of zeros after the ReLU); with a NaN input, the same Jv as without the
+    rewrite."""
+    torch.manual_seed(0)
+    model = _cnn(dim)
+    shape = (3, 2) + (6,) * dim
+    x = torch.randn(shape, dtype=torch.double)
+    if data == "ties":
+        x = x.round()
+        with torch.no_grad():
+            for m in model:
+                if isinstance(m, (nn.Conv2d, nn.Conv3d)):
+                    m.weight.copy_(m.weight.sign())
+                    m.bias.zero_()
+    if data == "nan":
+        x[0, 0, 1, 1] = float("nan")
+    v = torch.randn_like(x)
+    g = jvpgraph.trace(model, x)
+    code = g.flipped.code
+    # the pass fired: ReLU's output is no longer read by the tangent's masks, the pooled output is
+    assert code.count("aten.threshold_backward") == 2
+    _, tan = g.flipped.partition()
+    saved = [n.name for n in tan.graph.nodes if n.op == "placeholder"]
+    assert not any(name.startswith("saved_relu") for name in saved), saved
+    out, jv = g.jvp(x, v)
+    if data == "nan":  # NaN: the reference is the same graph without the rewrite (bit for bit what it was)
+        with monkeypatch.context() as mp:
+            mp.setattr(flip, "_fuse_relu_max_pool", lambda graph: 0)
+            ref_out, ref = jvpgraph.trace(model, x).jvp(x, v)
+        assert jv.isnan().any() or ref.isnan().sum() == 0
+    else:
+        ref_out, ref = torch.func.jvp(model, (x,), (v,))
+    torch.testing.assert_close(out, ref_out, equal_nan=True)
+    torch.testing.assert_close(jv, ref, equal_nan=True, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():
+        torch.testing.assert_close(g.linearize(x).jvp(v), ref, equal_nan=True, rtol=1e-12, atol=1e-12)
+
+
+def test_relu_max_pool_not_fused_when_relu_output_is_used_elsewhere():
+    """A ReLU whose output also feeds another op keeps its own mask (the rewrite needs the pool to be the
+    path the tangent takes)."""
+
+    class Branch(nn.Module):
+        def forward(self, x):
+            r = torch.relu(x)
+            return nn.functional.max_pool2d(r, 2).flatten(1).sum(1) + r.flatten(1).sum(1)
+
+    x = torch.randn(2, 1, 4, 4, dtype=torch.double)
+    v = torch.randn_like(x)
+    g = jvpgraph.trace(Branch(), x)
+    torch.testing.assert_close(g.jvp(x, v)[1], torch.func.jvp(Branch(), (x,), (v,))[1])
+
+
+def test_fuse_pass_counts_rewrites():
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    def f(x, t):
+        r = aten.relu(x)
+        pooled, idx = aten.max_pool2d_with_indices(r, [2, 2], [2, 2])
+        tb = aten.threshold_backward(t, r, 0)
+        return pooled, tb.view(1, 1, 16).gather(-1, idx.view(1, 1, 4)).view(1, 1, 2, 2)
+
+    x, t = torch.randn(1, 1, 4, 4), torch.randn(1, 1, 4, 4)
+    gm = make_fx(f)(x, t)
+    want = gm(x, t)
+    assert _fuse_relu_max_pool(gm.graph) == 1
+    gm.recompile()
+    for a, b in zip(gm(x, t), want):
+        torch.testing.assert_close(a, b)
