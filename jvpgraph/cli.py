@@ -134,6 +134,7 @@ def robustness_cmd(args) -> int:
 def bench_cmd(args) -> int:
     from .experiments import bench
 
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # inductor's compile chatter
     if args.threads:
         torch.set_num_threads(args.threads)
     quick = dict(models=["lenet", "mlp"], modes=["eval"], repeats=3, batches=(1, 8, 64)) if args.quick else {}

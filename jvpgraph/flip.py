@@ -118,6 +118,31 @@ def _fuse_relu_max_pool(graph: fx.Graph) -> int:
     return done
 
 
+def _differentiable_copies(graph: fx.Graph) -> int:
+    """Replace functional ``aten.copy(self, src)`` (left by functionalizing a fallback's backward formula, e.g.
+    ``as_strided``'s) with ``where(True, src, self)``: the same values, dtype and layout, but differentiable —
+    PyTorch has no derivative for ``aten.copy``, and the transposed tangent pass (``Jᵀu`` with the statistics
+    held, ``spectral_norm``) differentiates the tangent graph. Returns how many were replaced."""
+    aten = torch.ops.aten
+    done = 0
+    for node in list(graph.nodes):
+        if node.target is not aten.copy.default:
+            continue
+        self_, src = node.args[0], node.args[1]
+        dtype = node.meta["val"].dtype if "val" in node.meta else None
+        src_dtype = src.meta["val"].dtype if isinstance(src, fx.Node) and "val" in src.meta else None
+        with graph.inserting_before(node):
+            keep = graph.call_function(aten.ones_like.default, (self_,), {"dtype": torch.bool})
+            picked = graph.call_function(aten.where.self, (keep, src, self_))
+            if dtype is not None and src_dtype != dtype:  # where promotes; copy casts to self's dtype
+                picked = graph.call_function(aten._to_copy.default, (picked,), {"dtype": dtype})
+        picked.meta = dict(node.meta)
+        node.replace_all_uses_with(picked)
+        graph.erase_node(node)
+        done += 1
+    return done
+
+
 def _placeholder_examples(gm: fx.GraphModule) -> list[torch.Tensor]:
     out = []
     for n in gm.graph.nodes:
@@ -203,6 +228,7 @@ class FlippedGraph:
             node._rename(name)
             node.target = node.name
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        _differentiable_copies(gm.graph)
         _fuse_relu_max_pool(gm.graph)
         _primal_first(gm.graph, n_primal=len(names) - len(self.graph.wrt))
         gm.graph.lint()

@@ -6,6 +6,7 @@ Jacobian: ``python benchmarks/zoo.py`` (benchmarks/results/zoo.md).
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -53,3 +54,40 @@ def test_family_representative_in_train_mode(name):
     err = testing.max_rel_err(jv, ref)
     assert err <= TOL, f"{name}: max rel err {err:.1e} against double-backward"
     assert jv.abs().max() > 0
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_state_untouched_by_every_call(name):
+    """Nothing lost, across the zoo: after trace, jvp, vjp, linearize, spectral_norm and a regularizer's
+    penalty (``update_buffers=False``), every parameter, buffer (running statistics, ``num_batches_tracked``),
+    ``.grad``, ``requires_grad`` and ``training`` flag is as before — in train mode, where BatchNorm and dropout
+    would write. The caller's global RNG: trace and spectral_norm leave it as it was; a call that evaluates the
+    model once (jvp, vjp, linearize, the regularizer's forward) draws its dropout masks from it exactly as an
+    eager ``model(x)`` does, so seeding reproduces both."""
+    size = SIZES.get(name, 64)
+    torch.manual_seed(0)
+    model = build_model(name, size).train()
+    twin = copy.deepcopy(model)
+    x, v = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+    state = testing.ModelState(model)
+    calls = {
+        "trace": (lambda: jvpgraph.trace(model, x), False),
+        "jvp": (lambda: jvpgraph.jvp(model, (x,), (v,)), True),
+        "vjp": (lambda: jvpgraph.vjp(model, x)[1](torch.ones(2, 10)), True),
+        "linearize": (lambda: jvpgraph.linearize(model, x)[1](v), True),
+        "spectral_norm": (lambda: jvpgraph.spectral_norm(model, x, n_iter=2).sigma, False),
+        "regularizer": (lambda: jvpgraph.SpectralRegularizer(model, update_buffers=False)(x, index=[0, 1]), True),
+    }
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for call, (fn, draws_like_eager) in calls.items():
+            before = torch.get_rng_state()
+            twin(x)  # what an eager forward draws
+            eager = torch.get_rng_state()
+            torch.set_rng_state(before)
+            result = fn()
+            assert not state.changes(model), f"{name}: {call} changed {state.changes(model)}"
+            expected = eager if draws_like_eager else before
+            assert torch.equal(torch.get_rng_state(), expected), f"{name}: {call} moved the global RNG"
+            if call == "spectral_norm":
+                assert torch.isfinite(result).all() and (result > 0).all(), f"{name}: σ = {result}"
