@@ -41,13 +41,17 @@ CASES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(CASES))
-def test_gradient_of_uJv_wrt_parameters_matches_double_backward(name):
+def _case(name):
     factory, shape = CASES[name]
     torch.manual_seed(1)
     net = factory().to(D)
     x = torch.randn(*shape, dtype=D)
-    v = torch.randn_like(x)
+    return net, x, torch.randn_like(x)
+
+
+@pytest.mark.parametrize("name", sorted(CASES))
+def test_gradient_of_uJv_wrt_parameters_matches_double_backward(name):
+    net, x, v = _case(name)
     params = list(net.parameters())
     state = {k: b.clone() for k, b in net.named_buffers()}
 
@@ -76,11 +80,7 @@ def test_gradient_of_uJv_wrt_parameters_matches_finite_differences(name, bn):
     native_batch_norm_backward for BatchNorm's tangent, so the test above compares two uses of PyTorch's
     second-order BatchNorm formula; this one does not (and covers bn="frozen", whose statistics are held
     in Jv but still move with the parameters)."""
-    factory, shape = CASES[name]
-    torch.manual_seed(1)
-    net = factory().to(D)
-    x = torch.randn(*shape, dtype=D)
-    v = torch.randn_like(x)
+    net, x, v = _case(name)
     params = list(net.parameters())
     g = jvpgraph.trace(net, x, bn=bn)
     u = torch.randn_like(g.jvp(x, v)[1])

@@ -24,15 +24,20 @@ FAMILIES = ["alexnet", "convnext_tiny", "densenet121", "efficientnet_b0", "googl
 SIZES = {"inception_v3": 80}
 
 
-@pytest.mark.parametrize("name", FAMILIES)
-def test_family_representative_in_train_mode(name):
+def _family(name):
+    """The family's model in train mode (random weights, 10 classes), a batch of 2 and a tangent."""
     size = SIZES.get(name, 64)
     torch.manual_seed(0)
     model = build_model(name, size).train()
     head = getattr(model, "heads", None)
     if head is not None and hasattr(head, "head"):  # torchvision starts ViT heads at zero: Jv would be 0
         torch.nn.init.normal_(head.head.weight, std=0.02)
-    x, v = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+    return model, torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_representative_in_train_mode(name):
+    model, x, v = _family(name)
     state = testing.ModelState(model)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
@@ -64,14 +69,8 @@ def test_family_state_untouched_by_every_call(name):
     would write. The caller's global RNG: trace and spectral_norm leave it as it was; a call that evaluates the
     model once (jvp, vjp, linearize, the regularizer's forward) draws its dropout masks from it exactly as an
     eager ``model(x)`` does, so seeding reproduces both."""
-    size = SIZES.get(name, 64)
-    torch.manual_seed(0)
-    model = build_model(name, size).train()
-    head = getattr(model, "heads", None)
-    if head is not None and hasattr(head, "head"):  # torchvision starts ViT heads at zero: σ would be 0
-        torch.nn.init.normal_(head.head.weight, std=0.02)
+    model, x, v = _family(name)
     twin = copy.deepcopy(model)
-    x, v = torch.randn(2, 3, size, size), torch.randn(2, 3, size, size)
     state = testing.ModelState(model)
     calls = {
         "trace": (lambda: jvpgraph.trace(model, x), False),

@@ -83,7 +83,7 @@ JVP_METHODS = {
     "forward": "plain forward pass (the unit)",
     "new": "jvpgraph Jv on a new batch (flipped graph: primal and tangent in one pass)",
     "recorded": "jvpgraph Jv from a recorded forward (tangent pass only)",
-    "linearize": "jvpgraph linearize: record the forward (build)",
+    "linearize": "jvpgraph linearize: record the forward, then the tangent pass (build + apply)",
     "compiled": "jvpgraph Jv on a new batch, trace(..., compile=True) (torch.compile, inductor)",
     "compiled_recorded": "jvpgraph Jv from a recorded forward, tangent pass under torch.compile",
     "func_jvp": "torch.func.jvp",
@@ -589,7 +589,7 @@ def plot_jvp(rows: list[dict], path) -> None:
     where it fails); failing baselines marked."""
     plt = _plt()
     keys = [k for k in JVP_METHODS if k != "forward" and any(k in r["methods"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)), 4))
+    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)) + 2, 4))
     width = 0.8 / max(1, len(keys))
     for j, k in enumerate(keys):
         xs, ys = [], []
@@ -600,8 +600,9 @@ def plot_jvp(rows: list[dict], path) -> None:
             if e and e.get("runs") and "time_s" in e:
                 xs.append(i + j * width)
                 ys.append(e["time_s"] / m[base]["time_s"])
-            elif e:
-                ax.text(i + j * width, 0.02, "x", ha="center", color="red", fontsize=8)
+            elif e:  # cannot run: a red x at the bottom of its slot
+                ax.text(i + j * width, 0.03, "x", ha="center", color="red", fontsize=9,
+                        transform=ax.get_xaxis_transform())
         ax.bar(xs, ys, width, label=k)
     ax.axhline(1.0, color="gray", lw=0.8)
     ax.set_yscale("log")
@@ -609,7 +610,7 @@ def plot_jvp(rows: list[dict], path) -> None:
     ax.set_xticklabels([f"{r['model']}\n{r['mode']}" for r in rows], fontsize=8)
     ax.set_ylabel("time / torch.func.jvp\n(/ double-backward where it fails)")
     ax.set_title("Jv against autograd (x = cannot run)")
-    ax.legend(fontsize=7, ncol=3)
+    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
