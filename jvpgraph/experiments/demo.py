@@ -52,11 +52,12 @@ def _verify_section(p, batch: int, seed: int, show_code: int):
     p(f"traced in {t_trace:.2f} s: {n_ops} aten ops; flipped graph with v: {n_flip} aten calls; "
       f"ops through the fallback: {len(fallbacks) or 'none'}")
     p("")
-    lines = g.flipped.code.strip().splitlines()[1:]
-    start = next((i for i, line in enumerate(lines) if "(v," in line), 0)
-    p(f"the emitted flipped graph: {start} forward lines, then the tangent pass, which starts at the fictitious "
-      f"node v:")
-    for line in lines[start:start + show_code]:
+    fwd, tan = g.flipped.partition()
+    n_fwd = sum(1 for n in fwd.graph.nodes if n.op == "call_function")
+    lines = [line for line in tan.code.strip().splitlines()[1:] if line.strip()]
+    p(f"the emitted flipped graph, split for a recorded forward: {n_fwd} forward ops, then the tangent pass, "
+      "which starts at the fictitious node v:")
+    for line in lines[:show_code]:
         p("  " + (line.strip()[:118]))
     p("  ...")
     p("")
