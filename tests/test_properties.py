@@ -3,7 +3,8 @@
 MLPs and CNNs of depth 1-6 with nonlinearities drawn from a fixed set, optional BatchNorm / LayerNorm /
 GroupNorm, residual adds, concatenation, pooling and dropout, in train or eval mode, float64, drawn by the
 public strategies of :mod:`jvpgraph.strategies`. Properties: jvpgraph's ``J v`` equals the explicit
-Jacobian times ``v``, and ``<u, J v> = <Jᵀ u, v>``.
+Jacobian times ``v``, and ``<u, J v> = <Jᵀ u, v>``; in float32, it equals double-backward's, and both op
+orders of the emitted graph give the same bits.
 Dropout draws its mask from the global RNG, which is reseeded before every evaluation.
 """
 
@@ -17,7 +18,7 @@ from hypothesis import strategies as st
 import jvpgraph
 from jvpgraph.strategies import architectures, build
 
-from conftest import assert_adjoint, jac_times_v, seeded
+from conftest import assert_adjoint, double_backward_jvp, jac_times_v, seeded
 
 D = torch.float64
 SEED = 77
@@ -57,6 +58,30 @@ def test_random_architecture_linearize_adjoint(spec, data):
     jtu, jv = lin.vjp(u).detach(), jv.detach()
     lhs, rhs = float((u * jv).sum()), float((jtu * v).sum())
     assert abs(lhs - rhs) <= 1e-10 * (float(u.norm() * jv.norm() + jtu.norm() * v.norm()) + 1.0), (lhs, rhs)
+
+
+@SETTINGS
+@given(spec=ARCHITECTURES)
+def test_random_architecture_float32_and_both_op_orders(spec):
+    """In float32 (the dtype people train in), jvpgraph's Jv equals the double-backward trick computed at the
+    same float32 point (the same kernels decide the same ReLU masks and pool choices), to float32 rounding;
+    and the two op orders of the one-pass Jv (interleaved, primal-first) give the same bits."""
+    net, x, v = build(spec, torch.float32)
+    traced = jvpgraph.trace(net, x)
+    with seeded(SEED):
+        out, jv = traced.jvp(x, v)
+    assert jv.dtype == torch.float32
+    want = double_backward_jvp(net, (x,), (v,), seed=SEED)[0]
+    scale = float(want.abs().max()) + 1e-6
+    assert float((jv - want).abs().max()) <= 1e-4 * scale, float((jv - want).abs().max()) / scale
+    flipped = traced.flipped
+    args = [*net.parameters(), *net.buffers(), x, v]
+    with seeded(SEED):
+        a = flipped.module(*args)
+    with seeded(SEED):
+        b = flipped.primal_first_module(*args)
+    for p, q in zip(a, b):
+        assert torch.equal(p, q)
 
 
 @pytest.mark.slow
