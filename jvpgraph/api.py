@@ -233,21 +233,45 @@ class Traced:
         self._compiled_for(self._example)
 
     # ------------------------------------------------------------------ cache
-    def _key(self, flat_in) -> tuple:
+    def _walk(self) -> tuple[list, list, list]:
+        """One traversal of the module tree: the modules' ``(id, training)``, the parameters, and the buffers
+        as ``(name, tensor)`` — in ``named_parameters``/``named_buffers``' order and de-duplication (what
+        the trace takes). One walk per call instead of four: 0.15 ms of a 3 ms LeNet step at batch 1."""
+        flags: list = []
+        params: list = []
+        buffers: list = []
+        seen_p: set = set()
+        seen_b: set = set()
+        for prefix, m in self.module.named_modules():
+            flags.append((id(m), m.training))
+            for p in m._parameters.values():
+                if p is not None and id(p) not in seen_p:
+                    seen_p.add(id(p))
+                    params.append(p)
+            for name, b in m._buffers.items():
+                if b is not None and id(b) not in seen_b:
+                    seen_b.add(id(b))
+                    buffers.append((f"{prefix}.{name}" if prefix else name, b))
+        return flags, params, buffers
+
+    def _key(self, flat_in, walk=None) -> tuple:
         key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("const", repr(t))
                     for t in flat_in)
         if self.module is not None:
-            key += (tuple((id(m), m.training) for m in self.module.modules()),)
-            key += (tuple((tuple(p.shape), p.dtype, p.device) for p in self.module.parameters()),)
+            flags, params, _ = walk or self._walk()
+            key += (tuple(flags),)
+            key += (tuple((tuple(p.shape), p.dtype, p.device) for p in params),)
         return key
 
-    def _compiled_for(self, inputs: tuple) -> _Compiled:
+    def _compiled_for(self, inputs: tuple, walk=None) -> _Compiled:
         flat_in = pytree.tree_leaves(inputs)
-        key = self._key(flat_in)
+        if walk is None and self.module is not None:
+            walk = self._walk()
+        key = self._key(flat_in, walk)
         hit = self._cache.get(key)
         if hit is not None and hit.graph.program.values is not None:
             # traced at particular values (data-dependent shapes or branches): valid for those values only
-            now = [*self._state(), *flat_in]
+            now = [*self._state(walk=walk), *flat_in]
             if any(not torch.equal(a.detach(), b) for a, b in zip(now, hit.graph.program.values)):
                 hit = None
         if hit is None:
@@ -268,18 +292,18 @@ class Traced:
             self._cache[key] = hit
         return hit
 
-    def _state(self, updated: Sequence[str] = ()) -> list[torch.Tensor]:
+    def _state(self, updated: Sequence[str] = (), walk=None) -> list[torch.Tensor]:
         """Parameters and buffers as the trace takes them; the buffers named in ``updated`` as copies."""
         if self.module is None:
             return []
+        _, params, buffers = walk or self._walk()
         if not updated:
-            return [*self.module.parameters(), *self.module.buffers()]
+            return [*params, *(b for _, b in buffers)]
         updated = set(updated)
         # autograd saves BatchNorm's running statistics for its backward: whoever writes the forward's new
         # statistics into the model (SpectralRegularizer, like model(x) does) must not bump the versions of
         # the tensors this graph saved, so the forward reads copies (a few numbers per channel)
-        bufs = [b.detach().clone() if name in updated else b for name, b in self.module.named_buffers()]
-        return [*self.module.parameters(), *bufs]
+        return [*params, *(b.detach().clone() if name in updated else b for name, b in buffers)]
 
     @staticmethod
     def _check_tangents(flat_in, tangents, wrt) -> list[torch.Tensor]:
@@ -334,9 +358,10 @@ class Traced:
         """
         inputs = _as_tuple(primals)
         flat_in = pytree.tree_leaves(inputs)
-        comp = self._compiled_for(inputs)
+        walk = self._walk() if self.module is not None else None
+        comp = self._compiled_for(inputs, walk)
         ts = self._check_tangents(flat_in, _as_tuple(tangents), comp.graph.wrt)
-        res = comp.joint(*self._state(), *flat_in, *ts)
+        res = comp.joint(*self._state(walk=walk), *flat_in, *ts)
         n = comp.n_out
         spec = comp.graph.program.out_spec
         return pytree.tree_unflatten(list(res[:n]), spec), pytree.tree_unflatten(list(res[n:2 * n]), spec)
@@ -347,13 +372,14 @@ class Traced:
         With ``vjp=True`` (and gradients enabled) the forward is recorded by autograd with respect to the
         differentiated inputs too, so :meth:`Linearized.vjp` works.
         """
-        comp = self._compiled_for(inputs)
+        walk = self._walk() if self.module is not None else None
+        comp = self._compiled_for(inputs, walk)
         flat_in = list(pytree.tree_leaves(inputs))
         if vjp and torch.is_grad_enabled():
             for i in comp.graph.wrt:
                 if not flat_in[i].requires_grad:
                     flat_in[i] = flat_in[i].detach().requires_grad_(True)
-        res = comp.forward(*self._state(comp.flipped.buffer_update_names), *flat_in)
+        res = comp.forward(*self._state(comp.flipped.buffer_update_names, walk), *flat_in)
         n, nb = comp.n_out, comp.n_buf
         new_buffers = dict(zip(comp.flipped.buffer_update_names, res[n:n + nb]))
         return Linearized(self, comp, res[:n], new_buffers, res[n + nb:], flat_in, comp.graph.program.out_spec)

@@ -540,6 +540,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                 "Bind non-tensor arguments with functools.partial or a lambda."
             )
     P, B = len(params), len(buffers)
+    # each (module, attribute) holding a parameter or buffer, once, by its first name: a parameter shared by
+    # two modules (weight tying) has one slot in each; a module used twice has its slots once
+    slots = [] if module is None else [
+        (f"{prefix}.{name}" if prefix else name, t) for prefix, m in module.named_modules()
+        for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None]
     out_spec_box: list = []
     module_stack: list[str] = []
 
@@ -556,11 +561,14 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     def _call(*flat):
         if copies[0]:
             flat = [t.clone() for t in flat[:P]] + list(flat[P:P + B]) + [t.clone() for t in flat[P + B:]]
-        state = dict(zip(params, flat[:P]))
-        state.update(zip(buffers, flat[P:P + B]))
+        by_id = dict(zip((id(t) for t in [*params.values(), *buffers.values()]), flat[:P + B]))
+        state = {name: by_id[id(t)] for name, t in slots}
         args = pytree.tree_unflatten(list(flat[P + B:]), in_spec)
         if module is not None:
-            out = torch.func.functional_call(module, state, args, strict=True, tie_weights=False)
+            # strict=False: `slots` names every (module, attribute) once, which is all there is to replace;
+            # strict=True would also want the other names of a module used twice, and PyTorch's
+            # reparametrization then restores that module's attributes to the traced values
+            out = torch.func.functional_call(module, state, args, strict=False, tie_weights=False)
         else:
             out = f(*args)
         flat_out, spec = pytree.tree_flatten(out)
