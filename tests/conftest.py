@@ -226,3 +226,21 @@ def _deterministic():
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="jvpgraph. no written rule")
         yield
+
+
+def gradient_along(f, params, direction):
+    """``d/dh f(params + h * direction)`` at 0 by central differences, Richardson-extrapolated over
+    h = 1e-5 and 5e-6 (float64; strong curvature, as a ViT's, leaves plain differences at 1e-5 off by 2e-5).
+    The parameters are restored."""
+    def central(h):
+        values = []
+        with torch.no_grad():
+            for sign in (1, -1):
+                for p, d in zip(params, direction):
+                    p.add_(sign * h * d)
+                values.append(float(f()))
+                for p, d in zip(params, direction):
+                    p.sub_(sign * h * d)
+        return (values[0] - values[1]) / (2 * h)
+
+    return (4 * central(5e-6) - central(1e-5)) / 3
