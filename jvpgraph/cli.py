@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 import warnings
+from pathlib import Path
 
 import torch
 
@@ -137,13 +137,12 @@ def bench_cmd(args) -> int:
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # inductor's compile chatter
     if args.threads:
         torch.set_num_threads(args.threads)
-    quick = dict(models=["lenet", "mlp"], modes=["eval"], repeats=3, batches=(1, 8, 64)) if args.quick else {}
+    # --quick's choices, then what was given; the rest: bench.run's defaults
+    kwargs = dict(models=["lenet", "mlp"], modes=["eval"], repeats=3, batches=(1, 8, 64)) if args.quick else {}
+    given = dict(models=args.models, modes=args.modes, repeats=args.repeats, batches=args.batches)
+    kwargs.update({k: v for k, v in given.items() if v is not None})
     try:
-        bench.run(args.out, parts=args.parts, models=args.models or quick.get("models"),
-                  modes=args.modes or quick.get("modes", ("eval", "train")),
-                  repeats=args.repeats or quick.get("repeats", 20),
-                  batches=args.batches or quick.get("batches", (1, 2, 4, 8, 16, 32, 64, 128, 256)),
-                  compile=args.compile, readme=args.readme)
+        bench.run(args.out, parts=args.parts, compile=args.compile, readme=args.readme, **kwargs)
     except ValueError as e:
         raise SystemExit(f"jvpgraph bench: {e}") from None
     print((Path(args.out) / "bench.md").read_text())
