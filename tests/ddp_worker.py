@@ -25,6 +25,12 @@ def model(bn: bool = False) -> nn.Module:
     return nn.Sequential(*layers).double()
 
 
+def digits_model() -> nn.Module:
+    """For ``jvpgraph train --model ddp_worker:digits_model --size 12`` (no BatchNorm: per-rank statistics would
+    differ from one process's)."""
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.GELU(), nn.Flatten(), nn.Linear(4 * 10 * 10, 10))
+
+
 def batches():
     g = torch.Generator().manual_seed(1)
     x = torch.randn(STEPS, GLOBAL_BATCH, 1, 8, 8, generator=g, dtype=torch.float64)

@@ -17,13 +17,17 @@ sys.path.insert(0, str(HERE))
 import ddp_worker  # noqa: E402
 
 
-def _torchrun(tmp_path, *extra):
-    out = tmp_path / "params"
+def _launch(*args):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join([str(HERE), *sys.path])}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                           str(HERE / "ddp_worker.py"), str(out), *extra], env=env, capture_output=True,
-                          text=True, timeout=300)
+                           *args], env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def _torchrun(tmp_path, *extra):
+    out = tmp_path / "params"
+    _launch(str(HERE / "ddp_worker.py"), str(out), *extra)
     return [torch.load(f"{out}.rank{r}") for r in (0, 1)]
 
 
@@ -51,4 +55,47 @@ def test_ddp_with_train_mode_batchnorm_runs_with_per_rank_statistics(tmp_path):
             continue  # DDP broadcasts rank 0's buffers at each forward: the last update is each rank's own
         torch.testing.assert_close(rank0[name], rank1[name], rtol=0, atol=0)
     assert int(rank0["1.num_batches_tracked"]) == ddp_worker.STEPS
-    assert pytest  # keeps the import for markers below if needed
+
+
+def test_jvpgraph_train_under_torchrun_equals_one_process(tmp_path):
+    """`torchrun --nproc_per_node 2 -m jvpgraph train` against one process's run_experiment with the same
+    arguments: every method whose steps do not depend on the split (all but frobenius) ends with the same
+    weights and the same per-epoch losses, to float32 rounding. 100 images in batches of 33: the last batch
+    has one image, so one rank runs a zero-weight sample in that step."""
+    from jvpgraph.experiments.runner import run_experiment
+
+    regs = ["none", "l2", "spectral", "spectral-bound"]
+    common = dict(dataset="digits", model="ddp_worker:digits_model", lams=[0.1], lrs=[0.05], batch_sizes=[33],
+                  epochs=2, seeds=[0], size=12, limit=100)
+    one = run_experiment(str(tmp_path / "one"), regs=regs, progress=False, log=None, **common)
+    proc = _launch("-m", "jvpgraph", "train", "--dataset", "digits", "--model", common["model"], "--reg", *regs,
+                   "--lam", "0.1", "--lr", "0.05", "--batch-size", "33", "--epochs", "2", "--seeds", "0",
+                   "--size", "12", "--limit", "100", "--no-progress", "--out", str(tmp_path / "two"))
+    assert "2 processes" in proc.stdout and proc.stdout.count("| spectral |") == 1  # rank 0 alone reports
+    for run in one["runs"]:
+        a = torch.load(tmp_path / "one" / run["checkpoint"], weights_only=False)
+        b = torch.load(tmp_path / "two" / run["checkpoint"], weights_only=False)
+        for name, want in a["state_dict"].items():
+            torch.testing.assert_close(b["state_dict"][name], want, rtol=1e-5, atol=1e-6,
+                                       msg=f"{run['checkpoint']}: {name}")
+        for ea, eb in zip(a["history"], b["history"]):
+            for key in ("train_loss", "penalty", "val_loss", "val_acc"):
+                assert eb[key] == pytest.approx(ea[key], rel=1e-5, abs=1e-7), (run["checkpoint"], key)
+    start = ddp_worker.digits_model().state_dict()
+    assert all(not torch.equal(a["state_dict"]["1." + k], v) for k, v in start.items())  # it trained
+
+
+def test_shard_covers_each_batch_once_with_weights_of_the_global_mean():
+    """The split of a global batch over ranks: every sample on exactly one rank, always the same rank, and the
+    weights of all ranks sum to world (DDP divides by it) -- a rank without samples runs one at weight 0."""
+    from jvpgraph.experiments.train import _shard
+
+    g = torch.Generator().manual_seed(0)
+    for world in (1, 2, 3):
+        for size in (1, 2, 5, 33):
+            idx = torch.randperm(100, generator=g)[:size]
+            parts = [_shard(idx, r, world) for r in range(world)]
+            seen = torch.cat([idx[rows][w > 0] for rows, w in parts])
+            assert sorted(seen.tolist()) == sorted(idx.tolist())
+            assert all(bool((idx[rows][w > 0] % world == r).all()) for r, (rows, w) in enumerate(parts))
+            assert float(sum(w.sum() for _, w in parts)) == pytest.approx(world)

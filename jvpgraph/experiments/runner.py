@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 
 from .data import load
 from .models import build_model
-from .train import REGULARIZERS, TrainConfig, _NoBar, _progress, evaluate, fit
+from .train import REGULARIZERS, TrainConfig, _NoBar, _progress, _rank_world, evaluate, fit
 
 __all__ = ["GRIDS", "Setting", "settings", "run_experiment", "select", "results_table", "load_run",
            "robustness_report", "robustness_table"]
@@ -92,6 +92,10 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
     """Train every setting with every seed (skipping runs already checkpointed), select per method, write the
     results; returns what ``results.json`` holds.
 
+    In every process of an initialized ``torch.distributed`` group (``torchrun ... jvpgraph train``), each run
+    trains data-parallel (:func:`~jvpgraph.experiments.train.fit`); rank 0 alone reads and writes ``out_dir``
+    and logs, and every rank returns rank 0's result.
+
     Example:
         >>> import tempfile
         >>> res = run_experiment(tempfile.mkdtemp(), regs=["none", "spectral"], lams=[0.01], epochs=1, seeds=[0],
@@ -99,27 +103,38 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
         >>> sorted(res["selected"]), len(res["runs"])
         (['none', 'spectral'], 2)
     """
-    def say(msg):  # log: a file, None (quiet) or "stdout" (the one current at the call)
-        if log is not None:
+    rank, world = _rank_world()
+
+    def say(msg):  # log: a file, None (quiet) or "stdout" (the one current at the call); rank 0 only
+        if log is not None and rank == 0:
             print(msg, file=sys.stdout if log == "stdout" else log, flush=True)
+
+    def on_rank0(value):  # rank 0's value on every rank (what it read from out_dir)
+        if world == 1:
+            return value
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
 
     data = load(dataset, data_dir, size=size, seed=0, limit=limit)
     x0 = data.train.tensors[0]
     in_channels, img = x0.shape[1], x0.shape[-1]
     grid = settings(regs, lams, lrs, batch_sizes)
-    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    if rank == 0:
+        os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     total = len(grid) * len(seeds)
+    procs = f", {world} processes" if world > 1 else ""
     say(f"jvpgraph train: {dataset} ({len(data.train)} train / {len(data.val)} val / {len(data.test)} test, "
         f"{tuple(x0.shape[1:])}), {model}, {len(grid)} settings x {len(seeds)} seeds = {total} runs of "
-        f"{epochs} epochs -> {out_dir}")
-    bar = _progress(total, None, progress, unit="run")
+        f"{epochs} epochs{procs} -> {out_dir}")
+    bar = _progress(total, None, progress and rank == 0, unit="run")
     quiet_bar = isinstance(bar, _NoBar) or getattr(bar, "disable", False)
     runs = []
     t_start = time.perf_counter()
     for k, (setting, seed) in enumerate(itertools.product(grid, seeds)):
         path = os.path.join(out_dir, "runs", f"{setting.name}_seed{seed}.pt")
-        if os.path.exists(path):
-            record = torch.load(path, map_location="cpu", weights_only=False)
+        if on_rank0(os.path.exists(path)):
+            record = torch.load(path, map_location="cpu", weights_only=False) if rank == 0 else {}
             status = "done earlier"
         else:
             with torch.random.fork_rng(devices=[]):
@@ -139,7 +154,8 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
                       "diverged": diverged, "seconds": time.perf_counter() - t0,
                       "state_dict": net.state_dict(), "mean": data.mean, "std": data.std,
                       "step_time": hist.step_time if hist else None}
-            torch.save(record, path)
+            if rank == 0:
+                torch.save(record, path)
             status = "diverged" if diverged else f"test acc {test['acc']:.1%}"
         runs.append({k2: v for k2, v in record.items() if k2 not in ("state_dict", "mean", "std")} |
                     {"checkpoint": os.path.relpath(path, out_dir)})
@@ -148,6 +164,8 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
         if quiet_bar:  # no bar on screen (a log, CI): a line per run instead
             say(f"  [{k + 1}/{total}] {setting.name} seed {seed}: {status}")
     bar.close()
+    if rank != 0:
+        return on_rank0(None)
     selected = select(runs)
     result = {"dataset": dataset, "model": model, "input_shape": list(x0.shape[1:]), "epochs": epochs,
               "seeds": list(seeds), "n_iter": n_iter, "schedule": schedule, "augment": augment,
@@ -161,7 +179,7 @@ def run_experiment(out_dir: str, *, dataset: str = "digits", model: str = "lenet
     with open(os.path.join(out_dir, "results.md"), "w") as f:
         f.write(table)
     say(table)
-    return result
+    return on_rank0(result)
 
 
 def _mean_std(xs: list[float]) -> tuple[float, float]:

@@ -189,12 +189,54 @@ def _progress(total: int, desc: str | None, enabled: bool, unit: str = "step"):
                 disable=None)  # None: off when stderr is not a terminal (logs, CI)
 
 
+def _rank_world() -> tuple[int, int]:
+    """This process's rank and the number of processes of the initialized default group (``(0, 1)`` if none)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _shard(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's rows of a global batch and each row's weight in the global batch's mean.
+
+    A sample goes to rank ``index % world`` in every epoch, so a warm-started power iteration finds its vector
+    on the rank that kept it. The weights ``world / len(idx)`` make DDP's average of the ranks' gradients the
+    gradient of the global batch's mean, however unevenly the batch splits; a rank that gets no sample runs
+    one with weight 0 (DDP needs every rank in every step).
+
+    Example:
+        >>> rows, w = _shard(torch.tensor([4, 7, 2, 9, 6]), rank=1, world=2)  # indices 7, 9: odd ones
+        >>> rows.tolist(), w.mul(5).tolist()  # 2 / 5 each: DDP divides by the 2 ranks
+        ([1, 3], [2.0, 2.0])
+        >>> _shard(torch.tensor([4]), rank=1, world=2)[1].tolist()  # nothing for rank 1: one sample, weight 0
+        [0.0]
+    """
+    if world == 1:
+        return torch.arange(len(idx)), torch.full((len(idx),), 1.0 / len(idx))
+    rows = (idx % world == rank).nonzero().flatten()
+    if len(rows) == 0:
+        return torch.zeros(1, dtype=torch.long), torch.zeros(1)
+    return rows, torch.full((len(rows),), world / len(idx))
+
+
 def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: TrainConfig, *,
         progress: bool = True, desc: str | None = None) -> History:
     """Train ``model`` in place with SGD (momentum ``config.momentum``) on ``train``; validate each epoch.
 
     The batch order, the regularizer's random vectors and dropout come from ``config.seed``; the caller's
     global random number generator is restored afterwards.
+
+    **Data-parallel.** Called in every process of an initialized ``torch.distributed`` group (as ``jvpgraph
+    train`` does under ``torchrun``), the model and its regularizer run under
+    :class:`~torch.nn.parallel.DistributedDataParallel`: each global batch of ``config.batch_size`` samples is
+    split over the ranks by dataset index (``index % world``), the loss is weighted so that the averaged
+    gradient is the global batch's mean, and the parameters after each step equal one process's over the same
+    global batch for models without train-mode BatchNorm (``none``, ``l2``, ``spectral``, ``spectral-bound``;
+    ``frobenius`` draws independent projections per rank). BatchNorm in train mode normalizes with each rank's
+    samples; rank 0's running statistics are kept (broadcast before each validation). Dropout draws from
+    ``config.seed + rank``.
 
     Example:
         >>> import torch, torch.nn as nn
@@ -206,39 +248,57 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
         >>> len(h.epochs), h.epochs[-1]["val_acc"] > 0.8
         (3, True)
     """
+    import torch.distributed as dist
+
+    from ..regularizers import Regularized
+
     x_all, y_all = train.tensors
     n = len(x_all)
+    rank, world = _rank_world()
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        order_gen = torch.Generator().manual_seed(config.seed)
-        reg = make_regularizer(model, config.reg, config.n_iter, config.seed)
+        torch.manual_seed(config.seed + rank)
+        order_gen = torch.Generator().manual_seed(config.seed)  # the same batches on every rank
+        # frobenius: independent projections per rank; spectral's warm start and spectral-bound's vectors: shared
+        reg_seed = config.seed + (rank if config.reg == "frobenius" else 0)
+        reg = make_regularizer(model, config.reg, config.n_iter, reg_seed)
+        step = model if reg is None else Regularized(model, reg)
+        if world > 1:
+            step = nn.parallel.DistributedDataParallel(step)
         opt = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum)
         sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=config.epochs) \
             if config.schedule == "cosine" else None
         history = History(config)
         model.train()
         steps_per_epoch = (n + config.batch_size - 1) // config.batch_size
-        bar = _progress(steps_per_epoch * config.epochs, desc or config.reg, progress)
+        bar = _progress(steps_per_epoch * config.epochs, desc or config.reg, progress and rank == 0)
         for epoch in range(1, config.epochs + 1):
             perm = torch.randperm(n, generator=order_gen)
             batches = [perm[i:i + config.batch_size] for i in range(0, n, config.batch_size)]
-            tot_loss = tot_pen = 0.0
+            totals = torch.zeros(2, dtype=torch.float64)  # this rank's share of Σ loss, Σ penalty over the epoch
             step_times = []
             for idx in batches:
                 t0 = time.perf_counter()
                 x, y = x_all[idx], y_all[idx]
-                if config.augment:
+                if config.augment:  # the whole global batch: every rank draws what one process would
                     x = augment(x, order_gen)
+                rows, w = _shard(idx, rank, world)
+                x, y, idx_here = x[rows], y[rows], idx[rows]
                 if reg is None:
-                    out = model(x)
-                    penalty = out.new_zeros(())
+                    out = step(x)
+                    pen = out.new_zeros(len(rows))
                 else:
-                    out, pen = reg(x, index=idx)
-                    penalty = pen.mean()
+                    out, pen = step(x, idx_here)
+                w = w.to(out.dtype)
+                ce = (w * F.cross_entropy(out, y, reduction="none")).sum()
+                penalty = (w * pen).sum()
                 if config.reg == "l2":
                     penalty = sum((p * p).sum() for p in model.parameters())
-                loss = F.cross_entropy(out, y) + config.lam * penalty
-                if not torch.isfinite(loss):
+                loss = ce + config.lam * penalty
+                finite = torch.isfinite(loss.detach())
+                if world > 1:  # every rank stops at the same step, or the others would wait in backward
+                    finite = finite.to(torch.int32)
+                    dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+                if not bool(finite):
                     raise FloatingPointError(f"{desc or config.reg}: the loss became {float(loss)} in epoch "
                                              f"{epoch}; lower --lr or --lam")
                 opt.zero_grad(set_to_none=True)
@@ -246,15 +306,19 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
                 opt.step()
                 step_times.append(time.perf_counter() - t0)
                 bar.update()
-                tot_loss += float(loss.detach()) * len(idx)
-                tot_pen += float(penalty.detach()) * len(idx)
+                share = len(idx) / world  # loss is this rank's part of the global mean, times world
+                totals += torch.tensor([float(loss.detach()), float(penalty.detach())], dtype=torch.float64) * share
+            if world > 1:
+                dist.all_reduce(totals)
+                for b in model.buffers():  # rank 0's running statistics on every rank, as DDP's next forward would
+                    dist.broadcast(b, 0)
             lr_used = opt.param_groups[0]["lr"]
             if sched is not None:
                 sched.step()
             ev = evaluate(model, val)
             step_times.sort()
-            history.epochs.append({"epoch": epoch, "lr": lr_used, "train_loss": tot_loss / n, "penalty": tot_pen / n,
-                                   "val_loss": ev["loss"], "val_acc": ev["acc"],
+            history.epochs.append({"epoch": epoch, "lr": lr_used, "train_loss": float(totals[0]) / n,
+                                   "penalty": float(totals[1]) / n, "val_loss": ev["loss"], "val_acc": ev["acc"],
                                    "step_time": step_times[len(step_times) // 2]})
             bar.set_postfix_str(f"epoch {epoch}, val acc {ev['acc']:.1%}")
         bar.close()

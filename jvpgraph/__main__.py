@@ -1,0 +1,5 @@
+"""``python -m jvpgraph ...`` (and ``torchrun --nproc_per_node 2 -m jvpgraph train ...``): the command line."""
+
+from .cli import main
+
+raise SystemExit(main())
