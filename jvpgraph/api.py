@@ -186,6 +186,12 @@ class Linearized:
         return out
 
 
+def _autocast_state() -> tuple:
+    """The autocast regions the call runs in, ``((device type, dtype), ...)``: a trace made under
+    ``torch.autocast`` holds its casts, so it serves calls under the same autocast only."""
+    return tuple((d, torch.get_autocast_dtype(d)) for d in ("cpu", "cuda") if torch.is_autocast_enabled(d))
+
+
 class Traced:
     """A model or function traced once for Jv: apply it to new batches and new parameter values.
 
@@ -261,7 +267,7 @@ class Traced:
         flags, params, _ = walk
         key += (tuple(flags),)
         key += (tuple((tuple(p.shape), p.dtype, p.device) for p in params),)
-        return key
+        return key + (_autocast_state(),)
 
     def _compiled_for(self, inputs: tuple, walk=None) -> _Compiled:
         flat_in = pytree.tree_leaves(inputs)

@@ -126,7 +126,8 @@ def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 100, tol: floa
         model: an ``nn.Module`` or function mapping a batch ``(B, *in)`` to ``(B, *out)``.
         x: the batch.
         n_iter, tol: at most ``n_iter`` power iterations, fewer once ``σ`` changes by less than ``tol``
-            (relative) for every sample.
+            (relative) for every sample; in float16 and bfloat16, by less than four units of rounding (σ
+            flips between neighbouring values there instead of settling).
         bn: BatchNorm in train mode: ``"frozen"`` (batch statistics held constant) or ``"eval"``.
         method: ``"power"`` (Jv and Jᵀu) or ``"exact"`` (each sample's whole Jacobian, its 2-norm).
         v0: starting right vectors ``(B, *in)`` (warm start); default random (from ``generator``, else a
@@ -165,6 +166,8 @@ def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 100, tol: floa
             v0 = torch.randn(x.shape, generator=g, dtype=x.dtype, device=x.device)
         elif v0.shape != x.shape:
             raise ValueError(f"v0 has shape {tuple(v0.shape)}; it must have the input's shape {tuple(x.shape)}")
+        if x.dtype in (torch.float16, torch.bfloat16):
+            tol = max(tol, 4 * torch.finfo(x.dtype).eps)
         sigma, u, v, its, converged = power_iteration(lin.jvp, lin.vjp, v0, n_iter, tol)
         residual = per_sample_norm(lin.vjp(lin.jvp(v)) - sigma.reshape(-1, *[1] * (x.dim() - 1)) ** 2 * v)
     return SpectralNorm(sigma, u, v, its, residual, converged)

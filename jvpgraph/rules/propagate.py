@@ -37,22 +37,34 @@ def _same_shape(a, b) -> bool:
     return len(a) == len(b) and all(guard_or_true(x == y) for x, y in zip(a, b))
 
 
+_MIXED = (torch.float32, torch.bfloat16, torch.float16)  # the precisions mixed-precision training mixes
+
+
 def check_tangent(node: fx.Node, out, t):
-    """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name."""
+    """A rule's tangent must have its primal's shape and dtype: catch rule bugs at emission, by name.
+
+    Returns the tangent, with a floating-point tangent of another floating-point precision cast to its
+    output's (mixed precision: a bfloat16 BatchNorm input with float32 weights under autocast gives float32
+    products, and the output -- so its tangent -- is bfloat16, as PyTorch's forward AD requires too)."""
     from .fallback import RuleError
 
     outs = pytree.tree_leaves(out)
-    touts = pytree.tree_leaves(t, is_leaf=lambda z: z is None)
+    touts, spec = pytree.tree_flatten(t, is_leaf=lambda z: z is None)
     if t is not None and len(outs) != len(touts):
         raise RuleError(f"rule for {op_name(node.target)} returned {len(touts)} tangents for {len(outs)} outputs "
                         f"at node {node.format_node()}")
-    for o, to in zip(outs, touts):
+    cast = False
+    for i, (o, to) in enumerate(zip(outs, touts)):
         if to is None or not isinstance(o, torch.Tensor):
             continue
+        if to.dtype != o.dtype and to.dtype in _MIXED and o.dtype in _MIXED:
+            touts[i] = to = to.to(o.dtype)  # (never from or to float64: that is a rule's bug)
+            cast = True
         if not _same_shape(to.shape, o.shape) or to.dtype != o.dtype:
             raise RuleError(
                 f"rule for {op_name(node.target)} gave a tangent of shape {tuple(to.shape)} {to.dtype} for an output "
                 f"of shape {tuple(o.shape)} {o.dtype} at node {node.format_node()}")
+    return pytree.tree_unflatten(touts, spec) if cast else t
 
 
 def _check_same_primal(node, out, new):
@@ -116,7 +128,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
             _check_same_primal(node, out, t.primal)
             out = env[node] = t.primal
             t = t.tangent
-        check_tangent(node, out, t)
+        t = check_tangent(node, out, t)
         if how is not None:
             how[node.name] = kind
         if t is not None:
