@@ -3,9 +3,12 @@
 Every entry of ``op_db`` that supports autograd, every sample input, float64 on the CPU: jvpgraph's Jv
 against ``torch.func.jvp`` where PyTorch has forward AD, else against the double-backward trick and central
 finite differences. An entry passes when all its samples pass. Writes benchmarks/results/opinfo.{json,md}.
+``--dtype complex128``: the entries that take complex tensors, judged against ``torch.func.jvp`` and finite
+differences (the real-linear derivative); writes benchmarks/results/opinfo_complex128.{json,md}.
 
     python benchmarks/opinfo.py                  # the whole database (long)
     python benchmarks/opinfo.py sigmoid grid_sampler_2d --max-samples 3
+    python benchmarks/opinfo.py --dtype complex128
 """
 
 from __future__ import annotations
@@ -41,18 +44,34 @@ WHY = {
 }
 
 
-def write_report(rows, out: Path, final: bool, updated: list[str] | None = None) -> str:
+# complex128: why an entry that takes complex tensors does not pass
+WHY_COMPLEX = {
+    "nn.functional.pad.circular": "PyTorch raises 'slice_scatter does not support automatic differentiation for "
+    "outputs with complex dtype' while the circular pad is traced",
+    "zero_": "PyTorch: zero_ has no autograd for complex outputs; raised at trace time",
+    "svd_lowrank": "no local Jacobian for aten._linalg_svd of a complex matrix here: its backward checks the "
+    "gauge with allclose (a value read the trace cannot make) and the forward-AD fallback hits a PyTorch internal "
+    "assert (_make_dual); a RuleError lists both (float64: skipped, the op reseeds the RNG)",
+    "pca_lowrank": "as svd_lowrank",
+    "linalg.lstsq": "the SVD drivers (gelss, gelsd) also return singular_values, which PyTorch declares "
+    "non-differentiable: jvpgraph gives 0 for them, as torch.func.jvp does (1e-15 apart), finite differences see "
+    "them move; solution and residuals agree with finite differences (4e-9). No forward AD for complex lstsq, so "
+    "only finite differences judge here",
+}
+
+
+def write_report(rows, out: Path, final: bool, updated: list[str] | None = None, dtype: str = "float64") -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     judged = [r for r in rows if r["status"] != "skip"]
     no_fwd = [r for r in judged if not r.get("forward_ad")]
     passed = sum(r["status"] == "pass" for r in judged)
-    summary = dict(entries=len(rows), judged=len(judged), passed=passed,
+    summary = dict(dtype=dtype, entries=len(rows), judged=len(judged), passed=passed,
                    without_forward_ad=len(no_fwd), without_forward_ad_passed=sum(r["status"] == "pass" for r in no_fwd),
                    skipped=len(rows) - len(judged), torch=torch.__version__, updated_after_sweep=updated or [])
     out.with_suffix(".json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=2))
     name = lambda r: r["op"] + (f".{r['variant']}" if r.get("variant") else "")  # noqa: E731
     head = (("" if final else "(partial run: stopped before the end) ") +
-            f"OpInfo sweep, float64, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged entries pass on all "
+            f"OpInfo sweep, {dtype}, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged entries pass on all "
             f"their samples ({100 * passed / max(len(judged), 1):.1f}%; {passed}/{len(rows)} = "
             f"{100 * passed / max(len(rows), 1):.1f}% of all {len(rows)} entries with a backward, the "
             f"{len(rows) - len(judged)} skipped counted as not passing); without forward AD in PyTorch: "
@@ -64,7 +83,7 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None)
     for r in rows:
         if r["status"] == "fail" or r["status"] == "error":
             md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} "
-                      f"| {WHY.get(name(r), r['detail'][:160])} |")
+                      f"| {(WHY if dtype == 'float64' else WHY_COMPLEX).get(name(r), r['detail'][:160])} |")
     md += ["", "## Skipped (nothing to judge), and why", "", "| op | why |", "|---|---|"]
     for r in rows:
         if r["status"] == "skip":
@@ -83,20 +102,25 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("ops", nargs="*", help="OpInfo names (default: all that support autograd)")
     ap.add_argument("--max-samples", type=int, default=0, help="samples per op (0: all)")
-    ap.add_argument("--out", default=str(Path(__file__).parent / "results" / "opinfo"))
+    ap.add_argument("--dtype", choices=("float64", "complex128"), default="float64")
+    ap.add_argument("--out", default=None, help="report path without suffix (default results/opinfo[_complex128])")
     ap.add_argument("--update", action="store_true",
                     help="re-run the named ops and replace their rows in the existing report")
     args = ap.parse_args(argv)
-    entries = [o for o in op_db if o.supports_autograd and (not args.ops or o.name in args.ops)]
+    dtype = getattr(torch, args.dtype)
+    args.out = args.out or str(Path(__file__).parent / "results" /
+                               ("opinfo" if args.dtype == "float64" else f"opinfo_{args.dtype}"))
+    entries = [o for o in op_db if o.supports_autograd and (not args.ops or o.name in args.ops)
+               and (args.dtype == "float64" or dtype in o.supported_dtypes("cpu"))]
     rows = []
     for k, op in enumerate(entries):
         t0 = time.perf_counter()
         results = []
         try:
-            samples = list(op.sample_inputs("cpu", torch.float64, requires_grad=False))
+            samples = list(op.sample_inputs("cpu", dtype, requires_grad=False))
         except Exception as e:  # noqa: BLE001
             rows.append(dict(op=op.name, variant=op.variant_test_name, status="skip",
-                             detail=f"no float64 samples: {type(e).__name__}"))
+                             detail=f"no {args.dtype} samples: {type(e).__name__}"))
             continue
         if args.max_samples:
             samples = samples[: args.max_samples]
@@ -113,15 +137,15 @@ def main(argv=None) -> int:
               f"{len(judged) - len(bad)}/{len(judged)} samples  {rows[-1]['detail'][:90]}  ({time.perf_counter() - t0:.1f} s)",
               flush=True)
         if not args.update:
-            write_report(rows, Path(args.out), final=False)
+            write_report(rows, Path(args.out), final=False, dtype=args.dtype)
     if args.update:
         old = json.loads(Path(args.out).with_suffix(".json").read_text())
         fresh = {(r["op"], r.get("variant", "")): r for r in rows}
         merged = [fresh.pop((r["op"], r.get("variant", "")), r) for r in old["rows"]] + list(fresh.values())
         updated = sorted(set(old["summary"].get("updated_after_sweep", [])) | {r["op"] for r in rows})
-        print(write_report(merged, Path(args.out), final=True, updated=updated))
+        print(write_report(merged, Path(args.out), final=True, updated=updated, dtype=args.dtype))
         return 0
-    print(write_report(rows, Path(args.out), final=True))
+    print(write_report(rows, Path(args.out), final=True, dtype=args.dtype))
     return 0
 
 

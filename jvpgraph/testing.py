@@ -94,7 +94,8 @@ def max_rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 0.0) -> float:
         >>> max_rel_err(torch.tensor([3e-16]), torch.tensor([-1e-16]), floor=1e-3) < 1e-12
         True
     """
-    a, b = a.detach().double(), b.detach().double()
+    wide = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    a, b = a.detach().to(wide), b.detach().to(wide)
     if b.numel() == 0:
         return 0.0 if a.numel() == 0 else float("inf")
     finite = torch.isfinite(a) & torch.isfinite(b)
@@ -238,17 +239,21 @@ _OPINFO_FLOOR = 1e-3
 
 
 def _float_leaves(x):
-    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    """The differentiable tensors of a structure: floating-point and complex."""
+    return [t for t in pytree.tree_leaves(x) if isinstance(t, torch.Tensor) and (t.is_floating_point() or
+                                                                                 t.is_complex())]
 
 
 def check_opinfo_sample(op, sample, seed: int = 0) -> tuple[str, str]:
-    """Check jvpgraph's Jv on one sample of a PyTorch OpInfo entry (``op_db``, float64 on the CPU).
+    """Check jvpgraph's Jv on one sample of a PyTorch OpInfo entry (``op_db``, float64 or complex128 on the CPU).
 
     The function differentiated is ``op.gradcheck_wrapper(op.get_op(), sample.input, *sample.args, **sample.kwargs)``
-    in all its floating-point tensor arguments, with random tangents drawn from ``seed``; the outputs compared
-    are its floating-point tensors. References, in order: ``torch.func.jvp`` when the entry supports forward
-    AD (double-backward as a second opinion when they disagree), else double-backward, else central finite
-    differences; finite differences arbitrate a disagreement. Random ops draw the same numbers in every
+    in all its floating-point and complex tensor arguments, with random tangents drawn from ``seed``; the
+    outputs compared are its floating-point and complex tensors. References, in order: ``torch.func.jvp`` when
+    the entry supports forward AD (double-backward as a second opinion when they disagree), else
+    double-backward, else central finite differences; finite differences arbitrate a disagreement. With
+    complex tensors the derivative is the real-linear one (``J v`` along the complex direction ``v``, what
+    ``torch.func.jvp`` gives), and double-backward is not a reference (PyTorch's backward is conjugate). Random ops draw the same numbers in every
     evaluation (the global seed is reset before each). Entries where the function's value is inf/nan are not
     compared (the derivative is undefined there).
 
@@ -273,7 +278,8 @@ def check_opinfo_sample(op, sample, seed: int = 0) -> tuple[str, str]:
 def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
     structure = (sample.input, sample.args, sample.kwargs)
     flat, spec = pytree.tree_flatten(structure)
-    pos = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and t.is_floating_point()]
+    pos = [i for i, t in enumerate(flat) if isinstance(t, torch.Tensor) and (t.is_floating_point() or
+                                                                              t.is_complex())]
     if not pos:
         return "skip", "no floating-point input"
 
@@ -349,8 +355,9 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
                     for x, y, m in zip(a, b, finite)), default=0.0)
 
     double_backward = lambda g, p, t: torch.autograd.functional.jvp(g, p, t)  # noqa: E731
+    complex_ = any(t.is_complex() for t in [*xs, *_float_leaves(out)])
     refs = ([("torch.func.jvp", torch.func.jvp)] if op.supports_forward_ad else []) + \
-        [("double-backward", double_backward)]
+        ([] if complex_ else [("double-backward", double_backward)])
     ref = None
     for name, fn in refs:
         try:
@@ -359,11 +366,13 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
         except Exception:  # noqa: BLE001 - fall through to the next reference
             continue
     if ref is None:
+        if any(o.dtype not in (torch.float64, torch.complex128) for o in _float_leaves(out)):
+            return "skip", "no reference: no forward AD, and finite differences need float64 outputs"
         ref, name, tol = finite_differences(), "finite differences", 1e-5
     err = worst(jv, ref)
     if err <= tol:
         return "pass", f"vs {name}: {err:.1e}"
-    if name == "torch.func.jvp":  # a second reference: PyTorch's backward formula, differentiated once more
+    if name == "torch.func.jvp" and not complex_:  # a second reference: PyTorch's backward formula, differentiated once more
         try:
             db = run_reference(double_backward)
             if worst(jv, db) <= _OPINFO_RTOL:

@@ -1,5 +1,5 @@
 """A fast slice of PyTorch's own OpInfo database: one or two entries per family of ops a network uses, the
-first samples of each, float64 on the CPU, each judged by :func:`jvpgraph.testing.check_opinfo_sample`
+first samples of each, float64 on the CPU (and complex128 for a list of ops that take complex tensors), each judged by :func:`jvpgraph.testing.check_opinfo_sample`
 (``torch.func.jvp``, double-backward and finite differences as references).
 
 The whole database (548 entries with a backward, every sample) is ``python benchmarks/opinfo.py``; its report
@@ -54,10 +54,20 @@ def _entry(full_name):
     raise LookupError(f"no OpInfo entry {full_name!r} in this torch")
 
 
-@pytest.mark.parametrize("name", FAST)
-def test_opinfo_entry(name):
+# complex128: ops whose rules needed the conjugate or the real part (sigmoid and tanh through their backward
+# kernels, complex-to-real reductions), an op whose decomposition writes through views (cov: view_as_real and
+# complex; before the decompositions were functionalized its Jv was silently 0), and a few holomorphic ones
+COMPLEX = ["sigmoid", "tanh", "abs", "nn.functional.softsign", "linalg.vector_norm", "var_mean", "std", "cov",
+           "angle", "mul", "matmul", "exp", "log", "reciprocal", "fft.fft", "view_as_real", "logcumsumexp"]
+# real inputs, complex outputs (judged since the checker compares complex outputs too)
+REAL_TO_COMPLEX = ["complex", "polar", "view_as_complex", "fft.rfft"]
+CASES = [(n, torch.float64) for n in FAST + REAL_TO_COMPLEX] + [(n, torch.complex128) for n in COMPLEX]
+
+
+@pytest.mark.parametrize("name,dtype", CASES, ids=[n if d == torch.float64 else f"{n}-complex128" for n, d in CASES])
+def test_opinfo_entry(name, dtype):
     op = _entry(name)
-    samples = list(op.sample_inputs("cpu", torch.float64, requires_grad=False))
+    samples = list(op.sample_inputs("cpu", dtype, requires_grad=False))
     # the first samples, and the last (OpInfo lists corner cases such as empty or 0-d tensors at either end)
     picked = samples[:MAX_SAMPLES] + samples[-1:] if len(samples) > MAX_SAMPLES else samples
     with warnings.catch_warnings():

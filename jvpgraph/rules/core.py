@@ -290,6 +290,12 @@ defrule([aten.div.Scalar_mode],
 # ------------------------------------------------------------------ elementwise: f'(x) * t
 
 
+def _real_dot(x, t):
+    """``x * t`` for real tensors; ``Re(conj(x) t)`` for complex ones -- the tangent of a real quantity such
+    as ``|x|`` or ``|x|²/2`` along ``t`` (what PyTorch's forward AD gives)."""
+    return (x.conj() * t).real if x.is_complex() or t.is_complex() else x * t
+
+
 def _unary(op, deriv, kind="elementwise"):
     """Register ``f'(x, out) * t`` for a unary op; ``deriv(out, x, *args, **kwargs)``."""
     defjvp(op, lambda t, out, x, *a, **k: deriv(out, x, *a, **k) * t, kind=kind)
@@ -330,8 +336,10 @@ def _mask(cond, like):
 
 # Elementwise ops have a diagonal local Jacobian, so J = Jᵀ: the flipped edge is the op's own backward
 # kernel applied to the tangent (one fused kernel, nothing extra to compute or keep in the forward).
-defjvp(aten.sigmoid, lambda t, out, x: aten.sigmoid_backward(t, out))
-defjvp(aten.tanh, lambda t, out, x: aten.tanh_backward(t, out))
+# (With complex tensors the backward kernels multiply by the conjugate derivative: given the conjugate
+# output, they multiply by the derivative itself -- conj() of a real tensor is the tensor.)
+defjvp(aten.sigmoid, lambda t, out, x: aten.sigmoid_backward(t, out.conj()))
+defjvp(aten.tanh, lambda t, out, x: aten.tanh_backward(t, out.conj()))
 defjvp(aten.relu, lambda t, out, x: aten.threshold_backward(t, out, 0), kind="mask")
 defjvp(aten.threshold, lambda t, out, x, thr, value: aten.threshold_backward(t, x, thr), kind="mask")
 defjvp(aten.hardtanh, lambda t, out, x, lo=-1.0, hi=1.0: aten.hardtanh_backward(t, x, lo, hi), kind="mask")
@@ -362,7 +370,7 @@ _unary(aten.atan, lambda out, x: 1 / (1 + x * x))
 _unary(aten.asin, lambda out, x: torch.rsqrt(1 - x * x))
 _unary(aten.acos, lambda out, x: -torch.rsqrt(1 - x * x))
 _unary(aten.erf, lambda out, x: (2 / math.sqrt(math.pi)) * torch.exp(-x * x))
-_unary(aten.abs, lambda out, x: torch.sgn(x), kind="mask")
+defjvp(aten.abs, lambda t, out, x: _real_dot(torch.sgn(x), t), kind="mask")
 _unary(aten.square, lambda out, x: 2 * x)
 _unary(aten.clamp_min, lambda out, x, lo: _mask(x >= lo, x), kind="mask")
 _unary(aten.clamp_max, lambda out, x, hi: _mask(x <= hi, x), kind="mask")
@@ -431,6 +439,9 @@ defjvp(aten._safe_softmax,
 def _logcumsumexp(t, out, x, dim):
     # t_i = sum_{j<=i} exp(x_j - y_i) t_j, with the positive and negative parts of t summed in log space so
     # that neither exp(x) nor exp(-y) overflows however wide x ranges
+    if x.is_complex():  # no sign to split by: shift by the largest real part instead
+        m = x.real.amax(dim, keepdim=True)
+        return torch.cumsum(torch.exp(x - m) * t, dim) * torch.exp(m - out)
     pos = torch.logcumsumexp(x + torch.log(t.clamp(min=0)), dim)
     neg = torch.logcumsumexp(x + torch.log((-t).clamp(min=0)), dim)
     return torch.exp(pos - out) - torch.exp(neg - out)
@@ -476,7 +487,7 @@ def _var_mean(ts, out, x, dim=None, *, correction=None, keepdim=False):
     mean = x.mean(dims, keepdim=True)
     tmean = t.mean(dims, keepdim=True)
     dof = n - corr  # <= 0: PyTorch returns inf/nan variances; so does their tangent
-    tvar = ((x - mean) * (t - tmean)).sum(dims, keepdim=keepdim) * (2.0 / dof if dof > 0 else float("inf"))
+    tvar = _real_dot(x - mean, t - tmean).sum(dims, keepdim=keepdim) * (2.0 / dof if dof > 0 else float("inf"))
     return tvar, (tmean if keepdim else tmean.squeeze(dims) if dims else tmean)
 
 
@@ -775,14 +786,15 @@ def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
         if not keepdim:
             for d in sorted(d % max(x.dim(), 1) for d in dims):
                 norm = norm.unsqueeze(d) if x.dim() else norm
-        mask = (xd.abs() == norm).to(xd.dtype)
-        return (torch.sgn(xd) * td * mask).sum(dims, keepdim=keepdim) / mask.sum(dims, keepdim=keepdim)
+        mask = (xd.abs() == norm).to(norm.dtype)
+        return (_real_dot(torch.sgn(xd), td) * mask).sum(dims, keepdim=keepdim) / mask.sum(dims, keepdim=keepdim)
     if ord == 2:
-        num = (xd * td).sum(dims, keepdim=keepdim)
+        num = _real_dot(xd, td).sum(dims, keepdim=keepdim)
         den = out
     else:
-        scale = torch.where(xd == 0, torch.zeros_like(xd), xd.abs().pow(ord - 2))
-        num = (xd * scale * td).sum(dims, keepdim=keepdim)
+        mag = xd.abs()
+        scale = torch.where(mag == 0, torch.zeros_like(mag), mag.pow(ord - 2))
+        num = (_real_dot(xd, td) * scale).sum(dims, keepdim=keepdim)
         den = out.pow(ord - 1)
     return torch.where(out == 0, torch.zeros_like(out), num / torch.where(out == 0, torch.ones_like(den), den))
 

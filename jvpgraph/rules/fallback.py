@@ -106,7 +106,14 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
         return pytree.tree_leaves(res)
 
     with disable_proxy_modes_tracing():  # trace the decomposition on its own, not into the caller's graph
-        sub = make_fx(decomposed, tracing_mode="fake", _allow_non_fake_inputs=True)(*[flat[i] for i in tpos])
+        # functionalized: a decomposition that fills a fresh tensor through views (aten.complex writes .real
+        # and .imag of an empty one) would otherwise lose the tangents written into the views
+        sub = make_fx(torch.func.functionalize(decomposed, remove="mutations_and_views"), tracing_mode="fake",
+                      _allow_non_fake_inputs=True)(*[flat[i] for i in tpos])
+    mutating = sorted({op_name(n.target) for n in sub.graph.nodes if n.op == "call_function" and isinstance(
+        n.target, torch._ops.OpOverload) and n.target._schema.is_mutable})
+    if mutating:  # never push tangents through writes the walk cannot see
+        raise NotImplementedError(f"the decomposition writes in place ({', '.join(mutating)})")
     phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
     env = dict(zip(phs, [flat[i] for i in tpos]))
     tenv = {ph: tflat[i] for ph, i in zip(phs, tpos) if tflat[i] is not None}
