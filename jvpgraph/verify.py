@@ -209,6 +209,12 @@ def verify(f: Callable, x: torch.Tensor, *, v: torch.Tensor | None = None, bn: s
         >>> print(report)  # doctest: +ELLIPSIS
         jvpgraph verify: Sequential (float32); ...
     """
+    # every evaluation is seeded from ``seed``; none may draw from (and move) the caller's generator
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return _verify(f, x, v, bn, max_jacobian_entries, seed, name)
+
+
+def _verify(f, x, v, bn, max_jacobian_entries, seed, name) -> VerifyReport:
     name = name or (type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__qualname__", "function"))
     gen = torch.Generator(device="cpu").manual_seed(seed)
     if v is None:

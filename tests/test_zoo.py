@@ -61,12 +61,16 @@ def test_family_representative_in_train_mode(name):
     assert jv.abs().max() > 0
 
 
+VERIFY_STATE = ("resnet18", "vgg11_bn", "mobilenet_v3_small")  # BatchNorm, dropout, SE blocks and hardswish
+
+
 @pytest.mark.parametrize("name", FAMILIES)
 def test_family_state_untouched_by_every_call(name):
-    """Nothing lost, across the zoo: after trace, jvp, vjp, linearize, spectral_norm and a regularizer's
-    penalty (``update_buffers=False``), every parameter, buffer (running statistics, ``num_batches_tracked``),
+    """Nothing lost, across the zoo: after trace, jvp, vjp, linearize, spectral_norm, a regularizer's
+    penalty (``update_buffers=False``) and verify (every reference, finite differences included; on three
+    families), every parameter, buffer (running statistics, ``num_batches_tracked``),
     ``.grad``, ``requires_grad`` and ``training`` flag is as before — in train mode, where BatchNorm and dropout
-    would write. The caller's global RNG: trace and spectral_norm leave it as it was; a call that evaluates the
+    would write. The caller's global RNG: trace, spectral_norm and verify leave it as it was; a call that evaluates the
     model once (jvp, vjp, linearize, the regularizer's forward) draws its dropout masks from it exactly as an
     eager ``model(x)`` does, so seeding reproduces both."""
     model, x, v = _family(name)
@@ -80,6 +84,8 @@ def test_family_state_untouched_by_every_call(name):
         "spectral_norm": (lambda: jvpgraph.spectral_norm(model, x, n_iter=2).sigma, False),
         "regularizer": (lambda: jvpgraph.SpectralRegularizer(model, update_buffers=False)(x, index=[0, 1]), True),
     }
+    if name in VERIFY_STATE:  # verify runs every reference (~10 s a family): three families in the default run
+        calls["verify"] = (lambda: jvpgraph.verify(model, x, v=v, max_jacobian_entries=0), False)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         for call, (fn, draws_like_eager) in calls.items():
