@@ -195,6 +195,20 @@ def _bad_input_cases():
                                ({"a": x, "b": [x]},), ({"a": torch.ones_like(x), "b": [torch.ones_like(x)]},))
         return f"Jv = {{'sum': tensor of {tuple(jv['sum'].shape)}, 'pair': (tensor of {tuple(jv['pair'][0].shape)},)}}"
 
+    def complex_case():
+        z, t = torch.randn(3, dtype=torch.complex64), torch.randn(3, dtype=torch.complex64)
+        jv = jvpgraph.jvp(torch.abs, (z,), (t,))[1]
+        same = torch.allclose(jv, torch.func.jvp(torch.abs, (z,), (t,))[1])
+        return f"Jv = Re(conj(sgn z) v), {jv.dtype}; {'equal to' if same else 'NOT equal to'} torch.func.jvp's"
+
+    def autocast_case():
+        net = nn.Sequential(nn.Linear(3, 8), nn.GELU(), nn.Linear(8, 2))
+        _, low = jvpgraph.jvp(net.to(torch.bfloat16), (x.bfloat16(),), (x.bfloat16(),))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, mixed = jvpgraph.jvp(net.float(), (x,), (x,))
+        return (f"Jv in {low.dtype} for the bfloat16 model and {mixed.dtype} under autocast (a trace per autocast "
+                "state); tests/test_precision.py bounds the error by autograd's in the same dtype")
+
     return [
         ("Python control flow on a value: `if x.sum() > 0`",
          lambda: jvpgraph.jvp(lambda z: z.sin() if z.sum() > 0 else z.cos(), (x,), (x,)) and "Jv computed"),
@@ -213,9 +227,11 @@ def _bad_input_cases():
                   f"traced again for (7, 3): {g}")(jvpgraph.trace(nn.Linear(3, 2), x))),
         ("NaN and inf in the input", lambda: "Jv = " + str(jvpgraph.jvp(
             torch.sin, (torch.tensor([float("nan"), 0.0, float("inf")]),), (torch.ones(3),))[1])),
-        ("complex input through `abs` (complex to real)",
-         lambda: jvpgraph.jvp(torch.abs, (torch.randn(3, dtype=torch.complex64),),
+        ("complex input through `abs` (complex to real)", complex_case),
+        ("complex input through an op PyTorch cannot differentiate for complex (`zero_`)",
+         lambda: jvpgraph.jvp(lambda z: z.clone().zero_() + z, (torch.randn(3, dtype=torch.complex64),),
                               (torch.randn(3, dtype=torch.complex64),))),
+        ("a bfloat16 model, or float32 under `torch.autocast`", autocast_case),
         ("an op with neither a backward nor a rule",
          lambda: jvpgraph.jvp(lambda z: noback(z), (x,), (x,))),
         ("a model that writes a buffer of its own", counter_case),

@@ -650,11 +650,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             gm, example = run_trace_on_copies_if_written(example, "real")
             values = [t.detach() for t in example]
             warnings.warn(
-                f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} has shapes or branches that depend on "
-                f"tensor values ({type(e).__name__}: {str(e).splitlines()[0][:120]})\n  at {where}\n  so it was "
-                "traced at these values: jvpgraph traces it again whenever its inputs or parameters change "
-                "(correct, but a trace per call). Make the shapes and branches depend on shapes only for one "
-                "trace to serve every batch.", stacklevel=3)
+                f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} branches on tensor values (or its shapes "
+                "depend on them): traced at these values, and traced again whenever its inputs or parameters change"
+                f"\n  at {where}\n  (PyTorch: {type(e).__name__}: {str(e).splitlines()[0][:120]})\n  Correct, "
+                "but a trace per call: make the shapes and branches depend on shapes only for one trace to serve "
+                "every batch.", stacklevel=3)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
         msg = str(e).split("\n")[0]
         data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
@@ -670,6 +670,9 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             hint = ("An old-style torch.autograd.Function (forward(ctx, ...)) whose .apply was bound to a name "
                     "before tracing cannot be kept opaque: call MyFunction.apply(...) directly, or give the "
                     "Function a setup_context staticmethod (new style).")
+        elif "does not support automatic differentiation" in str(e):
+            hint = ("PyTorch's autograd cannot differentiate this op for this dtype (jvpgraph traces autograd's "
+                    "graph): compute it on real tensors (torch.view_as_real) or outside the differentiated part.")
         elif data_dep:
             hint = ("The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
                     "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent "

@@ -99,3 +99,22 @@ def test_shard_covers_each_batch_once_with_weights_of_the_global_mean():
             assert sorted(seen.tolist()) == sorted(idx.tolist())
             assert all(bool((idx[rows][w > 0] % world == r).all()) for r, (rows, w) in enumerate(parts))
             assert float(sum(w.sum() for _, w in parts)) == pytest.approx(world)
+
+
+def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
+    """A model converted with SyncBatchNorm.convert_sync_batchnorm, run in one process (no group: PyTorch
+    falls back to batch_norm): jvpgraph's Jv equals double-backward's and the regularizer runs. Under DDP on
+    CPUs PyTorch itself refuses SyncBatchNorm ("SyncBatchNorm layers only work with GPU modules", raised by
+    DistributedDataParallel's constructor), so the synchronized path cannot run on this machine."""
+    from conftest import double_backward_jvp
+
+    torch.manual_seed(0)
+    net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ddp_worker.model(bn=True))
+    assert isinstance(net[1], torch.nn.SyncBatchNorm)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 1, 8, 8, generator=g, dtype=torch.float64)
+    v = torch.randn(x.shape, generator=g, dtype=torch.float64)
+    _, jv = jvpgraph.jvp(net, (x,), (v,))
+    torch.testing.assert_close(jv, double_backward_jvp(net, (x,), (v,))[0], rtol=1e-10, atol=1e-12)
+    _, penalty = jvpgraph.SpectralRegularizer(net)(x, index=torch.arange(4))
+    assert penalty.shape == (4,) and bool(torch.isfinite(penalty).all())

@@ -116,7 +116,7 @@ def test_data_dependent_control_flow_is_specialized_and_names_the_user_line(f, n
     is given, warns with the user's line, and traces again when the values change; Jv is right each time."""
     x = torch.randn(3, 4, dtype=D)
     x = x if f is not _branchy else x.abs()  # the x * 2 branch
-    with pytest.warns(UserWarning, match="depend on tensor values") as record:
+    with pytest.warns(UserWarning, match="branches on tensor values") as record:
         traced = jvpgraph.trace(f, x)
     msg = "\n".join(str(w.message) for w in record)
     fn = f if not isinstance(f, nn.Module) else type(f).forward
@@ -167,7 +167,7 @@ def test_specialized_trace_leaves_the_model_alone():
     state = {k: t.clone() for k, t in net.state_dict().items()}
     x = torch.randn(6, 4, dtype=D)
     rng = torch.get_rng_state()
-    with pytest.warns(UserWarning, match="depend on tensor values"):
+    with pytest.warns(UserWarning, match="branches on tensor values"):
         traced = jvpgraph.trace(net, x)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
