@@ -183,11 +183,20 @@ def _opaque_autograd_functions():
     """
     import torch.autograd.function as function_mod
 
-    orig = function_mod._call_custom_function_call
+    if hasattr(function_mod, "_call_custom_function_call"):  # torch 2.14: hook(cls, args, kwargs)
+        hook = "_call_custom_function_call"
+        orig = function_mod._call_custom_function_call
+        call_orig = orig
+    else:  # older torch: apply calls custom_function_call(cls, *args, **kwargs)
+        hook = "custom_function_call"
+        orig = function_mod.custom_function_call
+
+        def call_orig(cls, args, kwargs):
+            return orig(cls, *args, **kwargs)
 
     def route(cls, args, kwargs):
         if kwargs or not _is_user_function(cls):
-            return orig(cls, args, kwargs) if torch._C._are_functorch_transforms_active() \
+            return call_orig(cls, args, kwargs) if torch._C._are_functorch_transforms_active() \
                 else _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
         flat, spec = pytree.tree_flatten(args)
         tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
@@ -206,13 +215,14 @@ def _opaque_autograd_functions():
         outs = autograd_function(tensors, key)
         return outs[0] if single else tuple(outs)
 
-    function_mod._call_custom_function_call = route
+    setattr(function_mod, hook, route if hook == "_call_custom_function_call" else
+            (lambda cls, *args, **kwargs: route(cls, args, kwargs)))
     # old-style Functions (forward(ctx, ...)) are refused by apply before that hook: catch F.apply too
     torch.autograd.Function.apply = classmethod(lambda cls, *args, **kwargs: route(cls, args, kwargs))
     try:
         yield
     finally:
-        function_mod._call_custom_function_call = orig
+        setattr(function_mod, hook, orig)
         torch.autograd.Function.apply = _ORIG_APPLY
 
 
@@ -264,11 +274,11 @@ class _RecordGradMode(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         mode = get_proxy_mode()
         graph = mode.tracer.graph if mode is not None else None
-        last = next(reversed(graph.nodes)) if graph is not None else None
+        last = next(iter(reversed(graph.nodes))) if graph is not None else None
         out = func(*args, **(kwargs or {}))
         if graph is not None:
             enabled = self.box[0] or func.namespace not in ("aten", "prims")
-            node = next(reversed(graph.nodes))
+            node = next(iter(reversed(graph.nodes)))
             while node is not last and node.op != "root":
                 if GRAD_META not in node.meta.get("custom", {}):
                     node.meta["custom"] = {**node.meta.get("custom", {}), GRAD_META: enabled,
