@@ -277,20 +277,25 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
             totals = torch.zeros(2, dtype=torch.float64)  # this rank's share of Σ loss, Σ penalty over the epoch
             step_times = []
             for idx in batches:
+                n_batch = len(idx)  # the global batch (idx becomes this rank's part below)
                 t0 = time.perf_counter()
                 x, y = x_all[idx], y_all[idx]
                 if config.augment:  # the whole global batch: every rank draws what one process would
                     x = augment(x, order_gen)
-                rows, w = _shard(idx, rank, world)
-                x, y, idx_here = x[rows], y[rows], idx[rows]
+                if world > 1:
+                    rows, w = _shard(idx, rank, world)
+                    x, y, idx = x[rows], y[rows], idx[rows]
                 if reg is None:
                     out = step(x)
-                    pen = out.new_zeros(len(rows))
+                    pen = out.new_zeros(len(idx))
                 else:
-                    out, pen = step(x, idx_here)
-                w = w.to(out.dtype)
-                ce = (w * F.cross_entropy(out, y, reduction="none")).sum()
-                penalty = (w * pen).sum()
+                    out, pen = step(x, idx)
+                if world > 1:
+                    w = w.to(out.dtype)
+                    ce = (w * F.cross_entropy(out, y, reduction="none")).sum()
+                    penalty = (w * pen).sum()
+                else:  # one process: the batch means (no copies, no weights)
+                    ce, penalty = F.cross_entropy(out, y), pen.mean()
                 if config.reg == "l2":
                     penalty = sum((p * p).sum() for p in model.parameters())
                 loss = ce + config.lam * penalty
@@ -306,7 +311,7 @@ def fit(model: nn.Module, train: TensorDataset, val: TensorDataset, config: Trai
                 opt.step()
                 step_times.append(time.perf_counter() - t0)
                 bar.update()
-                share = len(idx) / world  # loss is this rank's part of the global mean, times world
+                share = n_batch / world  # loss is this rank's part of the global mean, times world
                 totals += torch.tensor([float(loss.detach()), float(penalty.detach())], dtype=torch.float64) * share
             if world > 1:
                 dist.all_reduce(totals)
