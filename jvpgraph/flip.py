@@ -25,9 +25,11 @@ from typing import Any
 import networkx as nx
 import torch
 import torch.fx as fx
+from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
+from .trace import grad_enabled
 from .trace import _has_leftover_mutations, _refunctionalize
 from .rules import options
 from .rules.propagate import propagate
@@ -147,6 +149,23 @@ def _differentiable_copies(graph: fx.Graph) -> int:
     return done
 
 
+_DETACH_AS_ALIAS = {torch.ops.aten.detach.default: nop_decomposition}
+
+
+def _constant_boundary(graph: fx.Graph) -> set[fx.Node]:
+    """The nodes whose values must reach the emitted graph as constants: ``aten.detach`` in the user's code,
+    and values computed under ``torch.no_grad()`` that an op run with gradients (or the output) reads."""
+    cut = set()
+    for node in graph.nodes:
+        if node.op != "call_function":
+            continue
+        if node.target is torch.ops.aten.detach.default:
+            cut.add(node)
+        elif not grad_enabled(node) and any(u.op == "output" or grad_enabled(u) for u in node.users):
+            cut.add(node)
+    return cut
+
+
 def _placeholder_examples(gm: fx.GraphModule) -> list[torch.Tensor]:
     out = []
     for n in gm.graph.nodes:
@@ -196,7 +215,14 @@ class FlippedGraph:
         placeholders = prog.placeholders
         env: dict[fx.Node, Any] = dict(zip(placeholders, flat[: len(placeholders)]))
         tenv: dict[fx.Node, Any] = dict(zip(g.diff_nodes, flat[len(placeholders):]))
-        propagate(gm.graph, env, tenv, owner=gm, active=active.__contains__, how=self.how)
+        # values the user computed under torch.no_grad() or detached are constants for autograd: in the
+        # emitted graph too, so that differentiating Jv in the parameters (the regularizer's backward) does not
+        # go through them (it did before, silently: the penalty's gradient was wrong). make_fx records
+        # detach as alias (torch 2.14; autograd's own saved-tensor detaches must stay differentiable there,
+        # or the flipped VJP's gradient breaks), so the cut is the op `jvpgraph::constant`, at the boundary.
+        cut = _constant_boundary(gm.graph)
+        propagate(gm.graph, env, tenv, owner=gm, active=active.__contains__, how=self.how,
+                  constant=cut.__contains__)
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs = list(out_node.args[0])
         values = [env[o] if isinstance(o, fx.Node) else o for o in outs]
@@ -219,8 +245,11 @@ class FlippedGraph:
         # fresh tensors: make_fx would give one placeholder to a tensor passed twice
         tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
         with options(bn=prog.bn):
-            gm = make_fx(lambda *flat: self._joint(*flat), tracing_mode=mode, _allow_non_fake_inputs=True)(
-                *examples, *tangent_examples)
+            # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
+            # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's
+            # detaches are cut by `jvpgraph::constant` instead (_joint)
+            gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS, tracing_mode=mode,
+                         _allow_non_fake_inputs=True)(*examples, *tangent_examples)
         if _has_leftover_mutations(gm.graph):
             # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view of a
             # fresh buffer): make the emitted graph functional, so pruning and partitioning see values

@@ -22,6 +22,15 @@ aten = torch.ops.aten
 D = torch.float64
 
 
+
+# torch 2.11 (the oldest version jvpgraph runs on) has no decomposition of _cdist_forward (cdist, pdist) and
+# grid_sampler_3d, and their backwards are not differentiable there: no fallback step applies, and jvpgraph
+# raises a RuleError naming the op (test_no_route_on_older_torch_is_a_rule_error checks that)
+TORCH_2_14 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+NEEDS_214_ROUTES = pytest.mark.skipif(not TORCH_2_14, reason="torch < 2.14: no fallback route for cdist, pdist, "
+                                      "grid_sampler_3d (a RuleError names the op)")
+
+
 def rn(*shape, scale=1.0, seed=None):
     g = None if seed is None else torch.Generator().manual_seed(seed)
     return torch.randn(*shape, dtype=D, generator=g) * scale
@@ -52,6 +61,7 @@ def test_grid_sample(mode, padding, align):
     _check(f, GRID(), expect_how=set(FALLBACK_KINDS))
 
 
+@NEEDS_214_ROUTES
 def test_grid_sample_3d():
     f = lambda x, g: F.grid_sample(x, g, align_corners=False)  # noqa: E731
     _check(f, (rn(1, 2, 3, 4, 3), torch.rand(1, 2, 3, 2, 3, dtype=D) * 2 - 1))
@@ -76,6 +86,7 @@ def test_embedding_bag_per_sample_weights():
     _check(f, (rn(8, 3), torch.tensor([1, 2, 4, 5, 4, 3, 2, 6, 7]), torch.tensor([0, 3, 4, 6]), rn(9)))
 
 
+@NEEDS_214_ROUTES
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0, 0.5])
 def test_cdist(p):
     f = lambda a, b: torch.cdist(a, b, p=p)  # noqa: E731
@@ -87,6 +98,7 @@ def test_cdist_mm_mode():
     _check(f, (rn(4, 3), rn(5, 3)))
 
 
+@NEEDS_214_ROUTES
 @pytest.mark.parametrize("p", [2.0, 1.0, 3.0])
 def test_pdist(p):
     _check(lambda a: F.pdist(a, p=p), (rn(5, 3),), func_jvp_fails=True)
@@ -272,6 +284,7 @@ def test_no_step_left_raises_rule_error(monkeypatch, without_rule):
         jvpgraph.trace(torch.sigmoid, rn(3))
 
 
+@NEEDS_214_ROUTES
 def test_fallback_warns_once_per_op(monkeypatch):
     monkeypatch.setattr(fallback, "_WARNED", set())
     a, b = rn(4, 3), rn(5, 3)
@@ -283,6 +296,7 @@ def test_fallback_warns_once_per_op(monkeypatch):
     assert len(msgs) == 1 and "_cdist_forward" in msgs[0] and "flipped-vjp" in msgs[0], msgs
 
 
+@NEEDS_214_ROUTES
 def test_fallback_inside_model_matches_double_backward():
     """A model mixing written rules and fallback nodes (grid_sample, cdist), train mode with BatchNorm."""
 
@@ -354,3 +368,12 @@ def test_decomposition_whose_outputs_differ_from_the_op_is_refused():
     out = op(q, k, v)
     with pytest.raises(NotImplementedError, match="outputs do not match"):
         fallback._via_decomposition(op, (q, k, v), {}, out, (q, k, v), {})
+
+
+@pytest.mark.skipif(TORCH_2_14, reason="torch 2.14 has fallback routes for these ops (tested above)")
+@pytest.mark.parametrize("f,op", [(lambda a, b: torch.cdist(a, b), "_cdist_forward"),
+                                  (lambda a, b: F.grid_sample(a, b, align_corners=False), "grid_sampler_3d")])
+def test_no_route_on_older_torch_is_a_rule_error(f, op):
+    args = (rn(2, 4, 3), rn(2, 5, 3)) if op == "_cdist_forward" else (rn(1, 2, 3, 3, 3), rn(1, 2, 2, 2, 3))
+    with pytest.raises(jvpgraph.RuleError, match=op):
+        jvpgraph.jvp(f, args, tuple(torch.ones_like(a) for a in args))

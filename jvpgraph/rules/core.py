@@ -497,6 +497,34 @@ defrule(aten.var.correction, lambda ts, out, x, dim=None, **k: _var_mean(ts, out
 defrule(aten.std.correction,
         lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "coupled")
 
+# ------------------------------------------------------------------ constants for autograd
+@torch.library.custom_op("jvpgraph::constant", mutates_args=())
+def constant(x: torch.Tensor) -> torch.Tensor:
+    """``x`` as a constant for autograd (no gradient flows back through it), as an op ``make_fx`` keeps.
+
+    The emitted flipped graph uses it where the model detached a value or computed it under
+    ``torch.no_grad()``. ``aten.detach`` cannot serve: ``make_fx`` records it as ``alias`` (torch 2.14), and
+    must, because autograd's own saved tensors are detached that way while the flipped VJP is traced.
+
+    Example:
+        >>> import torch
+        >>> w = torch.ones(2, requires_grad=True)
+        >>> (constant(w * 3) * w).sum().backward()
+        >>> w.grad
+        tensor([3., 3.])
+    """
+    return x.clone()
+
+
+@constant.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+constant.register_autograd(lambda ctx, g: None, setup_context=lambda ctx, inputs, output: None)
+defrule(torch.ops.jvpgraph.constant, lambda tangents, out, x: None, "structural")
+
+
 # ------------------------------------------------------------------ normalization
 @torch.library.custom_op("jvpgraph::norm_stats", mutates_args=())
 def norm_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dims: list[int]) -> tuple[

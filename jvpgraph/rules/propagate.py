@@ -85,13 +85,18 @@ def _check_same_primal(node, out, new):
 
 
 def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
-              active: Callable[[fx.Node], bool] | None = None, how: dict | None = None) -> None:
+              active: Callable[[fx.Node], bool] | None = None, how: dict | None = None,
+              constant: Callable[[fx.Node], bool] | None = None) -> None:
     """Evaluate ``graph``'s ``call_function``/``get_attr`` nodes in order, filling ``env`` (primal values)
     and ``tenv`` (tangents, absent = zero) from the placeholders' entries already there.
 
     ``active(node)`` false skips a node's tangent (pruned: off every input -> output path); ``how`` gets,
-    per node name, where its local Jacobian came from.
+    per node name, where its local Jacobian came from; ``constant(node)`` true passes the node's value through
+    :func:`~jvpgraph.rules.core.constant` (no gradient flows back through it: what the user detached or
+    computed under ``torch.no_grad()``).
     """
+    from .core import constant as as_constant
+
     from .fallback import RuleError, node_jvp
 
     for node in graph.nodes:
@@ -103,6 +108,8 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
         args = fx.node.map_arg(node.args, env.__getitem__)
         kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
         out = node.target(*args, **kwargs)
+        if constant is not None and constant(node):
+            out = pytree.tree_map_only(torch.Tensor, as_constant, out)
         env[node] = out
         if active is not None and not active(node):
             continue
