@@ -29,8 +29,7 @@ from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
-from .trace import grad_enabled
-from .trace import _has_leftover_mutations, _refunctionalize
+from .trace import _has_leftover_mutations, _refunctionalize, grad_enabled
 from .rules import options
 from .rules.propagate import propagate
 

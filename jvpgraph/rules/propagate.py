@@ -96,7 +96,6 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
     computed under ``torch.no_grad()``).
     """
     from .core import constant as as_constant
-
     from .fallback import RuleError, node_jvp
 
     for node in graph.nodes:
