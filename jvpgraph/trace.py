@@ -183,21 +183,17 @@ def _opaque_autograd_functions():
     """
     import torch.autograd.function as function_mod
 
-    if hasattr(function_mod, "_call_custom_function_call"):  # torch 2.14: hook(cls, args, kwargs)
-        hook = "_call_custom_function_call"
-        orig = function_mod._call_custom_function_call
-        call_orig = orig
-    else:  # older torch: apply calls custom_function_call(cls, *args, **kwargs)
-        hook = "custom_function_call"
-        orig = function_mod.custom_function_call
-
-        def call_orig(cls, args, kwargs):
-            return orig(cls, *args, **kwargs)
+    # torch 2.14: apply calls _call_custom_function_call(cls, args, kwargs); older: custom_function_call(cls,
+    # *args, **kwargs)
+    packed = hasattr(function_mod, "_call_custom_function_call")
+    hook = "_call_custom_function_call" if packed else "custom_function_call"
+    orig = getattr(function_mod, hook)
 
     def route(cls, args, kwargs):
         if kwargs or not _is_user_function(cls):
-            return call_orig(cls, args, kwargs) if torch._C._are_functorch_transforms_active() \
-                else _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+            if not torch._C._are_functorch_transforms_active():
+                return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+            return orig(cls, args, kwargs) if packed else orig(cls, *args, **kwargs)
         flat, spec = pytree.tree_flatten(args)
         tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
 
@@ -215,10 +211,12 @@ def _opaque_autograd_functions():
         outs = autograd_function(tensors, key)
         return outs[0] if single else tuple(outs)
 
-    setattr(function_mod, hook, route if hook == "_call_custom_function_call" else
-            (lambda cls, *args, **kwargs: route(cls, args, kwargs)))
+    def route_unpacked(cls, *args, **kwargs):
+        return route(cls, args, kwargs)
+
+    setattr(function_mod, hook, route if packed else route_unpacked)
     # old-style Functions (forward(ctx, ...)) are refused by apply before that hook: catch F.apply too
-    torch.autograd.Function.apply = classmethod(lambda cls, *args, **kwargs: route(cls, args, kwargs))
+    torch.autograd.Function.apply = classmethod(route_unpacked)
     try:
         yield
     finally:

@@ -22,11 +22,10 @@ aten = torch.ops.aten
 D = torch.float64
 
 
-
 # torch 2.11 (the oldest version jvpgraph runs on) has no decomposition of _cdist_forward (cdist, pdist) and
 # grid_sampler_3d, and their backwards are not differentiable there: no fallback step applies, and jvpgraph
 # raises a RuleError naming the op (test_no_route_on_older_torch_is_a_rule_error checks that)
-TORCH_2_14 = tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) >= (2, 14)
+TORCH_2_14 = torch.__version__ >= (2, 14)
 NEEDS_214_ROUTES = pytest.mark.skipif(not TORCH_2_14, reason="torch < 2.14: no fallback route for cdist, pdist, "
                                       "grid_sampler_3d (a RuleError names the op)")
 

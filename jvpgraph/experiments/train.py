@@ -213,8 +213,6 @@ def _shard(idx: torch.Tensor, rank: int, world: int) -> tuple[torch.Tensor, torc
         >>> _shard(torch.tensor([4]), rank=1, world=2)[1].tolist()  # nothing for rank 1: one sample, weight 0
         [0.0]
     """
-    if world == 1:
-        return torch.arange(len(idx)), torch.full((len(idx),), 1.0 / len(idx))
     rows = (idx % world == rank).nonzero().flatten()
     if len(rows) == 0:
         return torch.zeros(1, dtype=torch.long), torch.zeros(1)
