@@ -18,7 +18,7 @@ if tuple(int(p) for p in _torch.__version__.split("+")[0].split(".")[:2]) not in
     _warnings.warn(f"jvpgraph is tested on torch 2.14 and 2.11, not on {_torch.__version__}: run "
                    "`jvpgraph verify` on your model (or the test suite) before trusting its Jv", stacklevel=2)
 
-from .api import Linearized, Traced, jvp, linearize, trace, vjp
+from .api import Linearized, Traced, explain, jvp, linearize, trace, vjp
 from .flip import FlippedGraph
 from .graph import Graph
 from .regularizers import FrobeniusRegularizer, Regularized, SpectralBoundRegularizer, SpectralRegularizer
@@ -29,6 +29,6 @@ from .verify import VerifyReport, verify
 
 __version__ = "0.1.0"
 
-__all__ = ["trace", "jvp", "vjp", "linearize", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
+__all__ = ["trace", "jvp", "vjp", "linearize", "explain", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
            "RuleError", "verify", "VerifyReport", "spectral_norm", "SpectralNorm", "SpectralRegularizer",
            "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized"]

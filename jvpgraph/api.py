@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import collections
+import logging
 import time
+import warnings
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -12,9 +15,12 @@ import torch.utils._pytree as pytree
 
 from .flip import FlippedGraph
 from .graph import Graph
+from .guards import global_state
 from .trace import BN_MODES, _data_dependent, trace_program
 
-__all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp"]
+__all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp", "explain"]
+
+log = logging.getLogger("jvpgraph")
 
 
 def _as_tuple(x) -> tuple:
@@ -195,8 +201,11 @@ def _autocast_state() -> tuple:
 class Traced:
     """A model or function traced once for Jv: apply it to new batches and new parameter values.
 
-    The trace is specialized to input shapes, dtypes and devices, and to the model's ``training`` flags;
-    a call that differs in any of them is traced again (cached), never answered from a stale trace.
+    The trace is specialized to input shapes, dtypes and devices, to the model's structure and ``training``
+    flags, and to every Python-level value its forward read (attributes such as ``self.temperature`` or
+    ``Dropout.p``, flags, hooks; see :mod:`jvpgraph.guards`), to autocast, the default dtype and device; a call
+    that differs in any of them is traced again, never answered from a stale trace. Traces are cached (the
+    ``cache_size`` most recently used, at most); :meth:`explain` says what is cached and why each trace was made.
 
     Args:
         f: an ``nn.Module`` or a function of tensors.
@@ -208,6 +217,7 @@ class Traced:
         compile: run the emitted graphs (Jv on a new batch, recorded forward, tangent pass) under
             ``torch.compile`` (``True``, or a dict of its keyword arguments, e.g. ``{"mode": "max-autotune"}``);
             each is compiled on its first call. Measured on the CPU here: see ``jvpgraph bench --compile``.
+        cache_size: how many traces to keep (least recently used evicted first).
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -222,21 +232,47 @@ class Traced:
     """
 
     def __init__(self, f: Callable, example_inputs: Sequence[Any], *, bn: str = "batch",
-                 wrt: Sequence[int] | None = None, compile: bool | dict = False):
+                 wrt: Sequence[int] | None = None, compile: bool | dict = False, cache_size: int = 8,
+                 _weak: bool = False):
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
-        self.f = f
+        if not isinstance(cache_size, int) or cache_size < 1:
+            raise ValueError(f"cache_size={cache_size!r}: expected a positive integer")
+        # the module cache behind jvpgraph.jvp & co. holds its Traced weakly to the model (a model the user
+        # drops is freed with its traces); a Traced the user holds keeps its model, like any object would
+        self._f = weakref.ref(f) if _weak else (lambda f=f: f)
+        self._is_module = isinstance(f, nn.Module)
+        self._name = type(f).__name__ if self._is_module else getattr(f, "__qualname__", "function")
         self.bn = bn
         self.wrt = None if wrt is None else list(wrt)
         if not isinstance(compile, (bool, dict)):
             raise TypeError(f"compile={compile!r}: expected True/False or a dict of torch.compile options")
         self.compile = compile
-        self.module = f if isinstance(f, nn.Module) else None
-        self._cache: dict[tuple, _Compiled] = {}
+        self.cache_size = cache_size
+        self._cache: "collections.OrderedDict[tuple, list[_Compiled]]" = collections.OrderedDict()
+        #: why each trace was made, oldest first (at most 64 kept): ``(reason, seconds it took)``
+        self.history: "collections.deque[tuple[str, float]]" = collections.deque(maxlen=64)
+        self._counts = collections.Counter()  # traces made because of: "first", "shape", "guard", ...
+        self._warned: set[str] = set()
         self._example = tuple(example_inputs)
         self._compiled_for(self._example)
+        if _weak:  # nothing the user passed is kept by the cache (the example batch included)
+            self._example = None
+
+    @property
+    def f(self) -> Callable:
+        """The traced model or function."""
+        f = self._f()
+        if f is None:
+            raise ReferenceError(f"the {self._name} this trace was made of has been freed")
+        return f
+
+    @property
+    def module(self) -> nn.Module | None:
+        """The traced model (``None`` for a function)."""
+        return self.f if self._is_module else None
 
     # ------------------------------------------------------------------ cache
     def _walk(self) -> tuple[list, list, list]:
@@ -249,7 +285,8 @@ class Traced:
         buffers: list = []
         seen_p: set = set()
         seen_b: set = set()
-        for prefix, m in self.module.named_modules() if self.module is not None else ():
+        module = self.module
+        for prefix, m in module.named_modules() if module is not None else ():
             flags.append((id(m), m.training))
             for p in m._parameters.values():
                 if p is not None and id(p) not in seen_p:
@@ -267,34 +304,106 @@ class Traced:
         flags, params, _ = walk
         key += (tuple(flags),)
         key += (tuple((tuple(p.shape), p.dtype, p.device) for p in params),)
-        return key + (_autocast_state(),)
+        return key + (_autocast_state(), global_state())
+
+    def _valid(self, comp: _Compiled, flat_in, walk) -> str | None:
+        """``None`` if ``comp`` may answer this call, else why not."""
+        why = comp.graph.program.guards.check()
+        if why is None and comp.graph.program.values is not None:
+            # traced at particular values (data-dependent shapes or branches): valid for those values only
+            now = [*self._state(walk=walk), *flat_in]
+            if any(not torch.equal(a.detach(), b) for a, b in zip(now, comp.graph.program.values)):
+                why = "the values it was specialized to changed (it branches on tensor values)"
+        return why
+
+    def _why_new(self, key: tuple) -> tuple[str, str]:
+        """Why a call with ``key`` has no trace yet: ``(kind, reason)``, comparing with the newest cached key."""
+        if not self._cache:
+            return "first", "first call"
+        old = next(reversed(self._cache))
+        n = len(key) - 4
+        parts = [("input", "input shapes, dtypes or devices", 0, n), ("flags", "training flags or module structure",
+                 n, n + 1), ("params", "parameter shapes, dtypes or devices", n + 1, n + 2),
+                 ("autocast", "autocast", n + 2, n + 3), ("global", "default dtype/device, deterministic algorithms "
+                 "or global module hooks", n + 3, n + 4)]
+        if len(old) != len(key):
+            return "input", f"number of inputs {len(old) - 4} -> {len(key) - 4}"
+        for kind, what, a, b in parts:
+            if old[a:b] != key[a:b]:
+                if kind == "input":
+                    diffs = [f"input {i}: {_show_key(o)} -> {_show_key(k)}" for i, (o, k) in
+                             enumerate(zip(old[a:b], key[a:b])) if o != k]
+                    return "shape", "new " + "; ".join(diffs[:3])
+                return kind, f"{what} changed"
+        return "other", "not cached (evicted)"
 
     def _compiled_for(self, inputs: tuple, walk=None) -> _Compiled:
         flat_in = pytree.tree_leaves(inputs)
         walk = walk or self._walk()
         key = self._key(flat_in, walk)
-        hit = self._cache.get(key)
-        if hit is not None and hit.graph.program.values is not None:
-            # traced at particular values (data-dependent shapes or branches): valid for those values only
-            now = [*self._state(walk=walk), *flat_in]
-            if any(not torch.equal(a.detach(), b) for a, b in zip(now, hit.graph.program.values)):
-                hit = None
-        if hit is None:
-            prog = trace_program(self.f, inputs, bn=self.bn)
-            wrt = self.wrt
-            if wrt is not None:
-                for i in wrt:
-                    if i >= len(flat_in) or not flat_in[i].is_floating_point():
-                        raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
-            try:
-                hit = _Compiled(Graph(prog, wrt), self.compile)
-            except Exception as e:  # noqa: BLE001
-                if prog.values is not None or not _data_dependent(e):
-                    raise
-                # the walk of the flipped graph met a size that depends on values: trace on the values
-                prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
-                hit = _Compiled(Graph(prog, wrt), self.compile)
-            self._cache[key] = hit
+        bucket = self._cache.get(key)
+        hit = None
+        if bucket is not None:
+            why = None
+            for comp in reversed(bucket):  # newest first: its reason is the one reported
+                now = self._valid(comp, flat_in, walk)
+                if now is None:
+                    hit = comp
+                    break
+                why = why or now
+            if hit is not None:
+                self._cache.move_to_end(key)
+                return hit
+            kind, reason = "guard", why
+        else:
+            kind, reason = self._why_new(key)
+        t0 = time.perf_counter()
+        hit = self._trace(inputs, flat_in)
+        self._remember(key, hit, kind, reason, time.perf_counter() - t0)
+        return hit
+
+    def _remember(self, key, comp, kind, reason, seconds):
+        bucket = self._cache.setdefault(key, [])
+        if kind == "guard" and bucket and bucket[-1].graph.program.values is not None:
+            bucket.pop()  # a value-specialized trace is replaced, not kept beside the new one
+        bucket.append(comp)
+        self._cache.move_to_end(key)
+        while sum(len(b) for b in self._cache.values()) > self.cache_size:
+            oldest = next(iter(self._cache))
+            self._cache[oldest].pop(0)
+            if not self._cache[oldest]:
+                del self._cache[oldest]
+        self.history.append((reason, seconds))
+        self._counts[kind] += 1
+        if kind != "first":
+            log.info("jvpgraph: traced %s again (%.2f s): %s", self._name, seconds, reason)
+        repeated = {"guard": "a Python value its forward reads keeps changing",
+                    "shape": "its input shapes keep changing"}
+        if kind in repeated and self._counts[kind] == 8 and kind not in self._warned:
+            self._warned.add(kind)
+            warnings.warn(
+                f"jvpgraph: {self._name} has been traced 8 times because {repeated[kind]} (last: {reason}; "
+                f"{seconds:.2f} s per trace). Every answer is still from a trace made for the call, but each costs "
+                + ("a trace: keep the value fixed between calls" if kind == "guard" else
+                   "a trace: use a fixed batch size (e.g. drop_last=True) or pad the inputs")
+                + f". jvpgraph.explain(...) lists the traces and why each was made.", stacklevel=4)
+
+    def _trace(self, inputs, flat_in) -> _Compiled:
+        """A new trace at ``inputs`` (its program, graph, flip)."""
+        prog = trace_program(self.f, inputs, bn=self.bn)
+        wrt = self.wrt
+        if wrt is not None:
+            for i in wrt:
+                if i >= len(flat_in) or not flat_in[i].is_floating_point():
+                    raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
+        try:
+            hit = _Compiled(Graph(prog, wrt), self.compile)
+        except Exception as e:  # noqa: BLE001
+            if prog.values is not None or not _data_dependent(e):
+                raise
+            # the walk of the flipped graph met a size that depends on values: trace on the values
+            prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
+            hit = _Compiled(Graph(prog, wrt), self.compile)
         return hit
 
     def _state(self, updated: Sequence[str] = (), walk=None) -> list[torch.Tensor]:
@@ -391,9 +500,43 @@ class Traced:
         """The primal output only (through the recorded-forward module)."""
         return self.linearize(*inputs, vjp=False).out
 
+    def explain(self) -> str:
+        """What is cached and why each trace was made (newest last), as text.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 2), nn.Dropout(0.5))
+            >>> g = jvpgraph.trace(net, torch.randn(4, 3))
+            >>> net[1].p = 0.1
+            >>> _ = g.jvp(torch.randn(4, 3), torch.randn(4, 3))
+            >>> print(g.explain())  # doctest: +ELLIPSIS
+            Traced(Sequential, bn='batch'): 2 trace(s) cached (at most 8), 2 made
+              cached: inputs (4, 3) float32 cpu; ... guarded reads
+              cached: inputs (4, 3) float32 cpu; ... guarded reads
+              trace 1 (... s): first call
+              trace 2 (... s): model.1.p changed: 0.5 -> 0.1
+        """
+        n = sum(len(b) for b in self._cache.values())
+        lines = [f"Traced({self._name}, bn={self.bn!r}): {n} trace(s) cached (at most {self.cache_size}), "
+                 f"{sum(self._counts.values())} made"]
+        for key, bucket in self._cache.items():
+            shapes = ", ".join(_show_key(k) for k in key[:-4])
+            for comp in bucket:
+                extra = "; specialized to values" if comp.graph.program.values is not None else ""
+                lines.append(f"  cached: inputs {shapes}; {len(comp.graph.program.guards)} guarded reads{extra}")
+        first = sum(self._counts.values()) - len(self.history) + 1
+        lines += [f"  trace {first + i} ({sec:.2f} s): {reason}" for i, (reason, sec) in enumerate(self.history)]
+        return "\n".join(lines)
+
     def __repr__(self):
-        name = type(self.f).__name__ if self.module is not None else getattr(self.f, "__qualname__", "function")
-        return f"Traced({name}, bn={self.bn!r}, {len(self._cache)} trace(s))"
+        n = sum(len(b) for b in self._cache.values())
+        return f"Traced({self._name}, bn={self.bn!r}, {n} trace(s))"
+
+
+def _show_key(k) -> str:
+    if isinstance(k, tuple) and len(k) == 3 and isinstance(k[1], torch.dtype):
+        return f"({', '.join(map(str, k[0]))}{',' if len(k[0]) == 1 else ''}) {str(k[1]).replace('torch.', '')} {k[2]}"
+    return repr(k[1]) if isinstance(k, tuple) and k and k[0] == "const" else repr(k)
 
 
 def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None,
@@ -423,9 +566,37 @@ def _traced_for(f, primals, bn, compile: bool | dict = False) -> Traced:
         key = (bn, repr(compile))
         t = per.get(key)
         if t is None:
-            t = per[key] = Traced(f, primals, bn=bn, compile=compile)
+            t = per[key] = Traced(f, primals, bn=bn, compile=compile, _weak=True)
         return t
     return Traced(f, primals, bn=bn, compile=compile)  # a function may close over anything: trace it afresh
+
+
+def explain(model: nn.Module | Traced) -> str:
+    """What jvpgraph has cached for ``model`` (the traces behind ``jvp``, ``linearize``, ``vjp``,
+    ``spectral_norm`` and the regularizers) and why each trace was made; for a :class:`Traced`, its
+    :meth:`Traced.explain`. Re-traces are also logged at INFO level on the ``"jvpgraph"`` logger.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+        >>> for batch in (4, 4, 5):
+        ...     _ = jvpgraph.jvp(net, (torch.randn(batch, 3),), (torch.randn(batch, 3),))
+        >>> print(jvpgraph.explain(net))  # doctest: +ELLIPSIS
+        Traced(Sequential, bn='batch'): 2 trace(s) cached (at most 8), 2 made
+          cached: inputs (4, 3) float32 cpu; ... guarded reads
+          cached: inputs (5, 3) float32 cpu; ... guarded reads
+          trace 1 (... s): first call
+          trace 2 (... s): new input 0: (4, 3) float32 cpu -> (5, 3) float32 cpu
+    """
+    if isinstance(model, Traced):
+        return model.explain()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"jvpgraph.explain expects an nn.Module or a Traced, got {type(model).__name__} "
+                        "(functions are traced afresh on each call: nothing is cached for them)")
+    per = _MODULE_CACHE.get(model, {})
+    if not per:
+        return f"{type(model).__name__}: nothing traced yet"
+    return "\n".join(t.explain() for t in per.values())
 
 
 def jvp(f: Callable, primals, tangents, *, bn: str = "batch"):

@@ -40,6 +40,8 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .guards import Guards, function_roots, watch
+
 aten = torch.ops.aten
 
 __all__ = ["TraceError", "TracedProgram", "trace_program", "BN_MODES"]
@@ -309,6 +311,9 @@ class TracedProgram:
     #: For a trace specialized to values (data-dependent shapes or branches): the placeholders' values it was
     #: traced at (parameters, buffers, inputs). ``None`` for an ordinary trace, valid for any values.
     values: list[torch.Tensor] | None = None
+    #: The Python-level reads the trace baked in (attributes, flags, hooks): :meth:`Guards.check` says whether
+    #: they still hold before the trace answers another call.
+    guards: Guards = dataclasses.field(default_factory=lambda: Guards([]))
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -354,24 +359,30 @@ def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
       cannot do; the momentum only weighs the running-statistic update (never the output or Jv), so it is
       set to 0.1 while tracing and those layers' updates are dropped (their names go to ``momentum_none``);
     * tensors that hooks store as plain module attributes (the legacy ``nn.utils.spectral_norm`` sets
-      ``module.weight``) would keep a fake tensor from the trace: every module attribute is restored.
+      ``module.weight``) would keep a fake tensor from the trace: every module attribute is restored
+      (:func:`jvpgraph.guards.watch` puts back every Python attribute after each traced call, too).
+
+    Yields ``{(id(module), attribute): the caller's value}`` for what it changed, so guards compare with the
+    caller's values, not the ones tracing set.
     """
     if module is None:
-        yield
+        yield {}
         return
     mods = list(module.named_modules())
     bns = [(n, m) for n, m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     flags = [m.training for _, m in bns]
     momenta = [m.momentum for _, m in bns]
     attrs = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for _, m in mods]
+    originals: dict[tuple[int, str], Any] = {}  # what the caller's model holds where tracing set another value
     try:
         for name, m in bns:
             if bn == "eval":
                 m.training = False
             if m.momentum is None and m.training and m.track_running_stats:
                 momentum_none.append(name)
+                originals[(id(m), "momentum")] = None
                 m.momentum = 0.1
-        yield
+        yield originals
     finally:
         for (_, m), f, mom in zip(bns, flags, momenta):
             m.training, m.momentum = f, mom
@@ -554,15 +565,22 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         (f"{prefix}.{name}" if prefix else name, t) for prefix, m in module.named_modules()
         for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None]
     out_spec_box: list = []
+    originals_box: list = []  # what tracing_state changed on the model, for the guards
+    guards_box: list = []  # the guards of the last traced call
     module_stack: list[str] = []
 
     def flat_fn(*flat):
         # the function runs as if called with gradients on: only torch.no_grad() blocks *inside* it are
         # constants for Jv, never the caller's mode around jvpgraph (a trace made under no_grad would be 0)
         box = [True]
+        # the Python attributes the call reads become the trace's guards; what it writes is put back
+        roots = [module] if module is not None else function_roots(f)
         with torch.enable_grad(), _RecordGradMode(box, module_stack), _SampleGradMode(box), \
-                _module_hooks(module, module_stack):
-            return _call(*flat)
+                _module_hooks(module, module_stack), \
+                watch(roots, originals_box[-1] if originals_box else {}, None if module is not None else f) as rec:
+            out = _call(*flat)
+        guards_box[:] = [rec.guards()]
+        return out
 
     copies = [False]  # trace on copies of the parameters and inputs (the function writes into them)
 
@@ -592,8 +610,9 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
     def run_trace(example, mode):
-        with tracing_state(module, bn, momentum_none), _opaque_autograd_functions(), \
+        with tracing_state(module, bn, momentum_none) as originals, _opaque_autograd_functions(), \
                 _rng_untouched(f, draws=mode == "real"):
+            originals_box[:] = [originals]
             return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
                 decomposition_table=_DECOMPOSITIONS,
@@ -743,4 +762,4 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     gm.recompile()
     diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
     return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
-                         updates, bn, values)
+                         updates, bn, values, guards_box[-1] if guards_box else Guards([]))
