@@ -194,6 +194,8 @@ def verify_cmd(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="jvpgraph", description="Jv for any PyTorch model by flipping its "
                                  "reverse-mode graph (Appendix C).")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"jvpgraph {__version__} (torch {torch.__version__})")
     sub = ap.add_subparsers(dest="command", required=True)
     d = sub.add_parser("demo", help="trace a sigmoid+BatchNorm CNN in train mode and check Jv against "
                                     "every reference")
