@@ -540,9 +540,9 @@ def _show_key(k) -> str:
 
 
 def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None,
-          compile: bool | dict = False) -> Traced:
+          compile: bool | dict = False, cache_size: int = 8) -> Traced:
     """Trace ``f`` (an ``nn.Module`` or function) once at ``example_inputs``; returns a :class:`Traced`
-    (``bn``, ``wrt``, ``compile``: see there).
+    (``bn``, ``wrt``, ``compile``, ``cache_size``: see there).
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -554,7 +554,7 @@ def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | 
         >>> print(g.flipped.code.strip().splitlines()[0])
         def forward(self, p__0_weight, p__0_bias, p__2_weight, p__2_bias, x, v):
     """
-    return Traced(f, example_inputs, bn=bn, wrt=wrt, compile=compile)
+    return Traced(f, example_inputs, bn=bn, wrt=wrt, compile=compile, cache_size=cache_size)
 
 
 _MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]]" = weakref.WeakKeyDictionary()
