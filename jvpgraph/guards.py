@@ -61,7 +61,7 @@ _SIMPLE = (type(None), bool, int, float, complex, str, bytes, torch.dtype, torch
 _STRUCTURAL = frozenset({
     "__dict__", "__class__", "_parameters", "_buffers", "_modules", "_non_persistent_buffers_set",
     "_state_dict_hooks", "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks",
-    "training",
+    "training", "_compiled_call_impl",  # (Module.compile() runs the same forward compiled)
 })
 
 
@@ -163,12 +163,24 @@ class Guards:
 
     def __init__(self, entries: list[tuple]):
         self.entries = entries
+        self._fast = _compile(entries)
 
     def __len__(self):
         return len(self.entries)
 
     def check(self) -> str | None:
-        """``None`` if every read still gives what the trace saw, else why not (the first that changed)."""
+        """``None`` if every read still gives what the trace saw, else why not (the first that changed).
+
+        The hot path is one generated function of plain comparisons (about 0.1 us a read); only when it
+        finds a change (or a read raises) does the step-by-step check below run, for the message."""
+        try:
+            if self._fast():
+                return None
+        except Exception:  # noqa: BLE001 - a read that raises: the slow path says which
+            pass
+        return self._slow_check() or "a guarded read changed"
+
+    def _slow_check(self) -> str | None:
         for ref, name, spec, label, kind in self.entries:
             obj = ref()
             if obj is None:
@@ -196,6 +208,57 @@ class Guards:
     def describe(self) -> list[str]:
         """One line per guarded read: ``label == value``."""
         return [f"{label} == {_show(spec)}" for _, _, spec, label, _ in self.entries]
+
+
+def _compile(entries: list[tuple]):
+    """One Python function checking every entry with plain comparisons: ``True`` if all still hold.
+
+    Entries on the same object share one dereference; a simple value is compared by type and value, an
+    empty dict (most hook dicts) by type and emptiness, a tuple of simple values by value and element
+    types; anything else through :func:`_matches`."""
+    env: dict[str, Any] = {"M": _MISSING, "_matches": _matches, "_getattr": getattr, "_type": type,
+                           "_tuple": tuple, "_map": map}
+    lines = ["def check():"]
+    objs: dict[int, str] = {}
+    for k, (ref, name, spec, _, kind) in enumerate(entries):
+        obj = ref()
+        if obj is None:
+            return lambda: False
+        if id(obj) not in objs:
+            objs[id(obj)] = o = f"o{len(objs)}"
+            env[f"R{o}"] = ref
+            lines += [f"    {o} = R{o}()", f"    if {o} is None: return False"]
+        o = objs[id(obj)]
+        if kind == "attr":
+            lines.append(f"    v = _getattr({o}, {name!r}, M)")
+        elif kind == "cell":
+            lines.append(f"    v = {o}.cell_contents")
+        else:
+            lines.append(f"    v = {o}.get({name!r}, M)")
+        env[f"S{k}"] = spec
+        if spec is _MISSING:
+            lines.append("    if v is not M: return False")
+        elif spec[0] == "v" and (spec[1] is None or isinstance(spec[1], (bool, enum.Enum))):
+            env[f"C{k}"] = spec[1]
+            lines.append(f"    if v is not C{k}: return False")
+        elif spec[0] == "v" and type(spec[1]) in (int, str, torch.dtype, torch.device) or (
+                type(spec[1]) is float and not math.isnan(spec[1])):
+            env[f"C{k}"], env[f"T{k}"] = spec[1], type(spec[1])
+            lines.append(f"    if _type(v) is not T{k} or v != C{k}: return False")
+        elif spec[0] == "map" and not spec[2]:
+            env[f"T{k}"] = spec[1]
+            lines.append(f"    if _type(v) is not T{k} or v: return False")
+        elif spec[0] == "seq" and spec[1] is tuple and all(
+                s is not _MISSING and s[0] == "v" and type(s[1]) in (int, str, bool) for s in spec[2]):
+            value = tuple(s[1] for s in spec[2])
+            env[f"C{k}"], env[f"TT{k}"] = value, tuple(type(x) for x in value)
+            lines.append(f"    if _type(v) is not _tuple or v != C{k} or _tuple(_map(_type, v)) != TT{k}: "
+                         "return False")
+        else:
+            lines.append(f"    if not _matches(S{k}, v): return False")
+    lines.append("    return True")
+    exec(compile("\n".join(lines), "<jvpgraph guards>", "exec"), env)  # noqa: S102 - our own generated code
+    return env["check"]
 
 
 class _Recorder:
