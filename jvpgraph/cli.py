@@ -9,13 +9,15 @@ Example:
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_parser", "demo"]
+__all__ = ["main", "build_parser", "demo", "build_model", "load_factory", "input_shape", "input_shapes", "parse_shape",
+           "reinit_zero_layers"]
 
 
 def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout, **kwargs) -> int:
@@ -31,10 +33,11 @@ def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout, **k
     return run(batch=batch, seed=seed, show_code=show_code, out=out, **kwargs)
 
 
-def build_model(spec: str, size: int, num_classes: int = 10):
+def build_model(spec: str, size: int, num_classes: int = 10, in_channels: int | None = None):
     """A torchvision classifier by name (random weights), one of jvpgraph's (``lenet``, ``vgg16_bn``,
     ``sigmoid_bn_cnn``, ``sigmoid_mlp``), or ``package.module:factory`` for your own (see
-    :func:`jvpgraph.experiments.models.build_model`); a bad name exits with the message.
+    :func:`jvpgraph.experiments.models.build_model`); a bad name, or a factory that does not import, exits with
+    the message (what was tried, what to do).
 
     Example:
         >>> build_model("resnet18", 32).__class__.__name__
@@ -44,12 +47,93 @@ def build_model(spec: str, size: int, num_classes: int = 10):
         >>> build_model("torch.nn:Identity", 32).__class__.__name__
         'Identity'
     """
-    from .experiments.models import build_model as build
-
     try:
-        return build(spec, size=size, num_classes=num_classes)
+        return _build_model(spec, size, num_classes, in_channels)
     except ValueError as e:
         raise SystemExit(f"jvpgraph: {e}") from None
+
+
+def _build_model(spec: str, size: int, num_classes: int = 10, in_channels: int | None = None):
+    """:func:`build_model`, raising ValueError with the message instead of exiting."""
+    import torch.nn as nn
+
+    from .experiments.models import build_model as build
+
+    if ":" not in spec:
+        return build(spec, in_channels=in_channels, size=size, num_classes=num_classes)
+    factory = load_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:  # noqa: BLE001 - the user's factory: say what it raised and what is expected
+        raise ValueError(f"calling {spec}() with no arguments raised {type(e).__name__}: {_first_line(e)}; the "
+                         "factory is called with no arguments: give one that takes none (def make(): return "
+                         "Net(num_classes=10))") from None
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec}() returned a {type(model).__name__}, not an nn.Module; give a factory that "
+                         "builds the model")
+    return model
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
+def load_factory(spec: str):
+    """The callable named by ``package.module:factory``, imported; a ValueError that says what was tried and
+    what to do when it cannot be (the module does not import, or has no such name).
+
+    Example:
+        >>> load_factory("torch.nn:Identity").__name__
+        'Identity'
+        >>> try:
+        ...     load_factory("no_such_package.models:make")
+        ... except ValueError as e:
+        ...     print(str(e).split(" (from")[0], "PYTHONPATH" in str(e))
+        cannot import module 'no_such_package.models' True
+    """
+    import importlib
+    import os
+
+    mod_name, _, attr = spec.partition(":")
+    if not mod_name or not attr:
+        raise ValueError(f"{spec!r}: expected package.module:factory (a module, a colon, the function or class in "
+                         "it that builds the model), e.g. mypkg.models:make_net")
+    if mod_name.endswith(".py") or "/" in mod_name or "\\" in mod_name:
+        dotted = mod_name.removesuffix(".py").replace("\\", "/").strip("./").replace("/", ".")
+        raise ValueError(f"{spec!r}: {mod_name!r} is a file path, not a module name; give the module name "
+                         f"({dotted}:{attr}) and run from the folder that holds it with PYTHONPATH=.")
+    try:
+        module = importlib.import_module(mod_name)
+    except ModuleNotFoundError as e:
+        missing = e.name or ""
+        if missing and (mod_name == missing or mod_name.startswith(missing + ".")):
+            top = mod_name.split(".")[0]
+            here = [p for p in (top + ".py", top) if os.path.exists(p)]
+            on_path = os.getcwd() in {os.path.abspath(p or ".") for p in sys.path}
+            todo = (f"./{here[0]} is in the current folder, but the current folder is not on sys.path for the "
+                    "jvpgraph command: run PYTHONPATH=. jvpgraph ... (or python -m jvpgraph ...)"
+                    if here and not on_path else
+                    "install its package (pip install -e . in its project) or add the folder that holds "
+                    f"{top}/ or {top}.py to PYTHONPATH")
+            raise ValueError(f"cannot import module {mod_name!r} (from {spec!r}): no module named {missing!r} on "
+                             f"sys.path; {todo}") from None
+        raise ValueError(f"importing {mod_name!r} (from {spec!r}) failed: it imports {missing!r}, which is not "
+                         f"installed here; install {missing!r} (python -c 'import {mod_name}' shows where)") from None
+    except Exception as e:  # noqa: BLE001 - the user's module raised while importing
+        raise ValueError(f"importing {mod_name!r} (from {spec!r}) raised {type(e).__name__}: {_first_line(e)}; "
+                         f"fix the module (python -c 'import {mod_name}' shows the traceback)") from None
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            own = sorted(n for n, o in vars(module).items() if callable(o) and not n.startswith("_")
+                         and getattr(o, "__module__", None) == module.__name__)
+            raise ValueError(f"module {mod_name!r} ({getattr(module, '__file__', None) or 'built in'}) has no "
+                             f"{attr!r}; the callables it defines: {', '.join(own[:12]) or 'none'}")
+        obj = getattr(obj, part)
+    if not callable(obj):
+        raise ValueError(f"{spec!r} is a {type(obj).__name__}, not callable; name the function or class that "
+                         "builds the model")
+    return obj
 
 
 def input_shape(spec: str, size: int | None, channels: int | None) -> tuple[int, ...]:
@@ -67,14 +151,99 @@ def input_shape(spec: str, size: int | None, channels: int | None) -> tuple[int,
     return (channels or 3, size or 64, size or 64)
 
 
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``"2,1,28,28"`` (or ``2x1x28x28``) -> ``(2, 1, 28, 28)``: the ``type=`` of ``--input-shape``.
+
+    Example:
+        >>> parse_shape("2,1,28,28"), parse_shape("8x4")
+        ((2, 1, 28, 28), (8, 4))
+    """
+    parts = [p for p in re.split(r"[,x\s]+", text.strip().strip("()[]")) if p]
+    try:
+        dims = tuple(int(p) for p in parts)
+    except ValueError:
+        dims = ()
+    if not dims or any(d <= 0 for d in dims):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a shape: give positive integers separated by commas, "
+                                         "batch first, e.g. --input-shape 2,1,28,28")
+    return dims
+
+
+def input_shapes(spec: str, shapes: list[tuple[int, ...]] | None = None, batch: int | None = None,
+                 size: int | None = None, channels: int | None = None) -> list[tuple[int, ...]]:
+    """Whole input shapes, batch first, for the model ``spec``: ``shapes`` (one ``--input-shape`` per input) as
+    given, else one input of ``(batch, *input_shape(spec, size, channels))`` (batch 2). Giving both is a
+    ValueError that says so.
+
+    Example:
+        >>> input_shapes("lenet"), input_shapes("resnet18", batch=4, size=32)
+        ([(2, 1, 28, 28)], [(4, 3, 32, 32)])
+        >>> input_shapes("mypkg:make", [(2, 10), (2, 5)])
+        [(2, 10), (2, 5)]
+    """
+    if shapes:
+        given = [f"--{k}" for k, val in (("batch", batch), ("size", size), ("channels", channels)) if val is not None]
+        if given:
+            raise ValueError(f"--input-shape gives the whole shape, batch first; {' and '.join(given)} would "
+                             "change it: drop one or the other")
+        return [tuple(s) for s in shapes]
+    return [(batch or 2, *input_shape(spec, size, channels))]
+
+
+def _add_input_options(p: argparse.ArgumentParser) -> None:
+    """The input options ``draw`` and ``verify`` share (read back by :func:`input_shapes`)."""
+    p.add_argument("--input-shape", type=parse_shape, action="append", metavar="B,C,H,W",
+                   help="an input's whole shape, batch first (e.g. 2,1,28,28); repeat it for a model of several "
+                        "inputs. Default: the model's own sample shape (lenet 1,28,28; vgg16_bn 3,32,32; "
+                        "sigmoid_bn_cnn 1,16,16; sigmoid_mlp 4), else 3,SIZE,SIZE, with batch 2")
+    p.add_argument("--batch", type=int, default=None, help="batch size (default 2)")
+    p.add_argument("--size", type=int, default=None, help="input height and width (default: the model's, or 64)")
+    p.add_argument("--channels", type=int, default=None, help="input channels (default: the model's, or 3)")
+
+
+def _build_for(spec: str, shapes: list[tuple[int, ...]]):
+    """The model for input shapes ``shapes``: a torchvision ViT's image size and the channels of a built-in
+    model follow the first input (a grayscale input is repeated to RGB for torchvision's classifiers)."""
+    first = shapes[0]
+    size = first[-1] if len(first) >= 3 else 64
+    in_channels = first[1] if len(first) == 4 and ":" not in spec else None
+    return _build_model(spec, size, in_channels=in_channels)
+
+
+def reinit_zero_layers(model) -> list[str]:
+    """Re-initialize (``reset_parameters()``) every layer whose weight is all zero; their names.
+
+    torchvision zero-initializes its ViT heads, so a freshly built ``vit_b_16`` has ``Jv = 0`` everywhere and
+    any comparison agrees trivially; ``jvpgraph verify`` calls this for built-in model names (``--keep-init``
+    keeps the model as built).
+
+    Example:
+        >>> import torch.nn as nn
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.Linear(4, 2))
+        >>> _ = nn.init.zeros_(net[1].weight)
+        >>> reinit_zero_layers(net), bool(net[1].weight.any())
+        (['1'], True)
+    """
+    names = []
+    for name, m in model.named_modules():
+        w = getattr(m, "weight", None)
+        if isinstance(w, torch.Tensor) and w.dim() >= 2 and hasattr(m, "reset_parameters") and not w.any():
+            m.reset_parameters()
+            names.append(name)
+    return names
+
+
 def draw_cmd(args) -> int:
     from .api import trace
 
     torch.manual_seed(args.seed)
-    shape = input_shape(args.model, args.size, args.channels)
-    model = build_model(args.model, shape[-1])
+    try:
+        shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
+        model = _build_for(args.model, shapes)
+    except ValueError as e:
+        raise SystemExit(f"jvpgraph draw: {e}") from None
     model.train(args.mode == "train")
-    x = torch.randn(args.batch, *shape)
+    xs = [torch.randn(s) for s in shapes]
     depth = {"auto": "auto", "ops": None}.get(args.depth, None)
     if args.depth not in ("auto", "ops"):
         try:
@@ -84,7 +253,7 @@ def draw_cmd(args) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    g = trace(model, x, bn=args.bn)
+    g = trace(model, *xs, bn=args.bn)
     try:
         g.graph.draw(args.output, depth=depth, expand=args.expand or (), max_nodes=args.max_nodes)
     except ValueError as e:
@@ -174,21 +343,75 @@ def bench_cmd(args) -> int:
 
 
 def verify_cmd(args) -> int:
+    """`jvpgraph verify`: exit 0 OK, 1 FAILED, 2 INCONCLUSIVE (see :data:`jvpgraph.verify.EXIT_CODES`), 3 when it
+    could not run (bad arguments, a model that does not load or does not run on the input)."""
+    import copy
+
+    from .experiments.models import MODELS
     from .verify import verify
+
+    def cannot(msg: str) -> int:
+        print(f"jvpgraph verify: {msg}", file=sys.stderr)
+        return 3
 
     torch.manual_seed(args.seed)
     dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
-    model = build_model(args.model, args.size).to(dtype)
+    try:
+        shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
+        model = _build_for(args.model, shapes)
+    except ValueError as e:
+        return cannot(str(e))
+    model = model.to(dtype)
     model.train(args.mode == "train")
-    x = torch.randn(args.batch, args.channels, args.size, args.size, dtype=dtype)
-    report = verify(model, x, bn=args.bn, seed=args.seed, name=f"{args.model} [{args.mode}]")
+    if ":" not in args.model and not args.keep_init:
+        redone = reinit_zero_layers(model)
+        if redone:
+            print(f"jvpgraph verify: {args.model} is built with all-zero weights in {', '.join(redone)} (Jv would be "
+                  "0 everywhere, and every reference agree trivially); re-initialized them with reset_parameters()"
+                  " (--keep-init verifies the model as built)")
+    xs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            copy.deepcopy(model)(*xs)
+    except Exception as e:  # noqa: BLE001 - the model and input the user chose do not fit: say so
+        given = " and ".join(",".join(map(str, s)) for s in shapes)
+        takes = f"; it takes --input-shape {','.join(map(str, (shapes[0][0], *MODELS[args.model][1])))}" \
+            if args.model in MODELS else ""
+        return cannot(f"{args.model} does not run on an input of shape {given} ({args.dtype}{takes}): "
+                      f"{type(e).__name__}: {_first_line(e)}. Give the shape it takes with --input-shape B,C,H,W "
+                      "(batch first; repeat it for several inputs)")
+    name = f"{args.model} [{args.mode}]"
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"jvpgraph\.verify: .*INCONCLUSIVE")  # said below, once
+        try:
+            report = verify(model, xs[0] if len(xs) == 1 else xs, bn=args.bn, seed=args.seed, name=name)
+        except Exception as e:  # noqa: BLE001 - the model runs, jvpgraph could not give its Jv: a failure
+            print(f"jvpgraph verify: {name}: FAILED: jvpgraph could not compute Jv: {type(e).__name__}: {e}",
+                  file=sys.stderr)
+            return 1
     print(report)
-    if not report.ok:
+    if report.verdict == "FAILED":
         for c in report.failures:
             print(f"FAILED: {c.reference}: max rel err {c.max_rel_err:.2e} > {c.tol:.0e}", file=sys.stderr)
+        if not report.state_unchanged:
+            print("FAILED: the model's state changed", file=sys.stderr)
         for s in report.suspects:
             print(f"FAILED: suspect op {s}", file=sys.stderr)
-    return 0 if report.ok else 1
+    elif report.verdict == "INCONCLUSIVE":
+        print(f"INCONCLUSIVE: {report.inconclusive}", file=sys.stderr)
+    return report.exit_code
+
+
+VERIFY_EXIT_CODES = """exit status:
+  0  OK            every reference that ran agrees with jvpgraph's Jv, and Jv is not zero
+  1  FAILED        a reference disagrees (the report names it, and the ops whose rules differ from their
+                   own backward), the model's state changed, or jvpgraph could not compute Jv
+  2  INCONCLUSIVE  nothing disagrees but nothing was compared: no reference could run, or Jv and every
+                   reference are zero (e.g. a zero-initialized last layer)
+  3  could not run: bad arguments, a model that does not load or does not run on the input
+
+Built-in names (torchvision's classifiers, lenet, ...) are built with random weights; a layer built all zero
+(torchvision's ViT heads) is re-initialized first, and said so (--keep-init keeps it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -207,14 +430,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weights of the spectral penalty, one run each (default 0.01 0.1)")
     d.add_argument("--checks-only", action="store_true", help="only the Jv checks: no drawing, no training")
     d.add_argument("--no-progress", action="store_true", help="no progress bars")
-    v = sub.add_parser("verify", help="compare jvpgraph's Jv with every reference on a model; exit 1 on failure")
-    v.add_argument("model", help="a torchvision classifier name (e.g. resnet18) or package.module:factory")
+    v = sub.add_parser("verify", help="compare jvpgraph's Jv with every reference on a model; exit 0 OK, "
+                                      "1 FAILED, 2 INCONCLUSIVE, 3 could not run",
+                       description="Compare jvpgraph's Jv with every independent reference that applies,\n"
+                                   "on a model built with random weights and a random input.",
+                       epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("model", help="a torchvision classifier name (e.g. resnet18), lenet, vgg16_bn, sigmoid_bn_cnn, "
+                                 "sigmoid_mlp, or package.module:factory (called with no arguments)")
     v.add_argument("--mode", choices=("train", "eval"), default="train")
     v.add_argument("--bn", choices=("batch", "frozen", "eval"), default="batch")
-    v.add_argument("--batch", type=int, default=2)
-    v.add_argument("--size", type=int, default=64, help="input height and width (default 64)")
-    v.add_argument("--channels", type=int, default=3)
-    v.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    _add_input_options(v)
+    v.add_argument("--dtype", choices=("float32", "float64"), default="float32",
+                   help="dtype of the model and its inputs (default float32)")
+    v.add_argument("--keep-init", action="store_true",
+                   help="verify a built-in model as built, even with an all-zero layer (Jv = 0: INCONCLUSIVE)")
     v.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("draw", help="draw a model's reverse-mode graph beside its flipped graph (svg, png, pdf)")
     w.add_argument("model", help="a torchvision classifier (resnet18), lenet, sigmoid_bn_cnn, sigmoid_mlp or "
@@ -225,9 +454,7 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--depth", default="auto", help="ops (every op), N (one box per module at depth N) or auto")
     w.add_argument("--expand", action="append", metavar="MODULE", help="draw this module op by op (repeatable)")
     w.add_argument("--max-nodes", type=int, default=40, help="auto depth: at most this many boxes (default 40)")
-    w.add_argument("--batch", type=int, default=2)
-    w.add_argument("--size", type=int, default=None, help="input height and width (default: the model's, or 64)")
-    w.add_argument("--channels", type=int, default=None)
+    _add_input_options(w)
     w.add_argument("--seed", type=int, default=0)
     from .experiments.data import DATASETS
     from .experiments.train import REGULARIZERS
@@ -289,7 +516,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # a usage error of verify must not read as its verdict INCONCLUSIVE (2)
+        if e.code == 2 and argv[:1] == ["verify"]:
+            raise SystemExit(3) from None
+        raise
     warnings.filterwarnings("ignore", message=r".*torch\.jit\.script.*deprecated", category=FutureWarning)
     if args.command == "demo":
         return demo(batch=args.batch, seed=args.seed, out_dir=None if args.checks_only else args.out,
