@@ -209,6 +209,38 @@ def _bad_input_cases():
         return (f"Jv in {low.dtype} for the bfloat16 model and {mixed.dtype} under autocast (a trace per autocast "
                 "state); tests/test_precision.py bounds the error by autograd's in the same dtype")
 
+    def verify_zero_head():
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # the message quotes max|f(x)|: the same on every build
+            head = nn.Linear(8, 3)
+            nn.init.zeros_(head.weight)  # torchvision's ViT heads are built so: the output does not move with x
+            return jvpgraph.verify(nn.Sequential(nn.Linear(3, 8), nn.Tanh(), head), torch.randn(4, 3)).verdict
+
+    class SelfAttention(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.att = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, z):
+            return self.att(z, z, z, need_weights=False)[0]
+
+    def verify_pytree():
+        report = jvpgraph.verify(lambda a, b: (a * b.sin(), {"sum": a + b, "label": a.argmax(-1)}), (x, x.cos()))
+        return (f"verdict: {report.verdict}; {report.n_inputs} inputs, {report.n_outputs} floating-point outputs "
+                "compared one by one (the integer one carries no tangent)")
+
+    def cli(*argv):
+        from jvpgraph.cli import main
+
+        out, err = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), torch.random.fork_rng():
+            try:
+                code = main(["verify", *argv])
+            except SystemExit as e:
+                code = e.code
+        said = err.getvalue().strip() or next(ln for ln in out.getvalue().splitlines() if "verdict" in ln).strip()
+        return f"exit {code} ({({0: 'OK', 1: 'FAILED', 2: 'INCONCLUSIVE'}.get(code, 'could not run'))})", said
+
     return [
         ("Python control flow on a value: `if x.sum() > 0`",
          lambda: jvpgraph.jvp(lambda z: z.sin() if z.sum() > 0 else z.cos(), (x,), (x,)) and "Jv computed"),
@@ -244,6 +276,15 @@ def _bad_input_cases():
          lambda: jvpgraph.trace(nn.Linear(3, 3), x).graph.draw(expand=["encoder"])),
         ("functools.partial binding a non-tensor argument",
          lambda: jvpgraph.jvp(functools.partial(torch.pow, exponent=2), (x,), (x,)) and "Jv computed"),
+        ("`jvpgraph.verify` where Jv is zero (a zero-initialized last layer, as torchvision's ViT heads)",
+         verify_zero_head),
+        ("`jvpgraph.verify` where no reference can run (attention with `bn=\"frozen\"`)",
+         lambda: jvpgraph.verify(SelfAttention(), torch.randn(2, 5, 4), bn="frozen").verdict),
+        ("`jvpgraph.verify` on two inputs, a tuple and dict output", verify_pytree),
+        ("`jvpgraph verify lenet` (shell): the model's own input shape, 1x28x28", lambda: cli("lenet")),
+        ("`jvpgraph verify lenet --input-shape 2,3,64,64`: a shape the model does not take",
+         lambda: cli("lenet", "--input-shape", "2,3,64,64")),
+        ("`jvpgraph verify mypkg.models:make` where `mypkg` does not import", lambda: cli("mypkg.models:make")),
     ]
 
 
@@ -257,6 +298,8 @@ def _outcome(fn) -> tuple[str, str]:
             result = fn()
             kind = "works"
             text = result if isinstance(result, str) else "ok"
+            if isinstance(result, tuple):  # a shell command: (its exit status, what it printed)
+                kind, text = result
         except Exception as e:  # noqa: BLE001 - the page shows what the user sees
             kind, text = type(e).__name__, str(e)
     said = [str(w.message) for w in caught if "jvpgraph" in str(w.message)]
