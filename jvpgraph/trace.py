@@ -26,8 +26,11 @@ one call with shapes, and we guard shapes ourselves.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
+import functools
 import itertools
+import operator
 import re
 import warnings
 from typing import Any, Callable
@@ -168,20 +171,75 @@ def _opaque_backward(ctx, grads):
 autograd_function.register_autograd(_opaque_backward, setup_context=_opaque_setup)
 
 
+@autograd_function.register_vmap
+def _opaque_vmap(info, in_dims, inputs, key):
+    """Under ``torch.vmap`` inside the traced function: the Function once per slice of the batch, outputs
+    stacked. That is vmap's definition, so it holds for any Function (the trace records one opaque node
+    per slice; a Function's own ``vmap`` staticmethod or ``generate_vmap_rule`` is not needed)."""
+    dims = in_dims[0]
+    per_slice = [autograd_function([x if d is None else x.select(d, i) for x, d in zip(inputs, dims)], key)
+                 for i in range(info.batch_size)]
+    return [torch.stack(outs) for outs in zip(*per_slice)], [0] * len(per_slice[0])
+
+
 def _is_user_function(cls) -> bool:
     mod = getattr(cls, "__module__", "") or ""
     return not (mod.startswith("torch.") or mod == "torch")
 
 
+def _inline_forward(cls, *args):
+    return _forward_only(cls, args)
+
+
+def _inline_checkpoint(cls, run_function, preserve_rng_state, *args):
+    return run_function(*args)
+
+
+#: torch-internal Functions that are traced *through* instead of kept opaque, because their backward is the
+#: true derivative of what they compute, so autograd's own derivative of the inlined ops is the same map:
+#: * ``ModIndex`` (``TransformGetItemToIndex`` turns ``t[i]`` into it; transformers builds its attention masks
+#:   that way under ``vmap``): forward ``aten.index``, backward its scatter. Opaque, it would run once per
+#:   element of the vmapped mask (B*H*L*L calls).
+#: * the reentrant ``torch.utils.checkpoint`` (``use_reentrant=True``; Hugging Face's
+#:   ``gradient_checkpointing_enable()``): forward runs ``run_function`` under ``no_grad``, backward re-runs
+#:   it with grad and differentiates that, so its derivative is ``run_function``'s: inlined as the call
+#:   ``run_function(*args)`` (an opaque node could not see the parameters ``run_function`` closes over).
+#:   The one call draws random numbers once; the checkpoint's recomputation replays the same draws.
+#: Other torch-internal Functions are kept opaque as user Functions are (their own backward, always right).
+_INLINED = {
+    "torch._dynamo._trace_wrapped_higher_order_op.ModIndex": _inline_forward,
+    "torch.utils.checkpoint.CheckpointFunction": _inline_checkpoint,
+}
+
+
+def _positional(cls, args, kwargs) -> tuple:
+    """``F.apply(x, k=1)``: keyword arguments bound to ``forward``'s positions (the opaque op takes a flat list)."""
+    import inspect
+
+    if not kwargs:
+        return args
+    old_style = cls.setup_context is torch.autograd.Function.setup_context
+    sig = inspect.signature(cls.forward)
+    bound = sig.bind(*((None,) if old_style else ()), *args, **kwargs)
+    bound.apply_defaults()
+    if bound.kwargs:
+        raise TypeError(f"{cls.__qualname__}.apply: keyword-only arguments {sorted(bound.kwargs)} cannot be "
+                        "traced; pass them positionally")
+    return bound.args[1:] if old_style else bound.args
+
+
 @contextlib.contextmanager
 def _opaque_autograd_functions():
-    """While tracing, route user ``autograd.Function`` calls to the opaque custom op.
+    """While tracing, route ``autograd.Function`` calls: user Functions (and torch-internal ones not listed in
+    :data:`_INLINED`) to the opaque custom op, the listed torch-internal ones inlined.
 
-    Under a functorch transform (our ``functionalize``) PyTorch's ``Function.apply`` hands every call to
-    ``torch.autograd.function._call_custom_function_call``; replacing that hook catches ``F.apply`` however
-    it was bound (``ste = STE.apply`` before tracing included). Old-style Functions (``forward(ctx, ...)``)
-    are refused before that hook, so ``Function.apply`` itself is replaced too (which catches them when
-    ``F.apply`` is looked up at call time).
+    Under a functorch transform (our ``functionalize``, a ``vmap`` inside the model) PyTorch's
+    ``Function.apply`` hands every call to ``torch.autograd.function._call_custom_function_call``, whose
+    functionalize rule is not implemented ("NYI: Functionalize rule for custom_function_call"): no
+    Function may reach it. Replacing that hook catches ``F.apply`` however it was bound (``ste = STE.apply``
+    before tracing included). Old-style Functions (``forward(ctx, ...)``) are refused before that hook, so
+    ``Function.apply`` itself is replaced too (which catches them when ``F.apply`` is looked up at call
+    time). Under ``vmap`` the opaque op runs per slice (:func:`_opaque_vmap`).
     """
     import torch.autograd.function as function_mod
 
@@ -192,10 +250,12 @@ def _opaque_autograd_functions():
     orig = getattr(function_mod, hook)
 
     def route(cls, args, kwargs):
-        if kwargs or not _is_user_function(cls):
-            if not torch._C._are_functorch_transforms_active():
-                return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
-            return orig(cls, args, kwargs) if packed else orig(cls, *args, **kwargs)
+        inline = _INLINED.get(f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}")
+        if not torch._C._are_functorch_transforms_active() and (inline is not None or not _is_user_function(cls)):
+            return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+        if inline is not None:
+            return inline(cls, *args, **kwargs)
+        args = _positional(cls, args, kwargs)
         flat, spec = pytree.tree_flatten(args)
         tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
 
@@ -253,7 +313,40 @@ class _SampleGradMode(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         self.box[0] = torch.is_grad_enabled()
-        return _TORCH_REWRITES.get(func, func)(*args, **(kwargs or {}))
+        out = _TORCH_REWRITES.get(func, func)(*args, **(kwargs or {}))
+        return _lift_constants(out) if _LIFT_CONSTANTS.get() else out
+
+
+#: set for a second trace after functionalization refused to write a traced value into a tensor computed from
+#: constants only (see :func:`_lift_constants`)
+_LIFT_CONSTANTS = contextvars.ContextVar("jvpgraph_lift_constants", default=False)
+_NON_FUNCTIONAL_WRITE = "mutating a non-functional tensor with a functional tensor"
+
+
+def _lift_constants(out):
+    """Make fresh tensors computed from constants only (tensors the function closes over: ``lengths`` in
+    ``lambda x: model(x, lengths)``) functional tensors of the trace's functionalization.
+
+    Functionalization wraps the traced function's inputs only; an op whose inputs are all constants returns an
+    ordinary tensor, and a later in-place write of a traced value into it is refused ("mutating a
+    non-functional tensor with a functional tensor": ``pack_padded_sequence``'s ``invert_permutation``
+    scatters ``arange`` into ``empty_like(sorted_indices)``). Lifted, the write is functionalized like any
+    other. Values are unchanged; views (which share memory with the caller's tensor) and tensors that require
+    grad (a closed-over model's parameters) are left alone, so this only runs for a second trace after that
+    refusal.
+    """
+    interp = torch._C._functorch.peek_interpreter_stack()
+    if interp is None or interp.key() != torch._C._functorch.TransformType.Functionalize:
+        return out
+    level = interp.level()
+
+    def lift(t):
+        if (isinstance(t, torch.Tensor) and not t.requires_grad and not torch._is_functional_tensor(t)
+                and not t._is_view() and not isinstance(t, nn.Parameter)):
+            return torch._C._functorch._wrap_functional_tensor(t, level)
+        return t
+
+    return pytree.tree_map(lift, out)
 
 
 class _RecordGradMode(TorchDispatchMode):
@@ -348,6 +441,72 @@ def _user_frame(exc: BaseException) -> str:
         return "<unknown location>"
     f = frames[-1]
     return f'File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line}'
+
+
+_MACHINERY = ("/torch/fx/", "/torch/_subclasses/", "/torch/_functorch/", "/torch/_ops.py", "/torch/_prims",
+              "/torch/_refs/", "/torch/_decomp/", "/torch/overrides.py", "/torch/utils/_python_dispatch.py",
+              "/torch/_library/", "/torch/_higher_order_ops/", "/torch/utils/_stats.py", "/torch/_guards.py",
+              "/torch/_compile.py", "/torch/_dynamo/eval_frame.py", "/torch/autograd/function.py")
+
+
+def _construct(exc: BaseException) -> str:
+    """The innermost frame of the traceback above the tracing machinery: the torch (or model) call that the
+    trace could not follow (``torch.zeros(...)`` in ``nn.GRU.forward``), where :func:`_user_frame` is the
+    model's line that led there."""
+    import traceback
+
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not (f.filename.startswith("<") or "/jvpgraph/" in f.filename
+                      or any(m in f.filename for m in _MACHINERY))]
+    if not frames:
+        return "<unknown location>"
+    f = frames[-1]
+    return f'File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line}'
+
+
+def _eager_error(f: Callable, inputs: tuple) -> BaseException | None:
+    """Run ``f(*inputs)`` eagerly as the trace ran it (gradients on, floating-point inputs requiring grad) on
+    copies of the inputs, and return what it raised (``None``: it runs). The model is left as it was: the
+    values of its parameters, buffers and tensor attributes (BatchNorm's running statistics in train mode; for a
+    function, the tensors it closes over), its Python attributes
+    (training flags and caches: :func:`jvpgraph.guards.watch` puts them back) and the global RNG (forked)."""
+    roots = [f] if isinstance(f, nn.Module) else function_roots(f)
+    tensors: dict[int, torch.Tensor] = {}
+    reached = [v for root in roots for m in root.modules()
+               for v in itertools.chain(m._parameters.values(), m._buffers.values(), vars(m).values())]
+    if not isinstance(f, nn.Module):  # tensors a function closes over or names as globals
+        fn = getattr(f, "__func__", f)
+        if isinstance(fn, functools.partial):
+            reached += [*fn.args, *fn.keywords.values()]
+            fn = fn.func
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            for cell in fn.__closure__ or ():
+                with contextlib.suppress(ValueError):
+                    reached.append(cell.cell_contents)
+            reached += [*(fn.__defaults__ or ()), *(fn.__globals__.get(n) for n in code.co_names)]
+    for v in reached:
+        if isinstance(v, torch.Tensor):
+            tensors.setdefault(id(v), v)
+    saved = [(t, t._version, t.requires_grad, t.detach().clone()) for t in tensors.values()]
+    args = pytree.tree_map(lambda a: a.detach().clone().requires_grad_(a.is_floating_point() or a.is_complex())
+                           if isinstance(a, torch.Tensor) else a, inputs)
+    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
+    try:
+        with torch.random.fork_rng(devices=devices), torch.enable_grad(), watch(roots):
+            f(*args)
+    except Exception as e:  # noqa: BLE001 - the answer, not a failure
+        return e
+    finally:
+        with torch.no_grad():
+            for t, version, requires_grad, value in saved:
+                # written in place (BatchNorm's kernel writes its running statistics without bumping the version
+                # counter; a tensor left alone is not written: guards compare versions)
+                if t._version != version or not torch.equal(t, value):
+                    t.copy_(value)
+                    if t.requires_grad and not requires_grad:  # a value that required grad was copied in
+                        t.detach_()
+    return None
 
 
 @contextlib.contextmanager
@@ -472,7 +631,8 @@ def _warn_on_uninitialized_reads(graph: fx.Graph, f) -> None:
             continue
         for user in node.users:
             name = getattr(user.target, "__name__", str(user.target)).split(".")[0]
-            if user.op == "call_function" and name.rstrip("_") not in _OVERWRITES:
+            if user.op == "call_function" and name.rstrip("_") not in _OVERWRITES \
+                    and not _scatters_a_permutation(user, node):
                 warnings.warn(
                     f"jvpgraph: in {getattr(f, '__qualname__', type(f).__name__)}, {user.target} reads a "
                     f"tensor that the trace created empty and never filled (a C++ composite filled it with a raw "
@@ -481,11 +641,28 @@ def _warn_on_uninitialized_reads(graph: fx.Graph, f) -> None:
                 return
 
 
+def _scatters_a_permutation(user: fx.Node, empty: fx.Node) -> bool:
+    """``scatter(empty, dim, sort(...).indices, src)`` along a 1-d tensor writes every element (a permutation's
+    inverse: ``nn.utils.rnn.invert_permutation``, ``argsort`` of ``argsort``)."""
+    if user.target not in (aten.scatter.src, aten.scatter.value) or user.args[0] is not empty:
+        return False
+    index = user.args[2]
+    sort = index.args[0] if (isinstance(index, fx.Node) and index.target is operator.getitem
+                             and index.args[1] == 1) else None
+    val = empty.meta.get("val")
+    return (isinstance(sort, fx.Node) and sort.target in (aten.sort.default, aten.sort.stable)
+            and val is not None and val.dim() == 1 and index.meta.get("val") is not None
+            and tuple(index.meta["val"].shape) == tuple(val.shape))
+
+
 def _data_dependent(e: BaseException) -> bool:
     """Did fake tracing fail because a shape or a branch depends on tensor values?"""
     text = type(e).__name__ + str(e)
-    return any(k in text for k in ("DataDependent", "data-dependent", "data dependent", "DynamicOutputShape",
-                                    "GuardOnDataDependentSymNode"))
+    # a 0-d tensor passed as a size (torch.zeros(n, batch_sizes[0]) in nn.GRU over a PackedSequence): eager
+    # reads its value; PyTorch's argument parser turns the fake tensor's refusal into this TypeError
+    size_from_tensor = isinstance(e, TypeError) and "failed to unpack" in text and "got Tensor" in text
+    return size_from_tensor or any(k in text for k in ("DataDependent", "data-dependent", "data dependent",
+                                                        "DynamicOutputShape", "GuardOnDataDependentSymNode"))
 
 
 def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> fx.GraphModule:
@@ -500,7 +677,8 @@ def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> f
             return _AtenViews(gm).run(*args)
 
     return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode=mode,
-                   _allow_non_fake_inputs=True, record_stack_traces=True)(*example)
+                   _allow_non_fake_inputs=True, record_stack_traces=True,
+                   _error_on_data_dependent_ops=mode != "real")(*example)
 
 
 @contextlib.contextmanager
@@ -530,6 +708,22 @@ def _rng_untouched(f, draws: bool = False):
                       "generator while it runs (torch.manual_seed or set_rng_state); the traced graph does not "
                       "replay that: its random ops (dropout) draw from the caller's generator. Seed before "
                       "calling instead.", stacklevel=4)
+
+
+def _output_error(j: int, leaf, out) -> str:
+    """Why output leaf ``j`` (not a tensor) cannot be traced, and what to do."""
+    if leaf is out and (dataclasses.is_dataclass(leaf) or isinstance(leaf, dict) or hasattr(leaf, "_fields")):
+        kind = ("a dataclass" if dataclasses.is_dataclass(leaf) else "a subclass of dict" if isinstance(leaf, dict)
+                else "a named tuple")
+        return (f"the output is of type {type(leaf).__name__}, {kind} that PyTorch's pytree does not know how to "
+                "flatten, so jvpgraph cannot see the tensors inside it. Register the type "
+                "(torch.utils._pytree.register_dataclass for a dataclass, register_pytree_node otherwise) or "
+                "return its tensors as a tuple or a plain dict")
+    if leaf is None or isinstance(leaf, (bool, int, float, str)):
+        return (f"output {j} is {leaf!r} (a {type(leaf).__name__}); jvpgraph returns tensors only: return the "
+                "tensors alone (leave non-tensor values out of the output, or wrap the model to drop them)")
+    return (f"output {j} is a {type(leaf).__name__}, not a tensor; outputs must be tensors (or tuples, lists, "
+            "dicts of them; register a container type with torch.utils._pytree.register_pytree_node)")
 
 
 def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
@@ -600,7 +794,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         flat_out, spec = pytree.tree_flatten(out)
         for j, o in enumerate(flat_out):
             if not isinstance(o, torch.Tensor):
-                raise TypeError(f"output {j} is a {type(o).__name__}; outputs must be tensors")
+                raise TypeError(_output_error(j, o, out))
         out_spec_box.append(spec)
         return flat_out
 
@@ -610,6 +804,19 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
     example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
     def run_trace(example, mode):
+        try:
+            return run_trace_once(example, mode)
+        except RuntimeError as e:
+            if _NON_FUNCTIONAL_WRITE not in str(e) or _LIFT_CONSTANTS.get():
+                raise
+            momentum_none.clear()
+            token = _LIFT_CONSTANTS.set(True)  # see _lift_constants
+            try:
+                return run_trace_once(example, mode)
+            finally:
+                _LIFT_CONSTANTS.reset(token)
+
+    def run_trace_once(example, mode):
         with tracing_state(module, bn, momentum_none) as originals, _opaque_autograd_functions(), \
                 _rng_untouched(f, draws=mode == "real"):
             originals_box[:] = [originals]
@@ -708,7 +915,24 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             hint = ("jvpgraph traces with make_fx over fake tensors (shapes without values); this op cannot run "
                     "that way.")
         else:
-            hint = "The model raised this on the example inputs while being traced; it would in eager mode too."
+            # say "eager too" only when it is so: run the function eagerly on copies of the inputs
+            eager = _eager_error(f, inputs)
+            if eager is not None:
+                hint = (f"It raises in eager mode too (jvpgraph ran it on copies of these inputs: "
+                        f"{type(eager).__name__}: {(str(eager).strip().splitlines() or [''])[0][:200]}): the model "
+                        "or its inputs need fixing, not the trace.")
+            else:
+                hint = (f"It runs in eager mode on these inputs (jvpgraph checked): what failed is jvpgraph's trace "
+                        f"(make_fx over torch.func.functionalize, on fake tensors), which could not follow\n  "
+                        f"{_construct(e)}\n  ")
+                if "mutating a non-functional tensor with a functional tensor" in str(e):
+                    hint += ("That code writes in place into a tensor the function does not take as an input (a "
+                             "tensor it closes over, or one computed from such a tensor only). Pass that tensor "
+                             "as an input (jvpgraph.jvp(f, (x, lengths), (v, None))) or register it as a buffer.")
+                else:
+                    hint += ("What to do: wrap the part that fails in a torch.autograd.Function with a backward "
+                             "(jvpgraph keeps it opaque and flips that backward), pass the tensors the function "
+                             "closes over as inputs, and please report this message to jvpgraph.")
         raise TraceError(
             f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: {type(e).__name__}: {msg}\n"
             f"  at {_user_frame(e)}\n  {hint}"

@@ -72,6 +72,7 @@ deflinear(
         aten.view_as_complex, aten.squeeze_copy, aten.flatten, aten.real, aten.imag, aten.conj,
         aten._conj, aten.resolve_conj, aten.resolve_neg, aten.lift_fresh, aten.mul.Scalar, aten.div.Scalar,
         aten.expand_as, aten.tile, aten.repeat_interleave.self_int, aten.embedding,
+        aten.unsafe_split, aten.unsafe_split_with_sizes, aten.unsafe_chunk,
     ]
 )
 defrule([aten.add.Scalar, aten.sub.Scalar], lambda ts, out, x, other, alpha=1: ts[0], "linear")  # + constant
@@ -721,6 +722,9 @@ def _attention_probs(q, k, is_causal, attn_mask, scale):
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+        # a row masked everywhere (a left-padded query under a causal mask): both kernels give it weight 0,
+        # where softmax would give NaN
+        return aten._safe_softmax(s, -1), scale
     return torch.softmax(s, dim=-1), scale
 
 
@@ -728,6 +732,9 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
     if dropout_p > 0:
         raise NotImplementedError("attention dropout is random: use the fallback")
     tq, tk, tv = ts[0], ts[1], ts[2]
+    if k.dim() >= 3 and k.size(-3) != q.size(-3):  # grouped-query attention (enable_gqa): heads share k, v
+        k, v, tk, tv = (None if x is None else x.repeat_interleave(q.size(-3) // x.size(-3), dim=-3)
+                        for x in (k, v, tk, tv))
     t_mask = (tkwargs or {}).get("attn_mask")  # a float mask (a learned bias) that carries a tangent
     p, scale = _attention_probs(q, k, is_causal, attn_mask, scale)
     parts, t_lse = [], None
@@ -786,6 +793,13 @@ def _embedding_bag(ts, out, weight, indices, offsets, scale_grad_by_freq=False, 
 
 
 defrule([aten._embedding_bag, aten._embedding_bag_forward_only], _embedding_bag, "linear")
+
+
+# ------------------------------------------------------------------ packed sequences (nn.utils.rnn)
+# packing is a gather of the padded input's valid steps, linear in it; batch_sizes are integers
+defrule(aten._pack_padded_sequence,
+        lambda ts, out, x, lengths, batch_first: (aten._pack_padded_sequence(ts[0], lengths, batch_first)[0], None),
+        "linear")
 
 
 # ------------------------------------------------------------------ prims that decompositions lower to
