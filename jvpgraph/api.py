@@ -16,7 +16,8 @@ import torch.utils._pytree as pytree
 from .flip import FlippedGraph
 from .graph import Graph
 from .guards import global_state
-from .trace import BN_MODES, _data_dependent, trace_program
+from .rules import RuleError
+from .trace import BN_MODES, TraceError, _data_dependent, _eager_error, trace_program
 
 __all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp", "explain"]
 
@@ -398,6 +399,9 @@ class Traced:
                     raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
         try:
             hit = _Compiled(Graph(prog, wrt), self.compile)
+        except RuleError as e:
+            _raise_if_eager_fails(self.f, inputs, e)
+            raise
         except Exception as e:  # noqa: BLE001
             if prog.values is not None or not _data_dependent(e):
                 raise
@@ -531,6 +535,27 @@ class Traced:
     def __repr__(self):
         n = sum(len(b) for b in self._cache.values())
         return f"Traced({self._name}, bn={self.bn!r}, {n} trace(s))"
+
+
+def _raise_if_eager_fails(f, inputs, rule_error: Exception) -> None:
+    """A rule that meets values eager PyTorch would refuse (a float32 input to a float64 model: fake tensors
+    let the trace through) reports it as a rule bug; say what is true instead, when eager raises too."""
+    eager = _eager_error(f, inputs)
+    if eager is None:
+        return
+    name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__qualname__", "function")
+    hint = ""
+    if isinstance(f, nn.Module):
+        floats = {p.dtype for p in f.parameters() if p.is_floating_point()}
+        ins = [(i, x.dtype) for i, x in enumerate(pytree.tree_leaves(inputs))
+               if isinstance(x, torch.Tensor) and x.is_floating_point()]
+        odd = [(i, d) for i, d in ins if len(floats) == 1 and d not in floats]
+        if odd:
+            (want,) = floats
+            hint = (f"\n  input {odd[0][0]} is {odd[0][1]} but {name}'s parameters are {want}: pass "
+                    f"x.to({want}) (or convert the model with .to({odd[0][1]}))")
+    raise TraceError(f"{name} raises on these inputs in eager mode too (jvpgraph ran it to check): "
+                     f"{type(eager).__name__}: {str(eager).splitlines()[0][:300]}{hint}") from eager
 
 
 def _show_key(k) -> str:

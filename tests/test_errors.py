@@ -371,3 +371,41 @@ def test_uninitialized_tensor_in_the_trace_is_reported(monkeypatch):
     f = lambda lp: F.ctc_loss(lp.log_softmax(2), targets, [6, 5], [3, 2])  # noqa: E731
     with pytest.warns(UserWarning, match=r"clamp_min.*reads a tensor that the trace created empty"):
         jvpgraph.trace(f, torch.randn(6, 2, 5, dtype=D))
+
+
+def test_float32_input_to_a_float64_model_says_so():
+    """Fake tensors let a float32 input meet float64 weights, so a rule saw mixed dtypes and the error looked
+    like a jvpgraph bug; eager PyTorch refuses the call, and the message says that, with what to pass."""
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    x = torch.randn(2, 3)
+    with pytest.raises(RuntimeError) as eager:
+        net(x)
+    with pytest.raises(jvpgraph.TraceError) as e:
+        jvpgraph.jvp(net, (x,), (x,))
+    msg = str(e.value)
+    assert "in eager mode too" in msg and str(eager.value).splitlines()[0][:40] in msg, msg
+    assert "pass x.to(torch.float64)" in msg and "RuleError" not in msg, msg
+    out, jv = jvpgraph.jvp(net, (x.double(),), (x.double(),))  # and what it says to do works
+    torch.testing.assert_close(jv, torch.func.jvp(net, (x.double(),), (x.double(),))[1])
+
+
+@pytest.mark.parametrize("kind", ["dataclass", "dict subclass", "None leaf"])
+def test_non_tensor_outputs_say_what_to_do(kind):
+    import collections
+    import dataclasses
+
+    @dataclasses.dataclass
+    class Out:
+        y: torch.Tensor
+
+    class OD(collections.OrderedDict):
+        pass
+
+    lin = nn.Linear(2, 2)
+    wrap = {"dataclass": Out, "dict subclass": lambda y: OD(y=y), "None leaf": lambda y: (y, None)}[kind]
+    with pytest.raises(jvpgraph.TraceError) as e:
+        jvpgraph.jvp(lambda x: wrap(lin(x)), (torch.randn(3, 2),), (torch.randn(3, 2),))
+    msg = str(e.value)
+    hint = "register_dataclass" if kind == "dataclass" else "register_pytree_node" if kind == "dict subclass" \
+        else "return the tensors alone"
+    assert hint in msg and "eager mode too" not in msg, msg
