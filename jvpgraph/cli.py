@@ -367,7 +367,7 @@ def verify_cmd(args) -> int:
         redone = reinit_zero_layers(model)
         if redone:
             print(f"jvpgraph verify: {args.model} is built with all-zero weights in {', '.join(redone)} (Jv would be "
-                  "0 everywhere, and every reference agree trivially); re-initialized them with reset_parameters()"
+                  "0 everywhere, so every reference would agree trivially); re-initialized them with reset_parameters()"
                   " (--keep-init verifies the model as built)")
     xs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
     try:
