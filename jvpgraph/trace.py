@@ -469,6 +469,17 @@ def _construct(exc: BaseException) -> str:
     return f'File "{f.filename}", line {f.lineno}, in {f.name}\n    {f.line}'
 
 
+def _raised_by_jvpgraph(exc: BaseException) -> bool:
+    """Did jvpgraph's own code refuse (a ``TypeError``/``ValueError`` raised in jvpgraph, not in the model or in
+    PyTorch under it)?"""
+    if not isinstance(exc, (TypeError, ValueError)):
+        return False
+    tb = exc.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    return tb is not None and "/jvpgraph/" in tb.tb_frame.f_code.co_filename
+
+
 def _eager_error(f: Callable, inputs: tuple) -> BaseException | None:
     """Run ``f(*inputs)`` eagerly as the trace ran it (gradients on, floating-point inputs requiring grad) on
     copies of the inputs, and return what it raised (``None``: it runs). The model is left as it was: the
@@ -919,6 +930,8 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         elif fake_specific:
             hint = ("jvpgraph traces with make_fx over fake tensors (shapes without values); this op cannot run "
                     "that way.")
+        elif _raised_by_jvpgraph(e):
+            hint = ""  # jvpgraph's own refusal (an output that is not a tensor): its message says what to do
         else:
             # say "eager too" only when it is so: run the function eagerly on copies of the inputs
             eager = _eager_error(f, inputs)
@@ -940,7 +953,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                              "closes over as inputs, and please report this message to jvpgraph.")
         raise TraceError(
             f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: {type(e).__name__}: {msg}\n"
-            f"  at {_user_frame(e)}\n  {hint}"
+            f"  at {_user_frame(e)}" + (f"\n  {hint}" if hint else "")
         ) from e
 
     if _has_leftover_mutations(gm.graph):
