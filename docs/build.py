@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import importlib
 import inspect
 import io
@@ -229,6 +230,50 @@ def _bad_input_cases():
         return (f"verdict: {report.verdict}; {report.n_inputs} inputs, {report.n_outputs} floating-point outputs "
                 "compared one by one (the integer one carries no tangent)")
 
+    class Scaled(nn.Module):  # reads a Python attribute in forward
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 2)
+            self.temperature = 1.0
+
+        def forward(self, z):
+            return self.lin(z) / self.temperature
+
+    def stale_attribute():
+        m = Scaled()
+        jvpgraph.jvp(m, (x,), (x,))
+        m.temperature = 10.0
+        jvpgraph.jvp(m, (x,), (x,))
+        return "traced again; jvpgraph.explain(m) says: " + jvpgraph.explain(m).splitlines()[-1].split(": ", 1)[1]
+
+    class BiasCache(nn.Module):  # timm's LeViT caches its attention biases in a dict, in eval mode
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(3, 3)
+            self.attention_bias_cache = {}
+
+        def forward(self, z):
+            if "b" not in self.attention_bias_cache:
+                self.attention_bias_cache["b"] = self.lin.weight.sum(0)
+            return self.lin(z) + self.attention_bias_cache["b"]
+
+    def caching_forward():
+        m = BiasCache().eval()
+        jvpgraph.jvp(m, (x,), (x,))
+        copy.deepcopy(m)  # raised "invalid python storage" when the trace's tensors stayed in the dict
+        return (f"after the call the cache holds {len(m.attention_bias_cache)} entries, as before it (nothing of the "
+                "trace stays in the model: deepcopy works; tests/test_guards.py also saves and loads it)")
+
+    def dataclass_output():
+        import dataclasses
+
+        @dataclasses.dataclass
+        class Out:
+            logits: torch.Tensor
+
+        lin = nn.Linear(3, 2)
+        return jvpgraph.jvp(lambda z: Out(lin(z)), (x,), (x,))
+
     def cli(*argv):
         from jvpgraph.cli import main
 
@@ -254,6 +299,11 @@ def _bad_input_cases():
         ("a tangent on the wrong device",
          lambda: jvpgraph.jvp(torch.sin, (x,), (torch.empty(4, 3, device="meta"),))),
         ("a non-tensor input", lambda: jvpgraph.jvp(torch.sin, ([1.0, 2.0],), ([1.0, 2.0],))),
+        ("an attribute the forward reads changes between calls (`m.temperature = 10`)", stale_attribute),
+        ("a forward that caches tensors in a Python dict (timm's `attention_bias_cache`)", caching_forward),
+        ("a float32 input to a float64 model",
+         lambda: jvpgraph.jvp(nn.Linear(3, 2).double(), (x,), (x,))),
+        ("an output that is a dataclass", dataclass_output),
         ("a new batch size after tracing",
          lambda: (lambda g: g.jvp(torch.randn(7, 3), torch.randn(7, 3)) and
                   f"traced again for (7, 3): {g}")(jvpgraph.trace(nn.Linear(3, 2), x))),
