@@ -442,7 +442,9 @@ def trace_cost(models: Iterable[str] | None = None, repeats: int = 10,
 
     Example:
         >>> r = trace_cost(["mlp"], repeats=1)[0]
-        >>> r["trace_s"] > 0 and r["baseline"] == "func_jvp" and r["calls_to_amortize"] is not None
+        >>> r["trace_s"] > 0 and r["baseline"] == "func_jvp"
+        True
+        >>> r["calls_to_amortize"] is None or r["calls_to_amortize"] > 0  # None: no saving per call in this run
         True
     """
     rows = []
