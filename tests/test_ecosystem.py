@@ -195,6 +195,20 @@ def test_user_function_under_vmap_and_with_keywords():
     assert "opaque" in set(traced.flipped.how.values())
 
 
+def test_torch_internal_function_whose_backward_autograd_cannot_differentiate():
+    """Other torch-internal Functions stay opaque, as user ones do (their own backward decides Jv). The legacy
+    ``nn.CrossMapLRN2d``'s backward writes with ``out=``, which autograd cannot differentiate, so it cannot be
+    flipped: a RuleError names the Function and what to do (PyTorch's double-backward fails on it too)."""
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.CrossMapLRN2d(3)).to(D)
+    x, v = torch.randn(2, 3, 8, 8, dtype=D), torch.randn(2, 3, 8, 8, dtype=D)
+    with pytest.raises(jvpgraph.RuleError, match=r"CrossMapLRN2d: jvpgraph flips a Function's backward.*jvp "
+                                                 r"staticmethod"):
+        jvpgraph.jvp(model, (x,), (v,))
+    with pytest.raises(RuntimeError, match="out="):
+        torch.autograd.functional.jvp(model, x, v)
+    model(x)  # eager runs
+
+
 # ------------------------------------------------------------------ attention rules that HF decoders need
 def test_sdpa_grouped_query_and_fully_masked_rows():
     """``enable_gqa`` (fewer key/value heads: LLaMA-style decoders without a mask) and a boolean mask with a

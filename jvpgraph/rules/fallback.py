@@ -304,13 +304,15 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
         (tensor([2.0000, 0.5000]), 'elementwise')
     """
     rule = rule or lookup(op)
+    reasons = []
     if rule is not None and (rule.kwarg_tangents or not _any_tangent(tkwargs)):
         try:
             if rule.kwarg_tangents:
                 return rule.fn(tangents, out, *args, tkwargs=tkwargs or {}, **kwargs), rule.kind
             return rule.fn(tangents, out, *args, **kwargs), rule.kind
-        except NotImplementedError:
-            pass  # the rule declined these arguments: fall back
+        except NotImplementedError as e:  # the rule declined these arguments: fall back (and say why, if it did)
+            if str(e):
+                reasons.append(f"written rule ({rule.kind}): {str(e).splitlines()[0]}")
     live = [t for t in pytree.tree_leaves((tangents, tkwargs)) if isinstance(t, torch.Tensor)]
     if live and all(t.numel() == 0 for t in live):
         return None, "structural"  # every tangent is empty (det of a 0x0 matrix): no path carries anything
@@ -320,7 +322,6 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
             return node_jvp(twin, tangents, tkwargs, out, args, kwargs)
         except RuleError:
             pass
-    reasons = []
     for how, step in _STEPS:
         if step is _via_decomposition and op in _DECOMPOSING:
             continue  # already inside this op's decomposition: the other steps must serve

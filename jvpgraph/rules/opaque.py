@@ -29,7 +29,13 @@ def _opaque_rule(tangents, out, inputs, key):
             duals = [x if t is None else fwAD.make_dual(x, t) for x, t in zip(inputs, tin)]
             outs = _flat_outputs(_orig_apply(cls, *rebuild(duals)))
             return [fwAD.unpack_dual(o).tangent for o in outs]
-    return _via_flipped_vjp(_OP, (tin, None), {}, out, (inputs, key), {})
+    try:
+        return _via_flipped_vjp(_OP, (tin, None), {}, out, (inputs, key), {})
+    except RuntimeError as e:  # a backward autograd cannot differentiate (out= ops, in-place on saved tensors)
+        raise NotImplementedError(
+            f"{cls.__module__}.{cls.__qualname__}: jvpgraph flips a Function's backward, and this backward is not "
+            f"differentiable ({type(e).__name__}: {str(e).splitlines()[0][:160]}); give the Function a jvp "
+            "staticmethod, or compute that part with ordinary torch ops") from e
 
 
 defrule(_OP, _opaque_rule, "opaque")
