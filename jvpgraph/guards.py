@@ -275,6 +275,10 @@ class _Recorder:
     def read(self, obj, name, value):
         if not self.active or name in _STRUCTURAL or (name.startswith("__") and name.endswith("__")):
             return
+        if id(obj) not in self.names:
+            # an object the call made from a watched one's class (``self.layers[:n]`` builds a new ModuleList
+            # as ``self.__class__(...)``): it dies with the call, so its reads are nothing to guard
+            return
         key = (id(obj), name)
         if key in self.reads or key in self.written:
             return

@@ -253,6 +253,33 @@ def test_no_retrace_when_nothing_changed_and_what_is_guarded():
     assert "unrelated" not in guarded and "note" not in guarded
 
 
+class Sliced(nn.Module):
+    """``self.layers[:n]`` makes a new ModuleList in every call (as Hugging Face's LLaMA does): reads of a
+    temporary object are no guard (it retraced on every call before)."""
+
+    def __init__(self):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.Linear(3, 3) for _ in range(3))
+        self.n = 2
+
+    def forward(self, x):
+        for layer in self.layers[: self.n]:
+            x = torch.tanh(layer(x))
+        return x
+
+
+def test_objects_made_during_the_call_are_not_guarded():
+    m = Sliced()
+    x = torch.randn(2, 3)
+    g = jvpgraph.trace(m, x)
+    for _ in range(3):
+        torch.testing.assert_close(g.jvp(x, x), torch.func.jvp(m, (x,), (x,)))
+    assert len(g.history) == 1, g.explain()
+    m.n = 3  # a read of the model's own attribute is still a guard
+    torch.testing.assert_close(g.jvp(x, x), torch.func.jvp(m, (x,), (x,)))
+    assert len(g.history) == 2 and "model.n changed: 2 -> 3" in g.explain()
+
+
 def test_closure_and_global_of_a_traced_function():
     torch.manual_seed(0)
     lin = nn.Linear(3, 2).double()
