@@ -191,7 +191,7 @@ def test_non_tensor_input_and_output():
     x = torch.randn(3)
     with pytest.raises(TypeError, match=r"input 1 is a int"):
         jvpgraph.trace(lambda x, n: x * n, x, 3)
-    with pytest.raises(jvpgraph.TraceError, match=r"output 1 is a int"):
+    with pytest.raises(jvpgraph.TraceError, match=r"output 1 is 3 \(a int\); jvpgraph returns tensors only"):
         jvpgraph.trace(lambda x: (x, 3), x)
 
 
