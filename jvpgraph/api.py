@@ -459,13 +459,19 @@ class Traced:
     # ------------------------------------------------------------------ public
     @property
     def graph(self) -> Graph:
-        """The :class:`Graph` traced at the example inputs."""
-        return self._compiled_for(self._example).graph
+        """The :class:`Graph` traced at the example inputs (for the model as it is now: traced again if a
+        guarded value changed)."""
+        return self._current().graph
 
     @property
     def flipped(self) -> FlippedGraph:
         """The :class:`FlippedGraph` at the example inputs (``.code``, ``.nx``, ``.module``)."""
-        return self._compiled_for(self._example).flipped
+        return self._current().flipped
+
+    def _current(self) -> _Compiled:
+        if self._example is None:  # the module cache keeps no example batch: the most recently used trace
+            return self._cache[next(reversed(self._cache))][-1]
+        return self._compiled_for(self._example)
 
     def jvp(self, primals, tangents):
         """``(f(x), J v)`` on a new batch: one pass computing the primal and the tangent together.
