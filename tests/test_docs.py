@@ -47,9 +47,16 @@ def test_api_reference_is_generated_from_the_docstrings():
         "docs/api.md is stale: run ./run docs"
 
 
+def _torch_neutral(md: str) -> str:
+    """torch 2.15 raises NotImplementedError (a RuntimeError subclass) where 2.11/2.14 raise RuntimeError for an
+    op without complex autograd (zero_); the page is generated on CI's torch (constraints.txt)."""
+    return re.sub(r"NotImplementedError: (\w+ does not support automatic differentiation)", r"RuntimeError: \1", md)
+
+
 def test_bad_input_page_is_what_the_calls_answer():
     """docs/bad-input.md lists what each bad call answers; it must be what they answer today."""
-    assert (ROOT / "docs" / "bad-input.md").read_text() == _build().bad_input_markdown(), \
+    assert _torch_neutral((ROOT / "docs" / "bad-input.md").read_text()) == \
+        _torch_neutral(_build().bad_input_markdown()), \
         "docs/bad-input.md is stale: run ./run docs"
 
 
