@@ -369,7 +369,7 @@ class Traced:
             bucket.pop()  # a value-specialized trace is replaced, not kept beside the new one
         bucket.append(comp)
         self._cache.move_to_end(key)
-        while sum(len(b) for b in self._cache.values()) > self.cache_size:
+        while self._n_cached() > self.cache_size:
             oldest = next(iter(self._cache))
             self._cache[oldest].pop(0)
             if not self._cache[oldest]:
@@ -399,8 +399,8 @@ class Traced:
                     raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
         try:
             hit = _Compiled(Graph(prog, wrt), self.compile)
-        except RuleError as e:
-            _raise_if_eager_fails(self.f, inputs, e)
+        except RuleError:
+            _raise_if_eager_fails(self.f, self._name, inputs)
             raise
         except Exception as e:  # noqa: BLE001
             if prog.values is not None or not _data_dependent(e):
@@ -526,8 +526,7 @@ class Traced:
               trace 1 (... s): first call
               trace 2 (... s): model.1.p changed: 0.5 -> 0.1
         """
-        n = sum(len(b) for b in self._cache.values())
-        lines = [f"Traced({self._name}, bn={self.bn!r}): {n} trace(s) cached (at most {self.cache_size}), "
+        lines = [f"Traced({self._name}, bn={self.bn!r}): {self._n_cached()} trace(s) cached (at most {self.cache_size}), "
                  f"{sum(self._counts.values())} made"]
         for key, bucket in self._cache.items():
             shapes = ", ".join(_show_key(k) for k in key[:-4])
@@ -538,18 +537,19 @@ class Traced:
         lines += [f"  trace {first + i} ({sec:.2f} s): {reason}" for i, (reason, sec) in enumerate(self.history)]
         return "\n".join(lines)
 
+    def _n_cached(self) -> int:
+        return sum(len(b) for b in self._cache.values())
+
     def __repr__(self):
-        n = sum(len(b) for b in self._cache.values())
-        return f"Traced({self._name}, bn={self.bn!r}, {n} trace(s))"
+        return f"Traced({self._name}, bn={self.bn!r}, {self._n_cached()} trace(s))"
 
 
-def _raise_if_eager_fails(f, inputs, rule_error: Exception) -> None:
+def _raise_if_eager_fails(f, name: str, inputs) -> None:
     """A rule that meets values eager PyTorch would refuse (a float32 input to a float64 model: fake tensors
     let the trace through) reports it as a rule bug; say what is true instead, when eager raises too."""
     eager = _eager_error(f, inputs)
     if eager is None:
         return
-    name = type(f).__name__ if isinstance(f, nn.Module) else getattr(f, "__qualname__", "function")
     hint = ""
     if isinstance(f, nn.Module):
         floats = {p.dtype for p in f.parameters() if p.is_floating_point()}

@@ -360,8 +360,7 @@ def _simple_class_attribute(cls: type, name: str) -> bool:
 def _plain_object(v) -> bool:
     """A Python object whose attributes a forward may read (a config), not a value, container or callable."""
     if isinstance(v, (nn.Module, torch.Tensor, type, types.ModuleType, types.FunctionType, types.MethodType,
-                      types.BuiltinFunctionType, functools_partial, *_SIMPLE)) or isinstance(v, (tuple, list,
-                                                                                                 dict, set)):
+                      types.BuiltinFunctionType, functools_partial, tuple, list, dict, set, *_SIMPLE)):
         return False
     t = type(v)
     return t.__module__ not in ("builtins", "torch") and not t.__module__.startswith("torch.") \
@@ -369,7 +368,7 @@ def _plain_object(v) -> bool:
 
 
 def _swappable_module(m: nn.Module) -> bool:
-    return not isinstance(m, (torch.jit.ScriptModule, torch.jit.RecursiveScriptModule))
+    return not isinstance(m, torch.jit.ScriptModule)  # (RecursiveScriptModule is one)
 
 
 def _objects(roots: Iterable[nn.Module]) -> tuple[dict[int, Any], dict[int, str]]:
@@ -547,10 +546,12 @@ def function_roots(f) -> list[nn.Module]:
 
 def global_state() -> tuple:
     """Process-wide settings a trace depends on: the default dtype and device (factory calls inside a
-    forward), deterministic algorithms, and the global module hooks."""
-    from torch.nn.modules import module as module_mod
-
-    hooks = tuple(tuple(getattr(module_mod, name, {}).keys()) for name in
-                  ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
-    device = torch.get_default_device() if hasattr(torch, "get_default_device") else None
+    forward), deterministic algorithms, and the global module hooks (computed on every call: kept cheap)."""
+    hooks = tuple(tuple(d.keys()) for d in _GLOBAL_HOOKS)
+    device = _default_device() if _default_device is not None else None
     return (torch.get_default_dtype(), device, torch.are_deterministic_algorithms_enabled(), hooks)
+
+
+_GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, {}) for name in
+                      ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_forward_hooks_always_called"))
+_default_device = getattr(torch, "get_default_device", None)

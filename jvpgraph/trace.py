@@ -534,8 +534,8 @@ def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
       cannot do; the momentum only weighs the running-statistic update (never the output or Jv), so it is
       set to 0.1 while tracing and those layers' updates are dropped (their names go to ``momentum_none``);
     * tensors that hooks store as plain module attributes (the legacy ``nn.utils.spectral_norm`` sets
-      ``module.weight``) would keep a fake tensor from the trace: every module attribute is restored
-      (:func:`jvpgraph.guards.watch` puts back every Python attribute after each traced call, too).
+      ``module.weight``) would keep a fake tensor from the trace: :func:`jvpgraph.guards.watch`, around each
+      traced call, puts back every Python attribute the call wrote.
 
     Yields ``{(id(module), attribute): the caller's value}`` for what it changed, so guards compare with the
     caller's values, not the ones tracing set.
@@ -547,7 +547,6 @@ def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
     bns = [(n, m) for n, m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     flags = [m.training for _, m in bns]
     momenta = [m.momentum for _, m in bns]
-    attrs = [(m, {k: v for k, v in vars(m).items() if isinstance(v, torch.Tensor)}) for _, m in mods]
     originals: dict[tuple[int, str], Any] = {}  # what the caller's model holds where tracing set another value
     try:
         for name, m in bns:
@@ -561,12 +560,6 @@ def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
     finally:
         for (_, m), f, mom in zip(bns, flags, momenta):
             m.training, m.momentum = f, mom
-        for m, saved in attrs:
-            for k, v in list(vars(m).items()):
-                if isinstance(v, torch.Tensor) and k not in saved:
-                    delattr(m, k)
-            for k, v in saved.items():
-                m.__dict__[k] = v
 
 
 @contextlib.contextmanager
