@@ -202,8 +202,9 @@ def _autocast_state() -> tuple:
 class Traced:
     """A model or function traced once for Jv: apply it to new batches and new parameter values.
 
-    The trace is specialized to input shapes, dtypes and devices, to the model's structure and ``training``
-    flags, and to every Python-level value its forward read (attributes such as ``self.temperature`` or
+    The trace is specialized to input dtypes and devices, to input shapes (until a call changes a size: then
+    that dimension becomes a symbol, and one trace serves every size its guards admit; see ``dynamic``), to
+    the model's structure and ``training`` flags, and to every Python-level value its forward read (attributes such as ``self.temperature`` or
     ``Dropout.p``, flags, hooks; see :mod:`jvpgraph.guards`), to autocast, the default dtype and device; a call
     that differs in any of them is traced again, never answered from a stale trace. Traces are cached (the
     ``cache_size`` most recently used, at most); :meth:`explain` says what is cached and why each trace was made.
@@ -219,6 +220,14 @@ class Traced:
             ``torch.compile`` (``True``, or a dict of its keyword arguments, e.g. ``{"mode": "max-autotune"}``);
             each is compiled on its first call. Measured on the CPU here: see ``jvpgraph bench --compile``.
         cache_size: how many traces to keep (least recently used evicted first).
+        dynamic: symbolic sizes, as ``torch.compile``'s: ``None`` (default) traces the first call at its sizes
+            and, when a later call changes some sizes (a new batch size, a new sequence length), traces those
+            dimensions as symbols (``make_fx`` with a shape environment; what the trace assumes about a
+            size, e.g. that it is at least 2 or divisible by the heads, is checked on every call). ``True``:
+            the first dimension of every input symbolic from the first call; ``False``: fixed sizes only
+            (a trace per size). A size 1 is always traced on its own, and a model whose symbolic trace fails
+            (a size it reads as a number, an op without symbolic support) is traced per size, as with
+            ``False``; :meth:`explain` says which.
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -230,17 +239,30 @@ class Traced:
         >>> out, jv = g.jvp(x2, v)
         >>> ref = torch.autograd.functional.jvp(lambda z: net(z), x2, v)[1]  # double-backward reference
         >>> torch.testing.assert_close(jv, ref, rtol=1e-4, atol=1e-5)
+        >>> for batch in (5, 16, 3):  # the second batch size makes a trace with a symbolic batch size
+        ...     x, v = torch.randn(batch, 1, 8, 8), torch.randn(batch, 1, 8, 8)
+        ...     ref = torch.autograd.functional.jvp(lambda z: net(z), x, v)[1]
+        ...     torch.testing.assert_close(g.jvp(x, v)[1], ref, rtol=1e-4, atol=1e-5)
+        >>> len(g.history)  # batch 8, then one trace for every batch size >= 2
+        2
     """
 
     def __init__(self, f: Callable, example_inputs: Sequence[Any], *, bn: str = "batch",
                  wrt: Sequence[int] | None = None, compile: bool | dict = False, cache_size: int = 8,
-                 _weak: bool = False):
+                 dynamic: bool | None = None, _weak: bool = False):
         if bn not in BN_MODES:
             raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size={cache_size!r}: expected a positive integer")
+        if dynamic not in (None, True, False):
+            raise ValueError(f"dynamic={dynamic!r}: expected None (symbolic sizes once a call changes them), True "
+                             "(the first dimension of every input symbolic from the first call) or False (never)")
+        self.dynamic = dynamic
+        self._patterns: list[tuple] = []  # the dimensions traced as symbols, per input (one entry per pattern)
+        self._static_only: dict[tuple, str] = {}  # patterns whose symbolic trace failed, and why
+        self._dynamic_traces = collections.Counter()  # symbolic traces made per pattern
         # the module cache behind jvpgraph.jvp & co. holds its Traced weakly to the model (a model the user
         # drops is freed with its traces); a Traced the user holds keeps its model, like any object would
         self._f = weakref.ref(f) if _weak else (lambda f=f: f)
@@ -309,7 +331,10 @@ class Traced:
 
     def _valid(self, comp: _Compiled, flat_in, walk) -> str | None:
         """``None`` if ``comp`` may answer this call, else why not."""
-        why = comp.graph.program.guards.check()
+        prog = comp.graph.program
+        if not prog.sizes_hold(flat_in):
+            return f"sizes outside those its symbolic sizes hold for ({prog.size_guards()})"
+        why = prog.guards.check()
         if why is None and comp.graph.program.values is not None:
             # traced at particular values (data-dependent shapes or branches): valid for those values only
             now = [*self._state(walk=walk), *flat_in]
@@ -342,26 +367,83 @@ class Traced:
         flat_in = pytree.tree_leaves(inputs)
         walk = walk or self._walk()
         key = self._key(flat_in, walk)
-        bucket = self._cache.get(key)
-        hit = None
-        if bucket is not None:
-            why = None
-            for comp in reversed(bucket):  # newest first: its reason is the one reported
+        why = None
+        # the trace at these exact sizes, then those with symbolic sizes whose pattern fits (their size
+        # guards say whether they hold for these sizes)
+        for k in (key, *(_generalize(key, dims) for dims in self._patterns if len(dims) == len(flat_in))):
+            bucket = self._cache.get(k)
+            for comp in reversed(bucket or ()):  # newest first: its reason is the one reported
                 now = self._valid(comp, flat_in, walk)
                 if now is None:
-                    hit = comp
-                    break
+                    self._cache.move_to_end(k)
+                    return comp
                 why = why or now
-            if hit is not None:
-                self._cache.move_to_end(key)
-                return hit
-            kind, reason = "guard", why
-        else:
+        if why is None:
             kind, reason = self._why_new(key)
+        else:
+            kind, reason = ("shape" if why.startswith("sizes outside") else "guard"), why
+        dims = self._dynamic_dims(key, flat_in)
         t0 = time.perf_counter()
+        hit = None
+        if dims is not None:
+            try:
+                hit = self._trace(inputs, flat_in, dynamic=dims)
+                if not hit.graph.program.sizes_hold(flat_in):
+                    raise RuntimeError("the trace does not hold for the sizes it was made at")
+            except Exception as e:  # noqa: BLE001 - any failure: a trace at these sizes answers instead
+                self._static_only[dims] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                log.info("jvpgraph: %s: no trace with symbolic sizes (%s); tracing at fixed sizes", self._name,
+                         self._static_only[dims])
+                hit = None
+        if hit is not None:
+            if dims not in self._patterns:
+                self._patterns.append(dims)
+            self._dynamic_traces[dims] += 1
+            where = "; ".join(f"input {i} dim {', '.join(map(str, d))}" for i, d in enumerate(dims) if d)
+            self._remember(_generalize(key, dims), hit, kind, f"{reason}; symbolic sizes: {where}",
+                           time.perf_counter() - t0)
+            return hit
         hit = self._trace(inputs, flat_in)
         self._remember(key, hit, kind, reason, time.perf_counter() - t0)
         return hit
+
+    def _dynamic_dims(self, key: tuple, flat_in) -> tuple[tuple[int, ...], ...] | None:
+        """The dimensions to trace as symbols for a call that no cached trace answers, or ``None`` (a trace at
+        fixed sizes). ``dynamic=True``: every input's first dimension from the first call. Otherwise
+        (``None``) a dimension becomes a symbol once a call changes it (``torch.compile``'s automatic dynamic
+        shapes): the dimensions in which these sizes differ from those of a cached trace that matches in
+        everything else. A size 0 or 1 stays fixed (PyTorch's shape environment specializes them), a
+        pattern whose symbolic trace failed is never tried again, and one pattern gets at most two
+        symbolic traces (a model whose guards split the sizes into ranges); beyond that, fixed sizes."""
+        if self.dynamic is False:
+            return None
+        n = len(flat_in)
+        if self.dynamic is True:
+            dims = tuple((0,) if isinstance(t, torch.Tensor) and t.dim() >= 1 and t.shape[0] >= 2 else ()
+                         for t in flat_in)
+        else:
+            dims = None
+            for old in reversed(self._cache):  # the most recently used first
+                if len(old) != len(key) or old[n:] != key[n:]:
+                    continue
+                cand = []
+                for o, k in zip(old[:n], key[:n]):
+                    if o == k:
+                        cand.append(())
+                    elif o[0] != "const" and k[0] != "const" and o[1:] == k[1:] and len(o[0]) == len(k[0]):
+                        cand.append(tuple(d for d, (a, b) in enumerate(zip(o[0], k[0])) if a != b))
+                    else:
+                        break
+                else:
+                    dims = tuple(cand)
+                    break
+        if dims is None or not any(dims):
+            return None
+        if any(flat_in[i].shape[d] < 2 for i, ds in enumerate(dims) for d in ds):
+            return None
+        if dims in self._static_only or self._dynamic_traces[dims] >= 2:
+            return None
+        return dims
 
     def _remember(self, key, comp, kind, reason, seconds):
         bucket = self._cache.setdefault(key, [])
@@ -389,9 +471,12 @@ class Traced:
                    "a trace: use a fixed batch size (e.g. drop_last=True) or pad the inputs")
                 + f". jvpgraph.explain(...) lists the traces and why each was made.", stacklevel=4)
 
-    def _trace(self, inputs, flat_in) -> _Compiled:
-        """A new trace at ``inputs`` (its program, graph, flip)."""
-        prog = trace_program(self.f, inputs, bn=self.bn)
+    def _trace(self, inputs, flat_in, dynamic=None) -> _Compiled:
+        """A new trace at ``inputs`` (its program, graph, flip); ``dynamic``: the dimensions to keep
+        symbolic (any failure raises: the caller traces at fixed sizes instead)."""
+        prog = trace_program(self.f, inputs, bn=self.bn, dynamic=dynamic)
+        if dynamic is not None:
+            return _Compiled(Graph(prog, self.wrt), self.compile)
         wrt = self.wrt
         if wrt is not None:
             for i in wrt:
@@ -531,7 +616,9 @@ class Traced:
         for key, bucket in self._cache.items():
             shapes = ", ".join(_show_key(k) for k in key[:-4])
             for comp in bucket:
-                extra = "; specialized to values" if comp.graph.program.values is not None else ""
+                prog = comp.graph.program
+                extra = "; specialized to values" if prog.values is not None else ""
+                extra += f"; sizes: {prog.size_guards() or 'any'}" if prog.dynamic is not None else ""
                 lines.append(f"  cached: inputs {shapes}; {len(comp.graph.program.guards)} guarded reads{extra}")
         first = sum(self._counts.values()) - len(self.history) + 1
         lines += [f"  trace {first + i} ({sec:.2f} s): {reason}" for i, (reason, sec) in enumerate(self.history)]
@@ -564,16 +651,25 @@ def _raise_if_eager_fails(f, name: str, inputs) -> None:
                      f"{type(eager).__name__}: {str(eager).splitlines()[0][:300]}{hint}") from eager
 
 
+def _generalize(key: tuple, dims) -> tuple:
+    """``key`` with the input sizes in ``dims`` (per input, the dimensions) replaced by ``None``: the key of
+    a trace with those sizes symbolic."""
+    n = len(dims)
+    return tuple((tuple(None if d in ds else s for d, s in enumerate(k[0])), *k[1:]) if ds else k
+                 for k, ds in zip(key[:n], dims)) + key[n:]
+
+
 def _show_key(k) -> str:
     if isinstance(k, tuple) and len(k) == 3 and isinstance(k[1], torch.dtype):
-        return f"({', '.join(map(str, k[0]))}{',' if len(k[0]) == 1 else ''}) {str(k[1]).replace('torch.', '')} {k[2]}"
+        sizes = ["*" if d is None else str(d) for d in k[0]]
+        return f"({', '.join(sizes)}{',' if len(k[0]) == 1 else ''}) {str(k[1]).replace('torch.', '')} {k[2]}"
     return repr(k[1]) if isinstance(k, tuple) and k and k[0] == "const" else repr(k)
 
 
 def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | None = None,
-          compile: bool | dict = False, cache_size: int = 8) -> Traced:
+          compile: bool | dict = False, cache_size: int = 8, dynamic: bool | None = None) -> Traced:
     """Trace ``f`` (an ``nn.Module`` or function) once at ``example_inputs``; returns a :class:`Traced`
-    (``bn``, ``wrt``, ``compile``, ``cache_size``: see there).
+    (``bn``, ``wrt``, ``compile``, ``cache_size``, ``dynamic``: see there).
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -585,7 +681,7 @@ def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | 
         >>> print(g.flipped.code.strip().splitlines()[0])
         def forward(self, p__0_weight, p__0_bias, p__2_weight, p__2_bias, x, v):
     """
-    return Traced(f, example_inputs, bn=bn, wrt=wrt, compile=compile, cache_size=cache_size)
+    return Traced(f, example_inputs, bn=bn, wrt=wrt, compile=compile, cache_size=cache_size, dynamic=dynamic)
 
 
 _MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]]" = weakref.WeakKeyDictionary()
@@ -615,9 +711,9 @@ def explain(model: nn.Module | Traced) -> str:
         >>> print(jvpgraph.explain(net))  # doctest: +ELLIPSIS
         Traced(Sequential, bn='batch'): 2 trace(s) cached (at most 8), 2 made
           cached: inputs (4, 3) float32 cpu; ... guarded reads
-          cached: inputs (5, 3) float32 cpu; ... guarded reads
+          cached: inputs (*, 3) float32 cpu; ... guarded reads; sizes: 2 <= input0.size(0)
           trace 1 (... s): first call
-          trace 2 (... s): new input 0: (4, 3) float32 cpu -> (5, 3) float32 cpu
+          trace 2 (... s): new input 0: (4, 3) float32 cpu -> (5, 3) float32 cpu; symbolic sizes: input 0 dim 0
     """
     if isinstance(model, Traced):
         return model.explain()

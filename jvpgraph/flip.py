@@ -29,7 +29,7 @@ from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
-from .trace import _has_leftover_mutations, _refunctionalize, grad_enabled
+from .trace import _conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, grad_enabled
 from .rules import options
 from .rules.propagate import propagate
 
@@ -236,19 +236,28 @@ class FlippedGraph:
 
     def _emit(self) -> fx.GraphModule:
         prog = self.graph.program
-        # a trace specialized to values (data-dependent shapes) is walked on those values, for real
-        mode = "fake" if prog.values is None else "real"
-        examples = _placeholder_examples(prog.gm) if prog.values is None else [t.clone() for t in prog.values]
+        # a trace specialized to values (data-dependent shapes) is walked on those values, for real; one with
+        # symbolic sizes on its own fake tensors, so that the flipped graph keeps the symbols (and what it
+        # assumes about them joins the trace's size guards)
         inputs = prog.input_nodes
         n_front = len(prog.placeholders)
-        # fresh tensors: make_fx would give one placeholder to a tensor passed twice
-        tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
+        if prog.dynamic is not None:
+            mode = "symbolic"
+            examples = [n.meta["val"] for n in prog.placeholders]
+            with examples[-1].fake_mode:
+                tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
+        else:
+            mode = "fake" if prog.values is None else "real"
+            examples = _placeholder_examples(prog.gm) if prog.values is None else [t.clone() for t in prog.values]
+            # fresh tensors: make_fx would give one placeholder to a tensor passed twice
+            tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
         with options(bn=prog.bn):
             # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
             # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's
             # detaches are cut by `jvpgraph::constant` instead (_joint)
-            gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS, tracing_mode=mode,
-                         _allow_non_fake_inputs=True)(*examples, *tangent_examples)
+            with _conv_backend_unguarded(examples):
+                gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
+                             tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
         if _has_leftover_mutations(gm.graph):
             # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view of a
             # fresh buffer): make the emitted graph functional, so pruning and partitioning see values

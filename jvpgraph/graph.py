@@ -100,6 +100,8 @@ class Graph:
         for node in self.gm.graph.nodes:
             if not grad_enabled(node):
                 continue  # computed under torch.no_grad(): a constant for autograd, so for Jv too
+            if isinstance(node.meta.get("val"), (torch.SymInt, torch.SymFloat, torch.SymBool)):
+                continue  # a size read in a trace with symbolic sizes (aten.sym_size): a number, no tangent
             if node.op == "call_function" and any(a in forward for a in node.all_input_nodes):
                 forward.add(node)
         backward: set[fx.Node] = set()

@@ -33,7 +33,7 @@ import itertools
 import operator
 import re
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
@@ -407,6 +407,50 @@ class TracedProgram:
     #: The Python-level reads the trace baked in (attributes, flags, hooks): :meth:`Guards.check` says whether
     #: they still hold before the trace answers another call.
     guards: Guards = dataclasses.field(default_factory=lambda: Guards([]))
+    #: For a trace with symbolic sizes: per user input, the dimensions traced as a symbol (any size >= 2;
+    #: :meth:`sizes_hold` checks the rest of what the trace assumed about them). ``None``: every size is fixed.
+    dynamic: tuple[tuple[int, ...], ...] | None = None
+
+    _size_check: Any = dataclasses.field(default=None, repr=False, compare=False)
+
+    def sizes_hold(self, inputs: Sequence[torch.Tensor]) -> bool:
+        """Whether a trace with symbolic sizes (:attr:`dynamic`) holds for ``inputs`` (the flattened user
+        inputs): what it assumed about its symbols (a size >= 2, two sizes equal, a size divisible by the
+        heads) is true of their sizes. Always true for a trace at fixed sizes (the cache key has them).
+        The shape environment's guards are read once, after the flipped graph was emitted on the same
+        symbols (its assumptions count too), and compiled to one expression."""
+        if self.dynamic is None:
+            return True
+        return self._sizes_check()(inputs)
+
+    def _sizes_check(self) -> Callable:
+        if self._size_check is None:
+            from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+
+            vals = [n.meta["val"] for n in self.placeholders]
+            env = next(v.fake_mode.shape_env for v in vals[::-1] if isinstance(v, torch.Tensor))
+            expr = env.produce_guards_expression(vals)
+            if not expr:
+                self._size_check = lambda inputs: True
+            else:
+                code = compile(expr, "<jvpgraph size guards>", "eval")
+                offset = len(self.param_names) + len(self.buffer_names)
+                used = sorted({int(i) for i in re.findall(r"L\['t(\d+)'\]", expr)})
+                if any(i < offset for i in used):  # a parameter's or buffer's size is fixed: never a symbol
+                    raise AssertionError(f"size guards on a parameter or buffer: {expr}")
+                self._size_check = lambda inputs: bool(eval(code, SYMPY_INTERP, {  # noqa: S307 - our own code
+                    "L": {f"t{i}": inputs[i - offset] for i in used}}))
+                self._size_check.expr = expr
+        return self._size_check
+
+    def size_guards(self) -> str:
+        """What a trace with symbolic sizes assumes about them, readable: ``"2 <= input0.size(0)"``
+        (``""`` for fixed sizes or no assumption)."""
+        if self.dynamic is None:
+            return ""
+        offset = len(self.param_names) + len(self.buffer_names)
+        expr = getattr(self._sizes_check(), "expr", "")
+        return re.sub(r"L\['t(\d+)'\]\.size\(\)\[(\d+)\]", lambda m: f"input{int(m[1]) - offset}.size({m[2]})", expr)
 
     @property
     def placeholders(self) -> list[fx.Node]:
@@ -735,13 +779,57 @@ def _output_error(j: int, leaf, out) -> str:
             "dicts of them; register a container type with torch.utils._pytree.register_pytree_node)")
 
 
+def _fakify_dynamic(example: list[torch.Tensor], n_fixed: int, dynamic) -> list[torch.Tensor]:
+    """Fake tensors for a trace with symbolic sizes: the first ``n_fixed`` (parameters, buffers) and every
+    dimension not named in ``dynamic`` (per input, the dimensions to make symbols) keep their sizes. A size the
+    trace compares with a number or another size becomes a guard of the shape environment (checked per call)."""
+    from torch._dynamo.source import LocalSource
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import DimDynamic, ShapeEnv, StatelessSymbolicContext
+
+    mode = FakeTensorMode(shape_env=ShapeEnv(), allow_non_fake_inputs=True)
+    out = []
+    for i, t in enumerate(example):
+        dims = () if i < n_fixed else dynamic[i - n_fixed]
+        sizes = [DimDynamic.DYNAMIC if d in dims else DimDynamic.STATIC for d in range(t.dim())]
+        fake = mode.from_tensor(t, source=LocalSource(f"t{i}"),
+                                symbolic_context=StatelessSymbolicContext(dynamic_sizes=sizes))
+        out.append(fake)
+    return out
+
+
+@contextlib.contextmanager
+def _conv_backend_unguarded(example: list[torch.Tensor]):
+    """While a trace with symbolic sizes runs: PyTorch's fake convolution picks the kernel a real one would
+    (mkldnn from batch 16 on the CPU) only to give its output the same memory format, and that choice puts a
+    guard ``batch < 16`` on every convolution's trace. The kernel changes neither values nor (for contiguous
+    tensors) the format, so it is chosen without guarding: one trace serves batch 2 and batch 64."""
+    env = next((t.fake_mode.shape_env for t in example if hasattr(t, "fake_mode")), None)
+    select = getattr(torch._C, "_select_conv_backend", None)
+    if env is None or select is None:
+        yield
+        return
+
+    def unguarded(*args, **kwargs):
+        with env.suppress_guards():
+            return select(*args, **kwargs)
+
+    torch._C._select_conv_backend = unguarded
+    try:
+        yield
+    finally:
+        torch._C._select_conv_backend = select
+
+
 def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
-                  specialize: BaseException | None = None) -> TracedProgram:
+                  specialize: BaseException | None = None, dynamic=None) -> TracedProgram:
     """Trace ``f(*inputs)`` to a :class:`TracedProgram`.
 
     ``f`` is an ``nn.Module`` (its parameters and buffers become graph inputs) or a plain function
     (tensors it closes over become constants of the graph). ``specialize``: the data-dependent error that a
     trace on fake tensors met later (emitting the flipped graph); trace on the real values right away.
+    ``dynamic``: per flattened input, the dimensions to trace as symbols (one trace for every batch size);
+    a trace that cannot keep them symbolic raises (there is no fallback to real values then).
 
     Example:
         >>> import torch, torch.nn as nn
@@ -827,7 +915,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
 
     def run_trace_once(example, mode):
         with tracing_state(module, bn, momentum_none) as originals, _opaque_autograd_functions(), \
-                _rng_untouched(f, draws=mode == "real"):
+                _rng_untouched(f, draws=mode == "real"), _conv_backend_unguarded(example):
             originals_box[:] = [originals]
             return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
@@ -874,13 +962,18 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                           "are those of the function on its values)", stacklevel=4)
             return out
 
+    if dynamic is not None:
+        dynamic = tuple(tuple(d) for d in dynamic)
+        if len(dynamic) != len(flat_in):
+            raise ValueError(f"dynamic={dynamic}: expected one tuple of dimensions per input ({len(flat_in)})")
+        example = _fakify_dynamic(example, P + B, dynamic)
     try:
         try:
             if specialize is not None:
                 raise specialize
-            gm, example = run_trace_on_copies_if_written(example, "fake")
+            gm, example = run_trace_on_copies_if_written(example, "fake" if dynamic is None else "symbolic")
         except Exception as e:  # noqa: BLE001
-            if not _data_dependent(e):
+            if dynamic is not None or not _data_dependent(e):
                 raise
             # Sizes or branches that depend on values (a branch on nonzero's count, `if x.sum() > 0`, .item(),
             # lstsq, cov's checks): trace again on the real values, where every size and value read is a
@@ -899,6 +992,8 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                 "but a trace per call: make the shapes and branches depend on shapes only for one trace to serve "
                 "every batch.", stacklevel=3)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
+        if dynamic is not None:
+            raise  # the caller falls back to a trace at fixed sizes, which gives the error its message
         msg = str(e).split("\n")[0]
         data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
         if "leaf Variable that requires grad is being used in an in-place operation" in str(e):
@@ -997,4 +1092,4 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     gm.recompile()
     diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
     return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
-                         updates, bn, values, guards_box[-1] if guards_box else Guards([]))
+                         updates, bn, values, guards_box[-1] if guards_box else Guards([]), dynamic)
