@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import re
 import time
 import warnings
 import weakref
@@ -395,6 +396,13 @@ class Traced:
                 log.info("jvpgraph: %s: no trace with symbolic sizes (%s); tracing at fixed sizes", self._name,
                          self._static_only[dims])
                 hit = None
+        if hit is not None and _pinned(hit.graph.program):
+            # the forward read every symbolic size as a number (int(x.shape[0]), a C++ kernel that pins it):
+            # the trace holds for these sizes only; kept as a trace at fixed sizes, and no more symbolic ones
+            self._static_only[dims] = f"the trace pins its sizes ({hit.graph.program.size_guards()})"
+            log.info("jvpgraph: %s: %s; tracing at fixed sizes", self._name, self._static_only[dims])
+            self._remember(key, hit, kind, reason, time.perf_counter() - t0)
+            return hit
         if hit is not None:
             if dims not in self._patterns:
                 self._patterns.append(dims)
@@ -649,6 +657,14 @@ def _raise_if_eager_fails(f, name: str, inputs) -> None:
                     f"x.to({want}) (or convert the model with .to({odd[0][1]}))")
     raise TraceError(f"{name} raises on these inputs in eager mode too (jvpgraph ran it to check): "
                      f"{type(eager).__name__}: {str(eager).splitlines()[0][:300]}{hint}") from eager
+
+
+def _pinned(prog) -> bool:
+    """Whether a trace with symbolic sizes assumes each of them equal to a number (then it is one at fixed
+    sizes)."""
+    text = prog.size_guards()
+    return all(re.search(rf"(^| )input{i}\.size\({d}\) == -?\d+( |$)", text)
+               for i, ds in enumerate(prog.dynamic) for d in ds)
 
 
 def _generalize(key: tuple, dims) -> tuple:

@@ -85,7 +85,22 @@ def _ctc_loss_tensor_lengths(log_probs, targets, input_lengths, target_lengths, 
 _DECOMPOSITIONS = {aten.native_batch_norm.default: _functional_native_batch_norm}
 #: torch-level functions rewritten while tracing, before their C++ composite runs (it is
 #: CompositeImplicitAutograd: a decomposition table never sees it)
-_TORCH_REWRITES = {torch.nn.functional.ctc_loss: _ctc_loss_tensor_lengths}
+_F_LINEAR = torch.nn.functional.linear
+
+
+def _linear_symbolic(input, weight, bias=None):
+    """``F.linear`` of an input with 3 or more dimensions and symbolic sizes, as PyTorch's own kernel computes
+    it (flatten, ``addmm``, unflatten), in ops that keep the sizes symbolic: traced under
+    ``torch.func.functionalize``, PyTorch's C++ kernel pins the batch size to the example's (a guard
+    ``Eq(s0, 2)``: correct, but a trace per batch size for every transformer)."""
+    if input.dim() < 3 or not any(isinstance(s, torch.SymInt) for s in input.shape):
+        return _F_LINEAR(input, weight, bias)
+    flat = input.reshape(-1, input.shape[-1])
+    out = torch.mm(flat, weight.t()) if bias is None else torch.addmm(bias, flat, weight.t())
+    return out.reshape(*input.shape[:-1], out.shape[-1])
+
+
+_TORCH_REWRITES = {torch.nn.functional.ctc_loss: _ctc_loss_tensor_lengths, _F_LINEAR: _linear_symbolic}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -427,21 +442,34 @@ class TracedProgram:
         if self._size_check is None:
             from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
-            vals = [n.meta["val"] for n in self.placeholders]
-            env = next(v.fake_mode.shape_env for v in vals[::-1] if isinstance(v, torch.Tensor))
-            expr = env.produce_guards_expression(vals)
+            from torch._dynamo.source import LocalSource
+
+            offset = len(self.param_names) + len(self.buffer_names)
+            vals = [n.meta["val"] for n in self.input_nodes]
+            env = next(v.fake_mode.shape_env for v in vals if hasattr(v, "fake_mode"))
+            # the inputs' sizes only (the parameters' are fixed, in the cache key); ignore_static=False: a symbol
+            # the trace pinned to a number (int(x.shape[0]) pins it: Eq(s0, 2)) is a static size by then, and
+            # must still be checked
+            guards = env.produce_guards(vals, [LocalSource(f"t{offset + i}") for i in range(len(vals))],
+                                        ignore_static=False)
+            expr = " and ".join(g for g in guards if not self._fixed_by_key(g, offset))
             if not expr:
                 self._size_check = lambda inputs: True
             else:
                 code = compile(expr, "<jvpgraph size guards>", "eval")
-                offset = len(self.param_names) + len(self.buffer_names)
                 used = sorted({int(i) for i in re.findall(r"L\['t(\d+)'\]", expr)})
-                if any(i < offset for i in used):  # a parameter's or buffer's size is fixed: never a symbol
-                    raise AssertionError(f"size guards on a parameter or buffer: {expr}")
                 self._size_check = lambda inputs: bool(eval(code, SYMPY_INTERP, {  # noqa: S307 - our own code
                     "L": {f"t{i}": inputs[i - offset] for i in used}}))
                 self._size_check.expr = expr
         return self._size_check
+
+    def _fixed_by_key(self, guard: str, offset: int) -> bool:
+        """Whether ``guard`` says only what a trace at fixed sizes assumes too, unchecked there: a size the
+        cache key holds (a dimension not traced as a symbol), or a constant stride or storage offset."""
+        m = re.fullmatch(r"L\['t(\d+)'\]\.(size\(\)\[(\d+)\]|stride\(\)\[\d+\]|storage_offset\(\)) == -?\d+", guard)
+        if m is None:
+            return False
+        return m[3] is None or int(m[3]) not in self.dynamic[int(m[1]) - offset]
 
     def size_guards(self) -> str:
         """What a trace with symbolic sizes assumes about them, readable: ``"2 <= input0.size(0)"``
