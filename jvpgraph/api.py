@@ -323,8 +323,9 @@ class Traced:
         return flags, params, buffers
 
     def _key(self, flat_in, walk) -> tuple:
-        key = tuple((tuple(t.shape), t.dtype, t.device) if isinstance(t, torch.Tensor) else ("const", repr(t))
-                    for t in flat_in)
+        # contiguity too: a trace at contiguous inputs turns reshape into view, which a transposed input refuses
+        key = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) if isinstance(t, torch.Tensor)
+                    else ("const", repr(t)) for t in flat_in)
         flags, params, _ = walk
         key += (tuple(flags),)
         key += (tuple((tuple(p.shape), p.dtype, p.device) for p in params),)
@@ -676,9 +677,10 @@ def _generalize(key: tuple, dims) -> tuple:
 
 
 def _show_key(k) -> str:
-    if isinstance(k, tuple) and len(k) == 3 and isinstance(k[1], torch.dtype):
+    if isinstance(k, tuple) and len(k) == 4 and isinstance(k[1], torch.dtype):
         sizes = ["*" if d is None else str(d) for d in k[0]]
-        return f"({', '.join(sizes)}{',' if len(k[0]) == 1 else ''}) {str(k[1]).replace('torch.', '')} {k[2]}"
+        return (f"({', '.join(sizes)}{',' if len(k[0]) == 1 else ''}) {str(k[1]).replace('torch.', '')} {k[2]}"
+                + ("" if k[3] else " non-contiguous"))
     return repr(k[1]) if isinstance(k, tuple) and k and k[0] == "const" else repr(k)
 
 
