@@ -680,21 +680,26 @@ defrule(aten.native_layer_norm, _layer_norm, "coupled")
 
 def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
     y, k_mean, k_rstd = out
-    per_group = (C // group) * HxW  # explicit: reshape(-1) is ambiguous for an empty batch
-    xg = x.reshape(N, group, per_group)
-    mean, rstd = norm_stats(xg, k_mean.reshape(N, group, 1), k_rstd.reshape(N, group, 1), [-1])
+    # The channels split into groups with unflatten (a view whatever the strides), not a flattening reshape:
+    # PyTorch's CPU kernel keeps a channels_last input's layout while its fake/meta kernel says contiguous, so a
+    # reshape traced on fake tensors is a view that fails on the real tensor (diffusers' VAE and UNet mid blocks,
+    # whose attention hands GroupNorm a transposed tensor).
+    dims = list(range(2, x.dim() + 1))
+    stat = [N, group] + [1] * (x.dim() - 1)
+    xg = x.unflatten(1, (group, C // group))
+    mean, rstd = norm_stats(xg, k_mean.reshape(stat), k_rstd.reshape(stat), dims)
     shape = [1, -1] + [1] * (x.dim() - 2)
     xhat = (xg - mean) * rstd
     t = None
     if ts[0] is not None:  # native_group_norm_backward has no derivative in PyTorch: written out
-        t = _normalize_tangent(ts[0].reshape(N, group, per_group), xhat, rstd, [-1]).reshape(x.shape)
+        t = _normalize_tangent(ts[0].unflatten(1, (group, C // group)), xhat, rstd, dims).flatten(1, 2)
         t = t if w is None else t * w.view(shape)
     if ts[1] is not None:  # the weight's tangent: xhat per group, then per channel
-        t = add_tangents(t, xhat.reshape(x.shape) * ts[1].view(shape))
+        t = add_tangents(t, xhat.flatten(1, 2) * ts[1].view(shape))
     if ts[2] is not None:
         t = add_tangents(t, _expand(ts[2].view(shape), y))
-    tg = None if ts[0] is None else ts[0].reshape(N, group, per_group)
-    t_mean, t_rstd = _stats_tangents(tg, xg - mean, rstd, [-1], False)
+    tg = None if ts[0] is None else ts[0].unflatten(1, (group, C // group))
+    t_mean, t_rstd = _stats_tangents(tg, xg - mean, rstd, dims, False)
     return (t, t_mean, t_rstd)
 
 
