@@ -478,7 +478,8 @@ class TracedProgram:
             return ""
         offset = len(self.param_names) + len(self.buffer_names)
         expr = getattr(self._sizes_check(), "expr", "")
-        return re.sub(r"L\['t(\d+)'\]\.size\(\)\[(\d+)\]", lambda m: f"input{int(m[1]) - offset}.size({m[2]})", expr)
+        return re.sub(r"L\['t(\d+)'\]\.(size|stride)\(\)\[(\d+)\]",
+                      lambda m: f"input{int(m[1]) - offset}.{m[2]}({m[3]})", expr)
 
     @property
     def placeholders(self) -> list[fx.Node]:
