@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import collections
 import logging
-import re
 import time
 import warnings
 import weakref
@@ -397,7 +396,7 @@ class Traced:
                 log.info("jvpgraph: %s: no trace with symbolic sizes (%s); tracing at fixed sizes", self._name,
                          self._static_only[dims])
                 hit = None
-        if hit is not None and _pinned(hit.graph.program):
+        if hit is not None and hit.graph.program.pinned:
             # the forward read every symbolic size as a number (int(x.shape[0]), a C++ kernel that pins it):
             # the trace holds for these sizes only; kept as a trace at fixed sizes, and no more symbolic ones
             self._static_only[dims] = f"the trace pins its sizes ({hit.graph.program.size_guards()})"
@@ -484,8 +483,6 @@ class Traced:
         """A new trace at ``inputs`` (its program, graph, flip); ``dynamic``: the dimensions to keep
         symbolic (any failure raises: the caller traces at fixed sizes instead)."""
         prog = trace_program(self.f, inputs, bn=self.bn, dynamic=dynamic)
-        if dynamic is not None:
-            return _Compiled(Graph(prog, self.wrt), self.compile)
         wrt = self.wrt
         if wrt is not None:
             for i in wrt:
@@ -494,10 +491,11 @@ class Traced:
         try:
             hit = _Compiled(Graph(prog, wrt), self.compile)
         except RuleError:
-            _raise_if_eager_fails(self.f, self._name, inputs)
+            if dynamic is None:
+                _raise_if_eager_fails(self.f, self._name, inputs)
             raise
         except Exception as e:  # noqa: BLE001
-            if prog.values is not None or not _data_dependent(e):
+            if dynamic is not None or prog.values is not None or not _data_dependent(e):
                 raise
             # the walk of the flipped graph met a size that depends on values: trace on the values
             prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
@@ -658,14 +656,6 @@ def _raise_if_eager_fails(f, name: str, inputs) -> None:
                     f"x.to({want}) (or convert the model with .to({odd[0][1]}))")
     raise TraceError(f"{name} raises on these inputs in eager mode too (jvpgraph ran it to check): "
                      f"{type(eager).__name__}: {str(eager).splitlines()[0][:300]}{hint}") from eager
-
-
-def _pinned(prog) -> bool:
-    """Whether a trace with symbolic sizes assumes each of them equal to a number (then it is one at fixed
-    sizes)."""
-    text = prog.size_guards()
-    return all(re.search(rf"(^| )input{i}\.size\({d}\) == -?\d+( |$)", text)
-               for i, ds in enumerate(prog.dynamic) for d in ds)
 
 
 def _generalize(key: tuple, dims) -> tuple:

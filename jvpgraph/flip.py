@@ -17,6 +17,7 @@ forward that records what the tangent pass needs and a tangent pass that reuses 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import operator
@@ -242,14 +243,12 @@ class FlippedGraph:
         inputs = prog.input_nodes
         n_front = len(prog.placeholders)
         if prog.dynamic is not None:
-            mode = "symbolic"
-            examples = [n.meta["val"] for n in prog.placeholders]
-            with examples[-1].fake_mode:
-                tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
+            mode, examples = "symbolic", [n.meta["val"] for n in prog.placeholders]
         else:
             mode = "fake" if prog.values is None else "real"
             examples = _placeholder_examples(prog.gm) if prog.values is None else [t.clone() for t in prog.values]
-            # fresh tensors: make_fx would give one placeholder to a tensor passed twice
+        # fresh tensors: make_fx would give one placeholder to a tensor passed twice
+        with examples[-1].fake_mode if prog.dynamic is not None else contextlib.nullcontext():
             tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
         with options(bn=prog.bn):
             # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which

@@ -439,10 +439,13 @@ class TracedProgram:
         return self._sizes_check()(inputs)
 
     def _sizes_check(self) -> Callable:
-        if self._size_check is None:
-            from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
+        return self._size_guards()[0]
 
+    def _size_guards(self) -> tuple[Callable, str]:
+        """``(check, expression)``: the shape environment's guards on the inputs, compiled once."""
+        if self._size_check is None:
             from torch._dynamo.source import LocalSource
+            from torch.fx.experimental.symbolic_shapes import SYMPY_INTERP
 
             offset = len(self.param_names) + len(self.buffer_names)
             vals = [n.meta["val"] for n in self.input_nodes]
@@ -454,14 +457,24 @@ class TracedProgram:
                                         ignore_static=False)
             expr = " and ".join(g for g in guards if not self._fixed_by_key(g, offset))
             if not expr:
-                self._size_check = lambda inputs: True
+                self._size_check = (lambda inputs: True), ""
             else:
                 code = compile(expr, "<jvpgraph size guards>", "eval")
                 used = sorted({int(i) for i in re.findall(r"L\['t(\d+)'\]", expr)})
-                self._size_check = lambda inputs: bool(eval(code, SYMPY_INTERP, {  # noqa: S307 - our own code
-                    "L": {f"t{i}": inputs[i - offset] for i in used}}))
-                self._size_check.expr = expr
+                self._size_check = (lambda inputs: bool(eval(code, SYMPY_INTERP, {  # noqa: S307 - our own code
+                    "L": {f"t{i}": inputs[i - offset] for i in used}}))), expr
         return self._size_check
+
+    @property
+    def pinned(self) -> bool:
+        """Whether the trace assumes every symbolic size equal to a number (the forward read it as one:
+        ``int(x.shape[0])``): a trace with symbolic sizes that holds for these sizes only."""
+        if self.dynamic is None:
+            return False
+        vals = [n.meta["val"] for n in self.input_nodes]
+        env = next(v.fake_mode.shape_env for v in vals if hasattr(v, "fake_mode"))
+        sizes = [vals[i].shape[d] for i, ds in enumerate(self.dynamic) for d in ds]
+        return all(not isinstance(s, torch.SymInt) or env.replace(s.node.expr).is_number for s in sizes)
 
     def _fixed_by_key(self, guard: str, offset: int) -> bool:
         """Whether ``guard`` says only what a trace at fixed sizes assumes too, unchecked there: a size the
@@ -477,7 +490,7 @@ class TracedProgram:
         if self.dynamic is None:
             return ""
         offset = len(self.param_names) + len(self.buffer_names)
-        expr = getattr(self._sizes_check(), "expr", "")
+        expr = self._size_guards()[1]
         return re.sub(r"L\['t(\d+)'\]\.(size|stride)\(\)\[(\d+)\]",
                       lambda m: f"input{int(m[1]) - offset}.{m[2]}({m[3]})", expr)
 

@@ -691,14 +691,14 @@ def _group_norm(ts, out, x, w, b, N, C, HxW, group, eps):
     shape = [1, -1] + [1] * (x.dim() - 2)
     xhat = (xg - mean) * rstd
     t = None
-    if ts[0] is not None:  # native_group_norm_backward has no derivative in PyTorch: written out
-        t = _normalize_tangent(ts[0].unflatten(1, (group, C // group)), xhat, rstd, dims).flatten(1, 2)
+    tg = None if ts[0] is None else ts[0].unflatten(1, (group, C // group))
+    if tg is not None:  # native_group_norm_backward has no derivative in PyTorch: written out
+        t = _normalize_tangent(tg, xhat, rstd, dims).flatten(1, 2)
         t = t if w is None else t * w.view(shape)
     if ts[1] is not None:  # the weight's tangent: xhat per group, then per channel
         t = add_tangents(t, xhat.flatten(1, 2) * ts[1].view(shape))
     if ts[2] is not None:
         t = add_tangents(t, _expand(ts[2].view(shape), y))
-    tg = None if ts[0] is None else ts[0].unflatten(1, (group, C // group))
     t_mean, t_rstd = _stats_tangents(tg, xg - mean, rstd, dims, False)
     return (t, t_mean, t_rstd)
 
