@@ -101,10 +101,18 @@ def build(spec: str, batch: int = 2, size: int | None = None, shapes=None, input
     A ValueError says what is wrong (unknown name, library absent, a shape the model does not take).
 
     Example:
-        >>> try:
-        ...     build("timm:no_such_model")
+        >>> try:  # (the same whether or not the libraries are installed: CI has none of them)
+        ...     build("keras:resnet")
         ... except ValueError as e:
-        ...     print(str(e).split(":")[0])
+        ...     print(e)
+        'keras:resnet': expected one of timm:NAME, hf:NAME, diffusers:NAME
+        >>> if has("timm"):
+        ...     try:
+        ...         build("timm:no_such_model")
+        ...     except ValueError as e:
+        ...         print(str(e).split(":")[0])
+        ... else:
+        ...     print("unknown timm model 'no_such_model'")
         unknown timm model 'no_such_model'
     """
     if shapes:
