@@ -30,6 +30,7 @@ import contextvars
 import dataclasses
 import functools
 import itertools
+import logging
 import operator
 import re
 import warnings
@@ -44,6 +45,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .guards import Guards, function_roots, watch
+
+log = logging.getLogger("jvpgraph")
 
 aten = torch.ops.aten
 
@@ -863,6 +866,25 @@ def _conv_backend_unguarded(example: list[torch.Tensor]):
         torch._C._select_conv_backend = select
 
 
+@contextlib.contextmanager
+def _graph_capture(on: bool):
+    """``torch.compiler.is_compiling()`` is True inside, as it is while torch.export traces a model with
+    make_fx (its non-strict mode). Libraries read that flag to skip value-dependent shortcuts that graph
+    capture cannot follow (transformers' ``if torch.all(mask == 1): mask = None`` before SDPA) and compute the
+    same values the general way. Set only for a second attempt, after a trace met such a branch."""
+    if not on:
+        yield
+        return
+    import torch.compiler as tc
+
+    old = tc._is_compiling_flag
+    tc._is_compiling_flag = True
+    try:
+        yield
+    finally:
+        tc._is_compiling_flag = old
+
+
 def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
                   specialize: BaseException | None = None, dynamic=None) -> TracedProgram:
     """Trace ``f(*inputs)`` to a :class:`TracedProgram`.
@@ -957,7 +979,8 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
 
     def run_trace_once(example, mode):
         with tracing_state(module, bn, momentum_none) as originals, _opaque_autograd_functions(), \
-                _rng_untouched(f, draws=mode == "real"), _conv_backend_unguarded(example):
+                _rng_untouched(f, draws=mode == "real"), _conv_backend_unguarded(example), \
+                _graph_capture(capture[0]):
             originals_box[:] = [originals]
             return make_fx(
                 torch.func.functionalize(flat_fn, remove="mutations"),
@@ -984,7 +1007,26 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             return run_trace(example, mode), example
 
     momentum_none: list[str] = []
+    capture = [False]  # the second attempt, as torch.export traces: torch.compiler.is_compiling() is True
     mode, values = "fake", None
+
+    def run_trace_as_captured(example, mode, first_error):
+        """After a value-dependent branch: the same trace with ``torch.compiler.is_compiling()`` True, where
+        libraries compute the same values without the branch; ``first_error`` again if that fails too."""
+        if not _data_dependent(first_error):
+            raise first_error
+        momentum_none.clear()
+        capture[0] = True
+        try:
+            out = run_trace_on_copies_if_written(example, mode)
+        except Exception:  # noqa: BLE001 - the branch is the user's own: the first error says where
+            capture[0] = False
+            momentum_none.clear()
+            raise first_error from None
+        log.info("jvpgraph: %s: traced with torch.compiler.is_compiling() True (the model branched on a tensor's "
+                 "value otherwise: %s)", getattr(f, "__qualname__", type(f).__name__),
+                 str(first_error).splitlines()[0][:120])
+        return out
 
     def run_trace_on_copies_if_written(example, mode):
         try:
@@ -1013,7 +1055,11 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         try:
             if specialize is not None:
                 raise specialize
-            gm, example = run_trace_on_copies_if_written(example, "fake" if dynamic is None else "symbolic")
+            traced_as = "fake" if dynamic is None else "symbolic"
+            try:
+                gm, example = run_trace_on_copies_if_written(example, traced_as)
+            except Exception as e:  # noqa: BLE001
+                gm, example = run_trace_as_captured(example, traced_as, e)
         except Exception as e:  # noqa: BLE001
             if dynamic is not None or not _data_dependent(e):
                 raise

@@ -149,6 +149,39 @@ def test_value_dependent_sizes_need_no_specialization():
     assert traced.graph.program.values is None
 
 
+class _MaskShortcut(nn.Module):
+    """transformers' habit before SDPA: ``if torch.all(mask == 1): mask = None`` (no masking needed), skipped
+    while ``torch.compiler.is_compiling()`` (graph capture), where the mask is applied either way."""
+
+    def forward(self, x, mask):
+        if not torch.compiler.is_compiling() and torch.all(mask == 1):
+            mask = None
+        bias = 0.0 if mask is None else (1.0 - mask.to(x.dtype)) * -1e4
+        return torch.softmax(x @ x.transpose(-1, -2) + bias, -1) @ x
+
+
+def test_a_shortcut_skipped_under_graph_capture_needs_no_specialization():
+    """A value-dependent shortcut that the model skips under ``torch.compiler.is_compiling()`` is traced as
+    torch.export traces it (the flag set on a second attempt): one trace for every mask and batch, no warning;
+    Jv equals torch.func.jvp's on the eager model (which takes the shortcut where it can), and the flag is off
+    again afterwards."""
+    m = _MaskShortcut()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no "branches on tensor values"
+        for b, full in ((3, True), (3, False), (5, True), (4, False)):
+            x = torch.randn(b, 4, 6, dtype=D)
+            mask = torch.ones(b, 4, 4, dtype=torch.long) if full else (torch.rand(b, 4, 4) > 0.3).long()
+            v = torch.randn_like(x)
+            out, jv = jvpgraph.jvp(m, (x, mask), (v, None))
+            ref_out, ref = torch.func.jvp(lambda z: m(z, mask), (x,), (v,))
+            torch.testing.assert_close(out, ref_out)
+            torch.testing.assert_close(jv, ref)
+    assert not torch.compiler.is_compiling()
+    traced = jvpgraph.api._traced_for(m, (x, mask), "batch")
+    assert all(c.graph.program.values is None for b in traced._cache.values() for c in b)
+    assert len(traced.history) <= 3, traced.explain()  # batch 3, then symbolic sizes
+
+
 def test_specialized_trace_leaves_the_model_alone():
     """Tracing on real values runs the model for real: on copies, so running statistics, parameters and the
     caller's RNG are untouched; a new batch re-traces, the same batch does not."""
