@@ -12,7 +12,7 @@ import math
 
 import torch
 
-from .registry import WithPrimal, add_tangents, current_options, defjvp, deflinear, defrule
+from .registry import NAMESPACE_RULES, WithPrimal, add_tangents, current_options, defjvp, deflinear, defrule
 
 aten = torch.ops.aten
 
@@ -885,3 +885,21 @@ def _segment_reduce(ts, out, data, reduce, *, lengths=None, indices=None, offset
 
 
 defrule(aten.segment_reduce, _segment_reduce, "linear")
+
+
+# ------------------------------------------------------------------ torchvision's detection ops
+def _torchvision_rules():
+    tv = torch.ops.torchvision
+
+    def roi_align(ts, out, x, rois, *args):
+        # bilinear samples of the features at positions the boxes set: linear in the features. The boxes get
+        # no tangent, as in torchvision's own backward (which returns no gradient for them): the Jv of what
+        # autograd differentiates, the same as double-backward and torch.func would give
+        if ts[0] is None:
+            return None
+        return tv.roi_align(ts[0], rois, *args)
+
+    defrule(tv.roi_align.default, roi_align, "linear")
+
+
+NAMESPACE_RULES["torchvision"] = _torchvision_rules

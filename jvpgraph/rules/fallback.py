@@ -313,6 +313,9 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
         except NotImplementedError as e:  # the rule declined these arguments: fall back (and say why, if it did)
             if str(e):
                 reasons.append(f"written rule ({rule.kind}): {str(e).splitlines()[0]}")
+    outs = [o for o in pytree.tree_leaves(out) if isinstance(o, torch.Tensor)]
+    if outs and not any(o.is_floating_point() or o.is_complex() for o in outs):
+        return None, "structural"  # integer or boolean outputs only (nms's indices): no tangent, as for autograd
     live = [t for t in pytree.tree_leaves((tangents, tkwargs)) if isinstance(t, torch.Tensor)]
     if live and all(t.numel() == 0 for t in live):
         return None, "structural"  # every tangent is empty (det of a 0x0 matrix): no path carries anything

@@ -58,11 +58,20 @@ def op_name(target) -> str:
     return str(target) if isinstance(target, torch._ops.OpOverload) else getattr(target, "__name__", str(target))
 
 
+#: Rules for the ops of a library's namespace (``torch.ops.torchvision``), registered by calling its function
+#: the first time an op of that namespace is looked up: the ops exist only once the library is imported.
+NAMESPACE_RULES: dict[str, Callable[[], None]] = {}
+
+
 def lookup(op) -> Rule | None:
     """The rule for an ``OpOverload`` (or its packet), or ``None``."""
     rule = RULES.get(op)
     if rule is None and hasattr(op, "overloadpacket"):
         rule = RULES.get(op.overloadpacket)
+    register = NAMESPACE_RULES.pop(getattr(op, "namespace", None), None) if rule is None else None
+    if register is not None:
+        register()
+        return lookup(op)
     return rule
 
 
