@@ -57,8 +57,11 @@ def _build_model(spec: str, size: int, num_classes: int = 10, in_channels: int |
     """:func:`build_model`, raising ValueError with the message instead of exiting."""
     import torch.nn as nn
 
+    from .experiments import ecosystem
     from .experiments.models import build_model as build
 
+    if ecosystem.is_ecosystem(spec):
+        return ecosystem.build(spec, size=size).model
     if ":" not in spec:
         return build(spec, in_channels=in_channels, size=size, num_classes=num_classes)
     factory = load_factory(spec)
@@ -181,12 +184,19 @@ def input_shapes(spec: str, shapes: list[tuple[int, ...]] | None = None, batch: 
         >>> input_shapes("mypkg:make", [(2, 10), (2, 5)])
         [(2, 10), (2, 5)]
     """
+    from .experiments import ecosystem
+
     if shapes:
         given = [f"--{k}" for k, val in (("batch", batch), ("size", size), ("channels", channels)) if val is not None]
         if given:
             raise ValueError(f"--input-shape gives the whole shape, batch first; {' and '.join(given)} would "
                              "change it: drop one or the other")
         return [tuple(s) for s in shapes]
+    if ecosystem.is_ecosystem(spec):
+        if channels is not None:
+            raise ValueError(f"--channels: {spec} takes the channels of its config; give the whole shape with "
+                             "--input-shape instead")
+        return ecosystem.input_shapes(spec, batch or 2, size)
     return [(batch or 2, *input_shape(spec, size, channels))]
 
 
@@ -204,6 +214,10 @@ def _add_input_options(p: argparse.ArgumentParser) -> None:
 def _build_for(spec: str, shapes: list[tuple[int, ...]]):
     """The model for input shapes ``shapes``: a torchvision ViT's image size and the channels of a built-in
     model follow the first input (a grayscale input is repeated to RGB for torchvision's classifiers)."""
+    from .experiments import ecosystem
+
+    if ecosystem.is_ecosystem(spec):
+        return ecosystem.build(spec, shapes=shapes).model
     first = shapes[0]
     size = first[-1] if len(first) >= 3 else 64
     in_channels = first[1] if len(first) == 4 and ":" not in spec else None
@@ -347,6 +361,7 @@ def verify_cmd(args) -> int:
     could not run (bad arguments, a model that does not load or does not run on the input)."""
     import copy
 
+    from .experiments import ecosystem
     from .experiments.models import MODELS
     from .verify import verify
 
@@ -363,7 +378,7 @@ def verify_cmd(args) -> int:
         return cannot(str(e))
     model = model.to(dtype)
     model.train(args.mode == "train")
-    if ":" not in args.model and not args.keep_init:
+    if (":" not in args.model or ecosystem.is_ecosystem(args.model)) and not args.keep_init:
         redone = reinit_zero_layers(model)
         if redone:
             print(f"jvpgraph verify: {args.model} is built with all-zero weights in {', '.join(redone)} (Jv would be "
@@ -410,8 +425,9 @@ VERIFY_EXIT_CODES = """exit status:
                    reference are zero (e.g. a zero-initialized last layer)
   3  could not run: bad arguments, a model that does not load or does not run on the input
 
-Built-in names (torchvision's classifiers, lenet, ...) are built with random weights; a layer built all zero
-(torchvision's ViT heads) is re-initialized first, and said so (--keep-init keeps it)."""
+Built-in names (torchvision's classifiers, lenet, ...) and timm:NAME, hf:MODEL_TYPE, diffusers:NAME (tiny
+configs; pip install 'jvpgraph[zoo]') are built with random weights; a layer built all zero (torchvision's ViT
+heads) is re-initialized first, and said so (--keep-init keeps it)."""
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -436,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
                                    "on a model built with random weights and a random input.",
                        epilog=VERIFY_EXIT_CODES, formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("model", help="a torchvision classifier name (e.g. resnet18), lenet, vgg16_bn, sigmoid_bn_cnn, "
-                                 "sigmoid_mlp, or package.module:factory (called with no arguments)")
+                                 "sigmoid_mlp, timm:NAME, hf:MODEL_TYPE, diffusers:NAME (random weights, tiny "
+                                 "configs), or package.module:factory (called with no arguments)")
     v.add_argument("--mode", choices=("train", "eval"), default="train")
     v.add_argument("--bn", choices=("batch", "frozen", "eval"), default="batch")
     _add_input_options(v)
@@ -446,8 +463,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="verify a built-in model as built, even with an all-zero layer (Jv = 0: INCONCLUSIVE)")
     v.add_argument("--seed", type=int, default=0)
     w = sub.add_parser("draw", help="draw a model's reverse-mode graph beside its flipped graph (svg, png, pdf)")
-    w.add_argument("model", help="a torchvision classifier (resnet18), lenet, sigmoid_bn_cnn, sigmoid_mlp or "
-                                 "package.module:factory")
+    w.add_argument("model", help="a torchvision classifier (resnet18), lenet, sigmoid_bn_cnn, sigmoid_mlp, "
+                                 "timm:NAME, hf:MODEL_TYPE, diffusers:NAME or package.module:factory")
     w.add_argument("-o", "--output", default="flipped.svg", help="output file; the suffix picks the format")
     w.add_argument("--mode", choices=("train", "eval"), default="train")
     w.add_argument("--bn", choices=("batch", "frozen", "eval"), default="batch")
@@ -491,7 +508,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--parts", nargs="+", choices=("jvp", "sweep", "trace"), default=["jvp", "sweep", "trace"],
                    help="jvp: Jv vs torch.func/forward_ad/double-backward; sweep: Figure 5 (left), time per "
                         "batch vs batch size; trace: one-off trace cost and its amortization")
-    b.add_argument("--models", nargs="+", default=None, help="lenet, mlp, vgg16_bn, resnet18, vit (default all)")
+    b.add_argument("--models", nargs="+", default=None, help="lenet, mlp, vgg16_bn, resnet18, vit (default all), "
+                                                            "or timm:NAME, hf:MODEL_TYPE, diffusers:NAME")
     b.add_argument("--modes", nargs="+", choices=("eval", "train"), default=None)
     b.add_argument("--repeats", type=int, default=None, help="timed calls per method (default 20)")
     b.add_argument("--batches", nargs="+", type=int, default=None, help="batch sizes of the sweep")

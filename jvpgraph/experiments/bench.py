@@ -39,9 +39,10 @@ from .. import api, testing
 from ..measure import median_times, peak_memory
 from ..regularizers import FrobeniusRegularizer, SpectralBoundRegularizer, SpectralRegularizer
 from ..spectral import jacobian_per_sample
+from . import ecosystem
 from .models import LeNet, VGG16BN
 
-__all__ = ["BENCH_MODELS", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost", "machine",
+__all__ = ["BENCH_MODELS", "bench_entry", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost", "machine",
            "targets", "markdown", "plot_jvp", "plot_sweep", "plot_trace"]
 
 MB = 1 << 20
@@ -77,6 +78,37 @@ BENCH_MODELS: dict[str, tuple[Callable[[], nn.Module], tuple[int, ...], int, str
     "resnet18": (_resnet18, (3, 64, 64), 16, "torchvision ResNet-18, 64x64"),
     "vit": (_vit, (3, 32, 32), 16, "ViT: 4 layers, 4 heads, width 128, patches 4x4 of 32x32"),
 }
+
+
+
+def bench_entry(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...], int, str]:
+    """``(factory, shape of one input sample, default batch, what it is)`` for a model ``jvpgraph bench`` runs:
+    one of :data:`BENCH_MODELS`, or ``timm:NAME``, ``hf:MODEL_TYPE``, ``diffusers:NAME`` (random weights from a
+    tiny config, :func:`jvpgraph.experiments.ecosystem.build`; a diffusers denoiser as a module of its latent,
+    the timestep fixed). A ValueError names the choices.
+
+    Example:
+        >>> factory, shape, batch, what = bench_entry("lenet")
+        >>> shape, batch, type(factory()).__name__
+        ((1, 28, 28), 64, 'LeNet')
+    """
+    if name in BENCH_MODELS:
+        return BENCH_MODELS[name]
+    if not ecosystem.is_ecosystem(name):
+        raise ValueError(f"unknown model {name!r}: choose from {', '.join(BENCH_MODELS)}, or timm:NAME, "
+                         "hf:MODEL_TYPE, diffusers:NAME")
+    built = ecosystem.build(name, batch=2, inputs="latent")
+    if len(built.shapes) != 1:
+        raise ValueError(f"{name}: takes {len(built.shapes)} inputs; jvpgraph bench times models of one input")
+    state = copy.deepcopy(built.model.state_dict())
+
+    def factory():  # the same weights each time it is built
+        m = copy.deepcopy(built.model)
+        m.load_state_dict(state)
+        return m
+
+    return factory, tuple(built.shapes[0][1:]), 8, built.what
+
 
 #: methods of :func:`jvp_table`: key -> description
 JVP_METHODS = {
@@ -232,11 +264,9 @@ def bench_model(name: str, mode: str = "eval", batch: int | None = None, repeats
         >>> r["methods"]["new"]["rel_err"] < 1e-4, r["ratios"]["new_vs_func_jvp"] > 0
         (True, True)
     """
-    if name not in BENCH_MODELS:
-        raise ValueError(f"unknown model {name!r}: choose from {', '.join(BENCH_MODELS)}")
     if mode not in ("eval", "train"):
         raise ValueError(f"mode={mode!r}: expected 'eval' or 'train'")
-    factory, shape, default_batch, what = BENCH_MODELS[name]
+    factory, shape, default_batch, what = bench_entry(name)
     batch = batch or default_batch
     methods = list(methods or _DEFAULT_METHODS)
     torch.manual_seed(seed)
@@ -317,7 +347,7 @@ def jvp_table(models: Iterable[str] | None = None, modes: Iterable[str] = ("eval
 
 
 def _train_differs(name: str) -> bool:
-    m = BENCH_MODELS[name][0]()
+    m = bench_entry(name)[0]()
     return any(isinstance(k, (nn.modules.batchnorm._BatchNorm, nn.Dropout, nn.MultiheadAttention))
                for k in m.modules())
 
@@ -451,7 +481,7 @@ def trace_cost(models: Iterable[str] | None = None, repeats: int = 10,
     for name in models or BENCH_MODELS:
         if progress:
             progress(name)
-        factory, shape, batch, _ = BENCH_MODELS[name]
+        factory, shape, batch, _ = bench_entry(name)
         torch.manual_seed(0)
         model = factory().train()
         x, v = torch.randn(batch, *shape), torch.randn(batch, *shape)
@@ -687,9 +717,10 @@ def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
     if unknown:
         raise ValueError(f"unknown part(s) {unknown}: choose from {', '.join(PARTS)}")
     models = list(models or BENCH_MODELS)
-    unknown = [m for m in models if m not in BENCH_MODELS]
+    unknown = [m for m in models if m not in BENCH_MODELS and not ecosystem.is_ecosystem(m)]
     if unknown:
-        raise ValueError(f"unknown model(s) {unknown}: choose from {', '.join(BENCH_MODELS)}")
+        raise ValueError(f"unknown model(s) {unknown}: choose from {', '.join(BENCH_MODELS)}, or timm:NAME, "
+                         "hf:MODEL_TYPE, diffusers:NAME")
     path = out / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["meta"] = machine()
