@@ -152,6 +152,19 @@ def _differentiable_copies(graph: fx.Graph) -> int:
 _DETACH_AS_ALIAS = {torch.ops.aten.detach.default: nop_decomposition}
 
 
+def _views_as_reshapes(graph: fx.Graph) -> int:
+    """``aten.view`` -> ``aten.reshape`` (how many). The trace chose views from fake tensors' strides; where an
+    op's meta function gives other strides than its kernel (``native_group_norm`` on a channels_last CPU input:
+    contiguous on meta, channels_last for real; timm's cpubone), such a view fails on the real tensor. A reshape
+    is that same view wherever the strides allow one, and a copy with the same values where they do not."""
+    n = 0
+    for node in graph.nodes:
+        if node.op == "call_function" and node.target is torch.ops.aten.view.default:
+            node.target = torch.ops.aten.reshape.default
+            n += 1
+    return n
+
+
 def _constant_boundary(graph: fx.Graph) -> set[fx.Node]:
     """The nodes whose values must reach the emitted graph as constants: ``aten.detach`` in the user's code,
     and values computed under ``torch.no_grad()`` that an op run with gradients (or the output) reads."""
@@ -270,6 +283,7 @@ class FlippedGraph:
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         _differentiable_copies(gm.graph)
         _fuse_relu_max_pool(gm.graph)
+        _views_as_reshapes(gm.graph)
         gm.graph.lint()
         gm.recompile()
         return gm

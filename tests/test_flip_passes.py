@@ -141,3 +141,31 @@ def test_faster_order_is_kept(interleaved_s, primal_first_s, want):
     outs = [chooser(x) for _ in range(8)]
     assert calls[:6] == ["interleaved"] * 3 + ["primal_first"] * 3
     assert outs[6:] == [want, want]
+
+
+class _ChannelsLastGroupNorm(nn.Module):
+    """timm's cpubone: GroupNorm on a channels_last input, then a reshape. PyTorch's meta function for
+    native_group_norm says the output is contiguous; the CPU kernel returns it channels_last."""
+
+    def __init__(self):
+        super().__init__()
+        self.gn = nn.GroupNorm(2, 8)
+
+    def forward(self, x):
+        return torch.tanh(self.gn(x.contiguous(memory_format=torch.channels_last))).reshape(x.shape[0], -1)
+
+
+def test_views_chosen_from_fake_strides_still_run_on_real_ones():
+    """The trace turned the reshape into a view from the fake tensor's (contiguous) strides: emitted as a view,
+    it raised 'view size is not compatible' on the real, channels_last tensor. Emitted as reshapes: the same
+    output and Jv as torch.func.jvp, for new batches too."""
+    torch.manual_seed(0)
+    m = _ChannelsLastGroupNorm().double()
+    for b in (2, 3, 5):
+        x, v = torch.randn(b, 8, 4, 4, dtype=torch.float64), torch.randn(b, 8, 4, 4, dtype=torch.float64)
+        out, jv = jvpgraph.jvp(m, (x,), (v,))
+        ref_out, ref = torch.func.jvp(m, (x,), (v,))
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jv, ref, rtol=1e-12, atol=1e-12)
+    code = jvpgraph.trace(m, x).graph.flip().code
+    assert "aten.view.default" not in code and "aten.reshape.default" in code
