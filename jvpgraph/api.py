@@ -336,6 +336,9 @@ class Traced:
         if not prog.sizes_hold(flat_in):
             return f"sizes outside those its symbolic sizes hold for ({prog.size_guards()})"
         why = prog.guards.check()
+        if why is None and prog.reads_random:
+            why = ("it branches on random numbers it drew (a Python if on torch.rand, or on values after dropout):"
+                   " it answers only the call it was traced in")
         if why is None and comp.graph.program.values is not None:
             # traced at particular values (data-dependent shapes or branches): valid for those values only
             now = [*self._state(walk=walk), *flat_in]

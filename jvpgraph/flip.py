@@ -30,7 +30,7 @@ from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
-from .trace import _conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, grad_enabled
+from .trace import _conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, grad_enabled
 from .rules import options
 from .rules.propagate import propagate
 
@@ -41,11 +41,11 @@ FICTITIOUS = "v"
 
 
 def _is_impure(node: fx.Node) -> bool:
-    """Dead-code elimination keeps the signature and any op with an effect; the rest is pure (random ops
-    too, if unused)."""
+    """Dead-code elimination keeps the signature, any op with an effect and every random draw (an unused one
+    still moves the generator: the draws after it must be those of an eager call)."""
     if node.op in ("placeholder", "output"):
         return True
-    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable
+    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable or draws_random(node)
 
 
 def _tangent_nodes(graph: fx.Graph, n_primal: int) -> set[fx.Node]:
@@ -267,7 +267,12 @@ class FlippedGraph:
             # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
             # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's
             # detaches are cut by `jvpgraph::constant` instead (_joint)
-            with _conv_backend_unguarded(examples):
+            # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
+            # that the emitted graph's first call draws what an eager call would
+            forked = torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))
+                                           if torch.cuda.is_initialized() else []) \
+                if mode == "real" else contextlib.nullcontext()
+            with _conv_backend_unguarded(examples), forked:
                 gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
                              tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
         if _has_leftover_mutations(gm.graph):

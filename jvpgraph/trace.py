@@ -429,6 +429,11 @@ class TracedProgram:
     #: :meth:`sizes_hold` checks the rest of what the trace assumed about them). ``None``: every size is fixed.
     dynamic: tuple[tuple[int, ...], ...] | None = None
 
+    #: For a trace specialized to values: whether a value it read (``.item()``, a Python branch) depends on a
+    #: random draw (OPT's LayerDrop: ``if torch.rand([]) < p``; MoE routing after dropout). The next call draws
+    #: other numbers, so the trace answers only the call it was made in.
+    reads_random: bool = False
+
     _size_check: Any = dataclasses.field(default=None, repr=False, compare=False)
 
     def sizes_hold(self, inputs: Sequence[torch.Tensor]) -> bool:
@@ -866,6 +871,25 @@ def _conv_backend_unguarded(example: list[torch.Tensor]):
         torch._C._select_conv_backend = select
 
 
+def draws_random(node: fx.Node) -> bool:
+    """Whether ``node`` draws random numbers (dropout's bernoulli, rand, randn, ...: PyTorch's
+    ``nondeterministic_seeded`` ops)."""
+    return node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and \
+        torch.Tag.nondeterministic_seeded in node.target.tags
+
+
+def _reads_random(graph: fx.Graph) -> bool:
+    """Whether a value read in a trace on real values (``aten._local_scalar_dense``: ``.item()``, ``bool()``
+    of a tensor) depends on a random draw."""
+    random: set[fx.Node] = set()
+    for node in graph.nodes:
+        if node.op == "call_function" and (draws_random(node) or any(a in random for a in node.all_input_nodes)):
+            random.add(node)
+            if node.target is aten._local_scalar_dense.default:
+                return True
+    return False
+
+
 @contextlib.contextmanager
 def _graph_capture(on: bool):
     """``torch.compiler.is_compiling()`` is True inside, as it is while torch.export traces a model with
@@ -1007,6 +1031,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             return run_trace(example, mode), example
 
     momentum_none: list[str] = []
+    reads_random = False  # a trace on real values whose branches read random draws (TracedProgram.reads_random)
     capture = [False]  # the second attempt, as torch.export traces: torch.compiler.is_compiling() is True
     mode, values = "fake", None
 
@@ -1073,9 +1098,12 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             example = [t.detach().clone().requires_grad_(t.requires_grad) for t in example]
             gm, example = run_trace_on_copies_if_written(example, "real")
             values = [t.detach() for t in example]
+            reads_random = _reads_random(gm.graph)
             warnings.warn(
                 f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} branches on tensor values (or its shapes "
-                "depend on them): traced at these values, and traced again whenever its inputs or parameters change"
+                "depend on them): traced at these values, and traced again " + (
+                    "on every call (a value it reads depends on random numbers it draws)" if reads_random else
+                    "whenever its inputs or parameters change") +
                 f"\n  at {where}\n  (PyTorch: {type(e).__name__}: {str(e).splitlines()[0][:120]})\n  Correct, "
                 "but a trace per call: make the shapes and branches depend on shapes only for one trace to serve "
                 "every batch.", stacklevel=3)
@@ -1162,9 +1190,10 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     for name in momentum_none:  # momentum=None layers: the weight of their update was a stand-in
         for stat in ("running_mean", "running_var", "num_batches_tracked"):
             updates.pop(f"{name}.{stat}" if name else stat, None)
-    # detach/alias of unused values and the like
+    # detach/alias of unused values and the like; random draws stay (an unused one, read only by a Python
+    # branch, still moves the generator: the draws after it must be the ones an eager call makes)
     for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users and node.target not in (aten.bernoulli.p,):
+        if node.op == "call_function" and not node.users and not draws_random(node):
             if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable:
                 if node not in updates.values():
                     graph.erase_node(node)
@@ -1180,4 +1209,5 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     gm.recompile()
     diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
     return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
-                         updates, bn, values, guards_box[-1] if guards_box else Guards([]), dynamic)
+                         updates, bn, values, guards_box[-1] if guards_box else Guards([]), dynamic,
+                         reads_random=reads_random)

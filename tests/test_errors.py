@@ -11,9 +11,12 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import jvpgraph
 from jvpgraph.rules import RULES, defjvp, defrule
+
+from conftest import seeded
 
 aten = torch.ops.aten
 D = torch.float64
@@ -442,3 +445,49 @@ def test_non_tensor_outputs_say_what_to_do(kind):
     hint = "register_dataclass" if kind == "dataclass" else "register_pytree_node" if kind == "dict subclass" \
         else "return the tensors alone"
     assert hint in msg and "eager mode too" not in msg, msg
+
+
+class _DropThenBranch(nn.Module):
+    """Dropout, then a branch on the values (MoE routing's habit), then dropout again."""
+
+    def forward(self, x):
+        x = F.dropout(x, 0.5, training=True)
+        if (x.sum() > -1e9).item():
+            x = x * 2
+        return F.dropout(x, 0.5, training=True)
+
+
+class _LayerDrop(nn.Module):
+    """OPT's LayerDrop: a draw read only by a Python branch, then dropout."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p, self.lin = p, nn.Linear(4, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.lin(x))
+        if torch.rand([]) < self.p:
+            return h
+        return F.dropout(torch.sin(self.lin(h)), 0.5, training=True)
+
+
+@pytest.mark.parametrize("make", [_DropThenBranch, lambda: _LayerDrop(0.0), lambda: _LayerDrop(0.5)],
+                         ids=["dropout-then-branch", "layerdrop-0", "layerdrop-0.5"])
+def test_traces_on_values_draw_what_eager_draws(make):
+    """A trace on real values runs the model: its random draws are on a fork, so the first call after it
+    draws what an eager call under the same seed would; an unused draw read only by a branch is kept, so the
+    draws after it line up; a branch on a random draw is traced again on every call (it answers only the
+    call it was made in). Output and Jv against eager and torch.func.jvp under the same seed, call after
+    call."""
+    torch.manual_seed(0)
+    m = make().double()
+    x = torch.randn(4, 4, dtype=D)
+    for seed in range(6):
+        v = torch.randn_like(x)
+        with seeded(seed), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out, jv = jvpgraph.jvp(m, (x,), (v,))
+        with seeded(seed):
+            ref_out, ref = torch.func.jvp(m, (x,), (v,))
+        torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jv, ref, rtol=1e-12, atol=1e-12)
