@@ -30,7 +30,8 @@ from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
-from .trace import _conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, grad_enabled
+from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
+                    grad_enabled)
 from .rules import options
 from .rules.propagate import propagate
 
@@ -269,10 +270,7 @@ class FlippedGraph:
             # detaches are cut by `jvpgraph::constant` instead (_joint)
             # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
             # that the emitted graph's first call draws what an eager call would
-            forked = torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))
-                                           if torch.cuda.is_initialized() else []) \
-                if mode == "real" else contextlib.nullcontext()
-            with _conv_backend_unguarded(examples), forked:
+            with _conv_backend_unguarded(examples), forked_rng(mode == "real"):
                 gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
                              tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
         if _has_leftover_mutations(gm.graph):

@@ -779,9 +779,19 @@ def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> f
         with fx_traceback.preserve_node_meta():
             return _AtenViews(gm).run(*args)
 
-    return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode=mode,
-                   _allow_non_fake_inputs=True, record_stack_traces=True,
-                   _error_on_data_dependent_ops=mode != "real")(*example)
+    with forked_rng(mode == "real"):
+        return make_fx(torch.func.functionalize(run, remove="mutations"), tracing_mode=mode,
+                       _allow_non_fake_inputs=True, record_stack_traces=True,
+                       _error_on_data_dependent_ops=mode != "real")(*example)
+
+
+def forked_rng(on: bool = True):
+    """A fork of the global generators (CPU, and the CUDA devices in use) when ``on``: make_fx on real values
+    runs the graph's random ops for real, and the graph's first call must draw what an eager call would."""
+    if not on:
+        return contextlib.nullcontext()
+    return torch.random.fork_rng(devices=list(range(torch.cuda.device_count())) if torch.cuda.is_initialized()
+                                 else [])
 
 
 @contextlib.contextmanager
@@ -878,14 +888,20 @@ def draws_random(node: fx.Node) -> bool:
         torch.Tag.nondeterministic_seeded in node.target.tags
 
 
+_VALUE_READS = (torch.Tag.dynamic_output_shape, torch.Tag.data_dependent_output)
+
+
 def _reads_random(graph: fx.Graph) -> bool:
-    """Whether a value read in a trace on real values (``aten._local_scalar_dense``: ``.item()``, ``bool()``
-    of a tensor) depends on a random draw."""
+    """Whether a value read in a trace on real values depends on a random draw: ``aten._local_scalar_dense``
+    (``.item()``, ``bool()`` of a tensor), or an op whose output's size or value a trace on real values fixes
+    (``nonzero``, ``torch.where(mask)``, boolean indexing: MoE routing after dropout)."""
     random: set[fx.Node] = set()
     for node in graph.nodes:
         if node.op == "call_function" and (draws_random(node) or any(a in random for a in node.all_input_nodes)):
             random.add(node)
-            if node.target is aten._local_scalar_dense.default:
+            if node.target is aten._local_scalar_dense.default or (
+                    isinstance(node.target, torch._ops.OpOverload)
+                    and any(tag in node.target.tags for tag in _VALUE_READS)):
                 return True
     return False
 

@@ -471,8 +471,20 @@ class _LayerDrop(nn.Module):
         return F.dropout(torch.sin(self.lin(h)), 0.5, training=True)
 
 
-@pytest.mark.parametrize("make", [_DropThenBranch, lambda: _LayerDrop(0.0), lambda: _LayerDrop(0.5)],
-                         ids=["dropout-then-branch", "layerdrop-0", "layerdrop-0.5"])
+class _BranchThenInplaceDropout(nn.Module):
+    """A branch on values, then dropout on the attention weights the way transformers' eager attention calls it
+    inside sdpa's math path (an in-place bernoulli_ below functionalization: the graph is functionalized again
+    on the real values)."""
+
+    def forward(self, x):
+        if (x.sum() > -1e9).item():
+            x = x * 2
+        return torch.nn.functional.scaled_dot_product_attention(x[None], x[None], x[None], dropout_p=0.5)[0]
+
+
+@pytest.mark.parametrize("make", [_DropThenBranch, lambda: _LayerDrop(0.0), lambda: _LayerDrop(0.5),
+                                  _BranchThenInplaceDropout],
+                         ids=["dropout-then-branch", "layerdrop-0", "layerdrop-0.5", "branch-then-sdpa-dropout"])
 def test_traces_on_values_draw_what_eager_draws(make):
     """A trace on real values runs the model: its random draws are on a fork, so the first call after it
     draws what an eager call under the same seed would; an unused draw read only by a branch is kept, so the
