@@ -42,8 +42,8 @@ from ..spectral import jacobian_per_sample
 from . import ecosystem
 from .models import LeNet, VGG16BN
 
-__all__ = ["BENCH_MODELS", "bench_entry", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost", "machine",
-           "targets", "markdown", "plot_jvp", "plot_sweep", "plot_trace"]
+__all__ = ["BENCH_MODELS", "bench_entry", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost",
+           "machine", "targets", "markdown", "plot_jvp", "plot_sweep", "plot_trace"]
 
 MB = 1 << 20
 #: float32 agreement with the double-backward reference (see benchmarks/results/zoo.md for why 1e-4)
