@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import sys
 import time
 import warnings
 import weakref
@@ -254,6 +255,7 @@ class Traced:
             raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
+        f = _uncompiled(f)
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size={cache_size!r}: expected a positive integer")
         if dynamic not in (None, True, False):
@@ -698,7 +700,18 @@ def trace(f: Callable, *example_inputs, bn: str = "batch", wrt: Sequence[int] | 
 _MODULE_CACHE: "weakref.WeakKeyDictionary[nn.Module, dict[tuple, Traced]]" = weakref.WeakKeyDictionary()
 
 
+def _uncompiled(f):
+    """What ``torch.compile`` wrapped (``OptimizedModule._orig_mod``, a compiled function's original): the
+    same parameters and computation; make_fx cannot trace through Dynamo's frame (pass ``compile=True`` to
+    run jvpgraph's own graph under torch.compile)."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")  # loaded if the user compiled anything
+    if dynamo is not None and isinstance(f, dynamo.OptimizedModule):
+        return _uncompiled(f._orig_mod)
+    return getattr(f, "_torchdynamo_orig_callable", f) if not isinstance(f, nn.Module) else f
+
+
 def _traced_for(f, primals, bn, compile: bool | dict = False) -> Traced:
+    f = _uncompiled(f)
     if isinstance(f, nn.Module):
         per = _MODULE_CACHE.setdefault(f, {})
         key = (bn, repr(compile))

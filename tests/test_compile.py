@@ -8,6 +8,7 @@ import copy
 import pytest
 import torch
 import torch._dynamo
+import torch.nn as nn
 import torch.nn.functional as F
 
 import jvpgraph
@@ -90,3 +91,18 @@ def test_compile_option_equals_eager():
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
     with pytest.raises(TypeError, match="compile="):
         jvpgraph.trace(model, x, compile="yes")
+
+
+def test_a_torch_compiled_model_is_traced_as_the_model_it_wraps():
+    """``jvpgraph.jvp(torch.compile(model), ...)``: make_fx cannot trace through Dynamo's frame, so jvpgraph
+    traces what torch.compile wrapped (the same parameters); a compiled function likewise."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.GELU(), nn.Linear(8, 3)).double()
+    x, v = torch.randn(5, 4, dtype=torch.float64), torch.randn(5, 4, dtype=torch.float64)
+    ref = torch.func.jvp(net, (x,), (v,))
+    for compiled in (torch.compile(net), torch.compile(lambda z: net(z))):
+        out, jv = jvpgraph.jvp(compiled, (x,), (v,))
+        torch.testing.assert_close(out, ref[0], rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(jv, ref[1], rtol=1e-12, atol=1e-12)
+    sigma = jvpgraph.spectral_norm(torch.compile(net), x).sigma
+    torch.testing.assert_close(sigma, jvpgraph.spectral_norm(net, x).sigma)
