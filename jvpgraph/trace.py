@@ -26,6 +26,7 @@ one call with shapes, and we guard shapes ourselves.
 from __future__ import annotations
 
 import contextlib
+import copy
 import contextvars
 import dataclasses
 import functools
@@ -606,7 +607,21 @@ def _eager_error(f: Callable, inputs: tuple) -> BaseException | None:
         with torch.random.fork_rng(devices=devices), torch.enable_grad(), watch(roots):
             f(*args)
     except Exception as e:  # noqa: BLE001 - the answer, not a failure
-        return e
+        if not type(e).__module__.startswith(("torch._dynamo", "torch._higher_order_ops")):
+            return e
+        # torch.cond and other higher-order ops compile their branches with Dynamo, which cannot follow the
+        # recording classes `watch` gives the modules: ask again on a copy of the model, unwatched
+        try:
+            twin = copy.deepcopy(f) if isinstance(f, nn.Module) else None
+        except Exception:  # noqa: BLE001 - no copy: the first answer stands
+            return e
+        if twin is None:
+            return e
+        try:
+            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+                twin(*args)
+        except Exception as again:  # noqa: BLE001
+            return again
     finally:
         with torch.no_grad():
             for t, version, requires_grad, value in saved:

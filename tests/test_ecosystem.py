@@ -315,3 +315,24 @@ def test_hf_decoder_equals_double_backward(c):
     want = _double_backward(ref, e, v)
     assert testing.max_rel_err(jv, want) <= eco.TOL
     assert testing.max_rel_err(out, _seeded(lambda: ref(e))) <= 1e-5
+
+
+class _Cond(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.cond(x.sum() > 0, lambda z: torch.tanh(self.lin(z)), lambda z: torch.sigmoid(self.lin(z)),
+                          (x,))
+
+
+def test_torch_cond_refusal_does_not_claim_eager_fails():
+    """jvpgraph cannot trace torch.cond yet. Its eager check ran the model inside the attribute recorder,
+    which Dynamo (compiling cond's branches) cannot follow, and said "it raises in eager mode too": untrue.
+    The check now asks again on an unwatched copy; the refusal says eager runs, and eager does."""
+    m, x = _Cond(), torch.randn(3, 4)
+    with pytest.raises(TraceError) as err:
+        jvpgraph.jvp(m, (x,), (x,))
+    assert "It runs in eager mode on these inputs" in str(err.value) and "eager mode too" not in str(err.value)
+    assert m(x.clone().requires_grad_()).shape == (3, 4)  # eager, with gradients, runs
