@@ -46,7 +46,7 @@ def _is_impure(node: fx.Node) -> bool:
     still moves the generator: the draws after it must be those of an eager call)."""
     if node.op in ("placeholder", "output"):
         return True
-    return isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable or draws_random(node)
+    return (isinstance(node.target, torch._ops.OpOverload) and node.target._schema.is_mutable) or draws_random(node)
 
 
 def _tangent_nodes(graph: fx.Graph, n_primal: int) -> set[fx.Node]:

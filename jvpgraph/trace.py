@@ -26,8 +26,8 @@ one call with shapes, and we guard shapes ourselves.
 from __future__ import annotations
 
 import contextlib
-import copy
 import contextvars
+import copy
 import dataclasses
 import functools
 import itertools
@@ -602,23 +602,21 @@ def _eager_error(f: Callable, inputs: tuple) -> BaseException | None:
     saved = [(t, t._version, t.requires_grad, t.detach().clone()) for t in tensors.values()]
     args = pytree.tree_map(lambda a: a.detach().clone().requires_grad_(a.is_floating_point() or a.is_complex())
                            if isinstance(a, torch.Tensor) else a, inputs)
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     try:
-        with torch.random.fork_rng(devices=devices), torch.enable_grad(), watch(roots):
+        with forked_rng(), torch.enable_grad(), watch(roots):
             f(*args)
     except Exception as e:  # noqa: BLE001 - the answer, not a failure
-        if not type(e).__module__.startswith(("torch._dynamo", "torch._higher_order_ops")):
+        if not isinstance(f, nn.Module) or \
+                not type(e).__module__.startswith(("torch._dynamo", "torch._higher_order_ops")):
             return e
         # torch.cond and other higher-order ops compile their branches with Dynamo, which cannot follow the
         # recording classes `watch` gives the modules: ask again on a copy of the model, unwatched
         try:
-            twin = copy.deepcopy(f) if isinstance(f, nn.Module) else None
+            twin = copy.deepcopy(f)
         except Exception:  # noqa: BLE001 - no copy: the first answer stands
             return e
-        if twin is None:
-            return e
         try:
-            with torch.random.fork_rng(devices=devices), torch.enable_grad():
+            with forked_rng(), torch.enable_grad():
                 twin(*args)
         except Exception as again:  # noqa: BLE001
             return again
@@ -814,7 +812,6 @@ def _rng_untouched(f, draws: bool = False):
     """Tracing runs on fake tensors and draws no random numbers; a function that reseeds the global RNG
     (``torch.manual_seed`` inside ``forward``) would still change the caller's: restore it, and say that the
     graph does not replay the reseeding."""
-    devices = list(range(torch.cuda.device_count())) if torch.cuda.is_initialized() else []
     before = torch.get_rng_state()
     seeded = []
     real_seed = torch.manual_seed
@@ -823,7 +820,7 @@ def _rng_untouched(f, draws: bool = False):
         seeded.append(seed)
         return real_seed(seed)
 
-    with torch.random.fork_rng(devices=devices):
+    with forked_rng():
         torch.manual_seed = torch.random.manual_seed = manual_seed
         try:
             yield

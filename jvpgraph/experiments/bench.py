@@ -100,14 +100,8 @@ def bench_entry(name: str) -> tuple[Callable[[], nn.Module], tuple[int, ...], in
     built = ecosystem.build(name, batch=2, inputs="latent")
     if len(built.shapes) != 1:
         raise ValueError(f"{name}: takes {len(built.shapes)} inputs; jvpgraph bench times models of one input")
-    state = copy.deepcopy(built.model.state_dict())
-
-    def factory():  # the same weights each time it is built
-        m = copy.deepcopy(built.model)
-        m.load_state_dict(state)
-        return m
-
-    return factory, tuple(built.shapes[0][1:]), 8, built.what
+    # a copy each time (the same weights): built.model itself is never handed out
+    return (lambda: copy.deepcopy(built.model)), tuple(built.shapes[0][1:]), 8, built.what
 
 
 #: methods of :func:`jvp_table`: key -> description
