@@ -45,6 +45,7 @@ if (_msg := _untested_torch(str(_torch.__version__))) is not None:
 from .api import Linearized, Traced, explain, jvp, linearize, trace, vjp
 from .flip import FlippedGraph
 from .graph import Graph
+from .hessian import Curvature, hvp
 from .regularizers import FrobeniusRegularizer, Regularized, SpectralBoundRegularizer, SpectralRegularizer
 from .rules import RuleError
 from .spectral import SpectralNorm, spectral_norm
@@ -53,4 +54,5 @@ from .verify import VerifyReport, verify
 
 __all__ = ["trace", "jvp", "vjp", "linearize", "explain", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
            "RuleError", "verify", "VerifyReport", "spectral_norm", "SpectralNorm", "SpectralRegularizer",
-           "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized"]
+           "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized",
+           "hvp", "Curvature"]

@@ -18,7 +18,7 @@ from .flip import FlippedGraph
 from .graph import Graph
 from .guards import global_state
 from .rules import RuleError
-from .trace import BN_MODES, TraceError, _data_dependent, _eager_error, trace_program
+from .trace import BN_MODES, TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
 
 __all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp", "explain"]
 
@@ -602,6 +602,22 @@ class Traced:
         n, nb = comp.n_out, comp.n_buf
         new_buffers = dict(zip(comp.flipped.buffer_update_names, res[n:n + nb]))
         return Linearized(self, comp, res[:n], new_buffers, res[n + nb:], flat_in, comp.graph.program.out_spec)
+
+    def program(self, *inputs) -> tuple[TracedProgram, list[torch.Tensor]]:
+        """The trace that answers a call on ``inputs`` (made now if none is cached, checked by the guards),
+        and the values of its placeholders for that call: parameters, buffers, the flattened inputs.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+            >>> prog, values = jvpgraph.trace(net, torch.randn(4, 3)).program(torch.randn(4, 3))
+            >>> prog.param_names, [tuple(v.shape) for v in values]
+            (['0.weight', '0.bias'], [(2, 3), (2,), (4, 3)])
+            >>> torch.testing.assert_close(prog.gm(*values)[0], net(values[-1]))
+        """
+        walk = self._walk()
+        comp = self._compiled_for(inputs, walk)
+        return comp.graph.program, [*self._state(walk=walk), *pytree.tree_leaves(inputs)]
 
     def __call__(self, *inputs):
         """The primal output only (through the recorded-forward module)."""

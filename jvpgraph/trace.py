@@ -693,6 +693,25 @@ def _module_hooks(module: nn.Module | None, stack: list[str]):
         h2.remove()
 
 
+def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
+    """Drop ``copy_`` into a tensor the function closes over that nothing reads afterwards: the running
+    statistics of a BatchNorm in train mode that ``lambda x: loss(net(x))`` calls. Like a module's own buffer
+    updates, jvpgraph does not write them (outputs and Jv are unaffected); left in the graph, the write would
+    stop functionalization ("mutating a non-functional tensor with a functional tensor")."""
+    order = {n: i for i, n in enumerate(graph.nodes)}
+    for node in list(graph.nodes):
+        if not (node.op == "call_function" and node.target is aten.copy_.default and not node.users
+                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+            continue
+        if any(order[u] > order[node] for u in node.args[0].users if u is not node):
+            continue  # read after the write: the write matters (functionalization refuses it, with its reason)
+        warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into a tensor it "
+                      "closes over (the running statistics of a BatchNorm in train mode it calls, say); jvpgraph "
+                      "does not write it (outputs and Jv are unaffected). Pass the module itself to have its "
+                      "buffers handled as a model's (their new values in Linearized.new_buffers)", stacklevel=4)
+        graph.erase_node(node)
+
+
 def _has_leftover_mutations(graph: fx.Graph) -> bool:
     """In-place ops other than the trailing ``copy_`` into inputs (buffer updates)."""
     for node in graph.nodes:
@@ -1188,6 +1207,7 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
             f"  at {_user_frame(e)}" + (f"\n  {hint}" if hint else "")
         ) from e
 
+    _drop_writes_into_constants(gm.graph, f)
     if _has_leftover_mutations(gm.graph):
         gm = _refunctionalize(gm, example, mode)
     graph = gm.graph

@@ -903,3 +903,85 @@ def _torchvision_rules():
 
 
 NAMESPACE_RULES["torchvision"] = _torchvision_rules
+
+
+# ------------------------------------------------------------------ backward kernels (second order)
+# The ops of a gradient's graph, which jvpgraph.hvp flips. Most are linear in the incoming gradient (argument
+# 0) and read the primal only through a mask, a window or a shape that is constant almost everywhere (ReLU's
+# mask, max pooling's indices, the loss's target): their tangent is the kernel itself on the gradient's
+# tangent. The bilinear and smooth ones are written out; the normalizations' backward kernels go through
+# PyTorch's decompositions (exact, op by op).
+def _grad_linear(op):
+    """The kernel on the gradient's tangent; the other arguments' tangents contribute 0 (the kernel reads
+    argument 1, the primal, through a mask, indices or its shape only); a tangent on any later argument (a
+    loss's class weights) falls back."""
+
+    def fn(ts, out, *args, **kwargs):
+        if any(t is not None for t in ts[2:]):
+            raise NotImplementedError(f"{op} is linear in its gradient only")
+        return None if ts[0] is None else op(ts[0], *args[1:], **kwargs)
+
+    return fn
+
+
+for _op in (aten.threshold_backward, aten.leaky_relu_backward, aten.hardtanh_backward,
+            aten.max_pool2d_with_indices_backward, aten.max_pool3d_with_indices_backward, aten.avg_pool2d_backward,
+            aten.avg_pool3d_backward, aten._adaptive_avg_pool2d_backward, aten._adaptive_avg_pool3d_backward,
+            aten.nll_loss_backward, aten.nll_loss2d_backward, aten.embedding_dense_backward):
+    defrule(_op, _grad_linear(_op), "mask")
+
+
+def _sigmoid_backward(ts, out, g, y):  # g * y * (1 - y)
+    tg, ty = ts[0], ts[1] if len(ts) > 1 else None
+    return add_tangents(None if tg is None else aten.sigmoid_backward(tg, y),
+                        None if ty is None else g * (1 - 2 * y) * ty)
+
+
+def _tanh_backward(ts, out, g, y):  # g * (1 - y²)
+    tg, ty = ts[0], ts[1] if len(ts) > 1 else None
+    return add_tangents(None if tg is None else aten.tanh_backward(tg, y), None if ty is None else -2 * g * y * ty)
+
+
+def _softmax_backward(ts, out, g, y, dim, input_dtype):  # y * (g - Σ g y)
+    tg, ty = ts[0], ts[1] if len(ts) > 1 else None
+    if g.dtype != y.dtype or out.dtype != y.dtype:
+        raise NotImplementedError("mixed dtypes")
+    parts = [None if tg is None else aten._softmax_backward_data(tg, y, dim, input_dtype)]
+    if ty is not None:
+        parts.append(ty * (g - (g * y).sum(dim, keepdim=True)) - y * (g * ty).sum(dim, keepdim=True))
+    return add_tangents(*parts)
+
+
+def _log_softmax_backward(ts, out, g, y, dim, input_dtype):  # g - exp(y) Σ g
+    tg, ty = ts[0], ts[1] if len(ts) > 1 else None
+    if g.dtype != y.dtype or out.dtype != y.dtype:
+        raise NotImplementedError("mixed dtypes")
+    return add_tangents(None if tg is None else aten._log_softmax_backward_data(tg, y, dim, input_dtype),
+                        None if ty is None else -torch.exp(y) * ty * g.sum(dim, keepdim=True))
+
+
+def _convolution_backward(ts, out, go, x, w, bias_sizes, stride, padding, dilation, transposed, output_padding,
+                          groups, mask):
+    """``(∂x, ∂w, ∂b)`` of a convolution: ``∂x`` is bilinear in ``(go, w)``, ``∂w`` in ``(go, x)``, ``∂b``
+    linear in ``go``; each tangent is the same kernel with one factor replaced by its tangent."""
+    ts = list(ts) + [None] * (3 - len(ts))
+    tgo, tx, tw = ts[:3]
+    if any(t is not None for t in ts[3:]):
+        raise NotImplementedError("tangent on a size argument")
+    rest = (bias_sizes, stride, padding, dilation, transposed, output_padding, groups)
+    parts: list = [None, None, None]
+    if tgo is not None:
+        for i, r in enumerate(aten.convolution_backward(tgo, x, w, *rest, mask)):
+            parts[i] = r if mask[i] else None
+    if tx is not None and mask[1]:
+        parts[1] = add_tangents(parts[1], aten.convolution_backward(go, tx, w, *rest, [False, True, False])[1])
+    if tw is not None and mask[0]:
+        parts[0] = add_tangents(parts[0], aten.convolution_backward(go, x, tw, *rest, [True, False, False])[0])
+    return tuple(parts)
+
+
+defrule(aten.sigmoid_backward, _sigmoid_backward, "elementwise")
+defrule(aten.tanh_backward, _tanh_backward, "elementwise")
+defrule(aten._softmax_backward_data, _softmax_backward, "coupled")
+defrule(aten._log_softmax_backward_data, _log_softmax_backward, "coupled")
+defrule(aten.convolution_backward, _convolution_backward, "bilinear")

@@ -1,0 +1,511 @@
+"""Second order: Hessian-vector products by flipping the gradient's own graph, and Gauss-Newton products.
+
+The theorem does not care which graph it flips. The gradient of a loss is a computation too: jvpgraph traces
+the loss (functionalized, at the aten level: BatchNorm in train mode, dropout masks and custom Functions as
+for Jv), differentiates that trace by reverse mode into a second aten graph — ``convolution_backward``,
+``native_batch_norm_backward``, ``threshold_backward``... — and flips *that* graph. Its path sums give
+
+    H v = ∂/∂ε ∇L(θ + ε v) |₀          (forward over reverse),
+
+one pass that computes the gradient and ``Hv`` together. Nothing runs through ``torch.func.grad`` (which
+refuses BatchNorm's running-statistic update) or PyTorch's forward mode (no formulas for the fused kernels).
+
+* :func:`hvp` — ``(∇f, H v)`` for a function or module returning a scalar, like
+  ``torch.func.jvp(torch.func.grad(f), primals, tangents)``.
+* :class:`Curvature` — the usual case: a model, a loss and a batch; ``H v`` and the generalized Gauss-Newton
+  ``G v = Jᵀ H_L J v`` over the parameters, traced once and applied to new batches and new parameter values;
+  a ``scipy.sparse.linalg.LinearOperator`` view and the spectra of :mod:`jvpgraph.spectra`.
+
+The model is never changed: the running statistics a training forward would write are dropped, the caller's
+random generator is left where it was only as far as a Jv call leaves it (a dropout mask is drawn once per
+call and shared by the gradient and ``Hv``).
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.utils._pytree as pytree
+from torch.fx.experimental.proxy_tensor import make_fx
+
+from . import api
+from .trace import BN_MODES, TracedProgram
+
+__all__ = ["hvp", "Curvature", "gradient_module"]
+
+aten = torch.ops.aten
+
+
+# ------------------------------------------------------------------ the gradient's graph
+class _AboveAutograd(fx.Interpreter):
+    """Runs a traced program for autograd to record, with fused attention kernels replaced by their math
+    (PyTorch's decomposition): the fused kernels' backward ops have no derivative of their own, the math's
+    ops all do. Everything else is called as traced."""
+
+    def call_function(self, target, args, kwargs):
+        from torch._decomp import decomposition_table
+
+        if target in _FUSED_ATTENTION and target in decomposition_table:
+            return decomposition_table[target](*args, **kwargs)
+        return super().call_function(target, args, kwargs)
+
+
+_FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Sequence[int]) -> fx.GraphModule:
+    """The reverse-mode gradient of a traced scalar program as an aten graph of its own.
+
+    ``prog`` computes one scalar from its placeholders (parameters, buffers, inputs; ``values`` are theirs);
+    the returned module takes the same placeholders and returns ``(value, *gradients)``, the gradients with
+    respect to the placeholders ``wrt`` (indices into them). It is built by ``make_fx`` over
+    ``torch.autograd.grad`` of the program (on fake tensors; on the real values for a program specialized to
+    values), so it holds the backward kernels autograd runs, as ordinary nodes.
+
+    Example:
+        >>> import torch, jvpgraph
+        >>> prog, values = jvpgraph.trace(lambda x: (x.sin() ** 2).sum(), torch.randn(3)).program(torch.randn(3))
+        >>> g = gradient_module(prog, values, [0])
+        >>> value, grad = g(*values)
+        >>> torch.testing.assert_close(grad, 2 * values[0].sin() * values[0].cos())
+    """
+    if len(prog.output_nodes) != 1:
+        raise ValueError(f"the function returns {len(prog.output_nodes)} tensors; a Hessian needs one scalar (a loss): return "
+                         "loss alone, or reduce the outputs to one number")
+    out_val = prog.output_nodes[0].meta.get("val") if isinstance(prog.output_nodes[0], fx.Node) else None
+    if out_val is not None and (out_val.numel() != 1 or not out_val.is_floating_point()):
+        raise ValueError(f"the function returns a tensor of shape {tuple(out_val.shape)} and dtype {out_val.dtype};"
+                         " a Hessian needs one floating-point scalar (a loss): reduce it (.sum(), .mean())")
+    wrt = list(wrt)
+    interp_gm = prog.gm
+
+    def grad_fn(*vals):
+        with torch.enable_grad():
+            (value,) = _AboveAutograd(interp_gm).run(*vals)
+            grads = torch.autograd.grad(value, [vals[i] for i in wrt], allow_unused=True)
+        return (value.detach(), *(torch.zeros_like(vals[i]) if g is None else g for g, i in zip(grads, wrt)))
+
+    example = [v.detach().requires_grad_(i in wrt) for i, v in enumerate(values)]
+    mode = "real" if prog.values is not None else "fake"
+    with torch.random.fork_rng(devices=[]):  # a real-mode trace draws the dropout masks once: not the caller's
+        gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+    return gm
+
+
+class _GradientTraces:
+    """For one forward :class:`~jvpgraph.api.Traced`: the gradient module of each of its traces, flipped by a
+    :class:`~jvpgraph.api.Traced` of its own (kept as long as the forward trace is, per input shapes)."""
+
+    def __init__(self, forward: api.Traced, wrt_of: Callable[[TracedProgram], list[int]]):
+        self.forward = forward
+        self._wrt_of = wrt_of
+        # keyed by the trace's graph module (a TracedProgram, a dataclass, is not hashable)
+        self._by_trace: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
+
+    def __call__(self, inputs: tuple) -> tuple[api.Traced, list[torch.Tensor], list[int], TracedProgram]:
+        prog, values = self.forward.program(*inputs)
+        key = tuple((tuple(v.shape), v.dtype, v.device) for v in values)
+        per = self._by_trace.setdefault(prog.gm, {})
+        hit = per.get(key)
+        if hit is None:
+            wrt = self._wrt_of(prog)
+            gm = gradient_module(prog, values, wrt)
+            hit = per[key] = (api.Traced(gm, values, wrt=wrt, dynamic=False), wrt)
+        return hit[0], values, hit[1], prog
+
+
+def _check_bn(bn: str) -> None:
+    if bn not in BN_MODES:
+        raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
+    if bn == "frozen":
+        raise ValueError("bn='frozen' holds the batch statistics constant in Jv only, and is no loss's Hessian: "
+                         "use bn='batch' (the Hessian of the loss the model computes in train mode) or bn='eval' "
+                         "(running statistics)")
+
+
+_FUNCTION_TRACES: "weakref.WeakKeyDictionary[api.Traced, _GradientTraces]" = weakref.WeakKeyDictionary()
+
+
+def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
+    """``(∇f(x), H v)`` for ``f`` returning a scalar, by flipping the graph of its gradient.
+
+    The same as ``torch.func.jvp(torch.func.grad(f, argnums), primals, tangents)`` with ``argnums`` every
+    primal, but it also runs where that raises: BatchNorm in train mode (``bn="batch"``: the batch statistics'
+    coupling included; the model's running statistics are not written), fused attention, custom
+    ``autograd.Function``. ``primals``/``tangents`` are a tensor each or tuples (one per input, like
+    ``torch.func.jvp``); the result has the same structure. Traces of an ``nn.Module`` are cached per shape (a
+    new batch is one pass); a function is traced on each call.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Tanh(), nn.Linear(4, 1)).train()
+        >>> f = lambda x: net(x).pow(2).sum()
+        >>> x, v = torch.randn(6, 3), torch.randn(6, 3)
+        >>> grad, hv = jvpgraph.hvp(f, x, v)  # tensors in, tensors out (tuples in: tuples out)
+        >>> ref = torch.autograd.functional.hvp(f, x, v)[1]  # double-backward reference
+        >>> torch.testing.assert_close(hv, ref, rtol=1e-4, atol=1e-5)
+    """
+    _check_bn(bn)
+    single = not isinstance(primals, (tuple, list))
+    primals = api._as_tuple(primals)
+    tangents = api._as_tuple(tangents)
+    forward = api._traced_for(f, primals, bn)
+    traces = _FUNCTION_TRACES.get(forward)
+    if traces is None:
+        traces = _FUNCTION_TRACES[forward] = _GradientTraces(
+            forward, lambda p: [len(p.param_names) + len(p.buffer_names) + i for i in p.diff_inputs])
+    traced, values, wrt, prog = traces(primals)
+    flat_in, spec = pytree.tree_flatten(primals)
+    flat_t = pytree.tree_leaves(tangents, is_leaf=lambda z: z is None)
+    if len(flat_t) != len(flat_in):
+        raise ValueError(f"got {len(flat_t)} tangents for {len(flat_in)} inputs: pass one per input (None for an "
+                         "integer input)")
+    offset = len(values) - len(flat_in)
+    ts = [flat_t[i - offset] for i in wrt]
+    out, tan = traced.jvp(tuple(values), tuple(ts))
+    grads, hvs = dict(zip(wrt, out[1:])), dict(zip(wrt, tan[1:]))
+    g = [grads.get(offset + i) for i in range(len(flat_in))]
+    h = [hvs.get(offset + i) for i in range(len(flat_in))]
+    if single:
+        return g[0], h[0]
+    return pytree.tree_unflatten(g, spec), pytree.tree_unflatten(h, spec)
+
+
+# ------------------------------------------------------------------ the parameter-space form
+class _Loss(nn.Module):
+    """``loss_fn(model(*inputs), targets)`` as one module (its parameters are the model's, prefixed
+    ``model.``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, inputs, targets):
+        out = self.model(*inputs) if isinstance(inputs, (tuple, list)) else self.model(inputs)
+        return self.loss_fn(out, targets)
+
+
+class _OutputLoss(nn.Module):
+    """The loss alone, as a function of the model's output: its Hessian there is the GGN's middle factor."""
+
+    def __init__(self, loss_fn: Callable):
+        super().__init__()
+        self.loss_fn = loss_fn
+
+    def forward(self, out, targets):
+        return self.loss_fn(out, targets)
+
+
+class Curvature:
+    """The curvature of ``loss_fn(model(inputs), targets)`` in the model's parameters: Hessian- and
+    Gauss-Newton-vector products, traced once and applied to new batches and new parameter values.
+
+    * :meth:`hvp` — ``H v``: the gradient's graph flipped (forward over reverse). In train mode with
+      ``bn="batch"`` this is the Hessian of the loss the model really computes (batch statistics depend on
+      the parameters); ``bn="eval"`` uses the running statistics.
+    * :meth:`ggnvp` — ``G v = Jᵀ H_L J v`` with ``J`` the Jacobian of the model's output in the parameters
+      (one flipped-graph Jv, the loss's Hessian in the output by a small :func:`hvp`, one vjp). For
+      cross-entropy on logits and mean-squared error this is also the Fisher information (of the
+      categorical and the Gaussian likelihood; up to the loss's reduction scale).
+    * :meth:`operator` — a ``scipy.sparse.linalg.LinearOperator`` of either, on the flattened parameters,
+      for ``eigsh`` and the tools that take one; :meth:`eigenvalues`, :meth:`trace` and :meth:`density`
+      (Lanczos, Hutchinson, stochastic Lanczos quadrature, :mod:`jvpgraph.spectra`).
+
+    ``v`` is a dict ``{name: tensor}`` (the names of ``model.named_parameters()``), a tuple in that order, or
+    one flat vector (their concatenation); results come back in the same form. ``params`` restricts the
+    products to some parameters (names); by default every parameter with ``requires_grad``. ``inputs`` is a
+    tensor or a tuple of the model's positional inputs. Neither the model's parameters, buffers, ``training``
+    flags nor the caller's random generator are changed.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> _ = torch.manual_seed(0)
+        >>> net = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 3)).train()
+        >>> x, y = torch.randn(16, 4), torch.randint(0, 3, (16,))
+        >>> curv = jvpgraph.Curvature(net, nn.functional.cross_entropy)
+        >>> v = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+        >>> hv = curv.hvp(v, x, y)
+        >>> # double-backward reference
+        >>> params = dict(net.named_parameters())
+        >>> g = torch.autograd.grad(nn.functional.cross_entropy(net(x), y), list(params.values()), create_graph=True)
+        >>> ref = torch.autograd.grad(g, list(params.values()), list(v.values()))
+        >>> for name, r in zip(params, ref):
+        ...     torch.testing.assert_close(hv[name], r, rtol=1e-4, atol=1e-5)
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, *, bn: str = "batch", params: Sequence[str] | None = None):
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"Curvature expects an nn.Module, got {type(model).__name__} (for a function of tensors,"
+                            " use jvpgraph.hvp)")
+        if not callable(loss_fn):
+            raise TypeError(f"loss_fn={loss_fn!r} is not callable: pass e.g. torch.nn.functional.cross_entropy")
+        _check_bn(bn)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.bn = bn
+        named = dict(model.named_parameters())
+        if params is None:
+            self.names = [n for n, p in named.items() if p.requires_grad]
+        else:
+            params = list(params)
+            unknown = [n for n in params if n not in named]
+            if unknown:
+                raise ValueError(f"params: {unknown[0]!r} is not a parameter of {type(model).__name__} (it has "
+                                 f"{', '.join(list(named)[:6])}{', ...' if len(named) > 6 else ''})")
+            self.names = [n for n in named if n in set(params)]
+        if not self.names:
+            raise ValueError(f"{type(model).__name__} has no parameter to take the curvature in (none requires grad)")
+        self._loss = _Loss(model, loss_fn)
+        self._hessian: _GradientTraces | None = None
+        self._output: api.Traced | None = None  # model(inputs) with its parameters as tangent carriers
+        self._output_loss = _OutputLoss(loss_fn)
+
+    # -------------------------------------------------------------- vectors
+    def _shapes(self) -> list[torch.Size]:
+        named = dict(self.model.named_parameters())
+        return [named[n].shape for n in self.names]
+
+    @property
+    def dim(self) -> int:
+        """The number of parameters the products act on (the operator's size)."""
+        return sum(s.numel() for s in self._shapes())
+
+    def _split(self, v) -> tuple[list[torch.Tensor], Callable]:
+        """``v`` as one tensor per parameter (in :attr:`names` order), and how to give results back in
+        ``v``'s form."""
+        named = dict(self.model.named_parameters())
+        ps = [named[n] for n in self.names]
+        if isinstance(v, dict):
+            extra = [k for k in v if k not in self.names]
+            if extra:
+                raise ValueError(f"v has {extra[0]!r}, which is not among the parameters the products act on "
+                                 f"({', '.join(self.names[:6])}{', ...' if len(self.names) > 6 else ''})")
+            vs = [v.get(n) if v.get(n) is not None else torch.zeros_like(p) for n, p in zip(self.names, ps)]
+            back = lambda ts: dict(zip(self.names, ts))  # noqa: E731
+        elif isinstance(v, torch.Tensor) and v.dim() == 1 and len(ps) > 1 or (
+                isinstance(v, torch.Tensor) and v.dim() == 1 and ps[0].dim() != 1):
+            if v.numel() != self.dim:
+                raise ValueError(f"v is a flat vector of {v.numel()} numbers; the parameters have {self.dim}")
+            vs = [c.view(p.shape).to(p.dtype) for c, p in zip(v.split([p.numel() for p in ps]), ps)]
+            back = lambda ts: torch.cat([t.reshape(-1) for t in ts]).to(v.dtype)  # noqa: E731
+        else:
+            vs = list(v) if isinstance(v, (tuple, list)) else [v]
+            if len(vs) != len(ps):
+                raise ValueError(f"v has {len(vs)} tensors; the parameters the products act on are {len(ps)}: "
+                                 + ", ".join(self.names[:6]) + (", ..." if len(ps) > 6 else ""))
+            vs = [torch.zeros_like(p) if t is None else t for t, p in zip(vs, ps)]
+            back = (lambda ts: type(v)(ts)) if isinstance(v, (tuple, list)) else (lambda ts: ts[0])
+        for n, t, p in zip(self.names, vs, ps):
+            if t.shape != p.shape:
+                raise ValueError(f"v[{n!r}] has shape {tuple(t.shape)}, but the parameter has {tuple(p.shape)}")
+        return [t.to(p.dtype) for t, p in zip(vs, ps)], back
+
+    def _wrt(self, prog: TracedProgram) -> list[int]:
+        index = {n: i for i, n in enumerate(prog.param_names)}
+        return [index[f"model.{n}"] for n in self.names]
+
+    # -------------------------------------------------------------- products
+    def _grad_and_hvp(self, v, inputs, targets):
+        vs, back = self._split(v)
+        batch = (inputs, targets)
+        if self._hessian is None:
+            self._hessian = _GradientTraces(api.Traced(self._loss, batch, bn=self.bn), self._wrt)
+        traced, values, wrt, _ = self._hessian(batch)
+        # the products are numbers, not a graph back to the parameters (that would keep every pass alive)
+        out, tan = traced.jvp(tuple(v.detach() for v in values), tuple(t.detach() for t in vs))
+        return out[0], back(list(out[1:])), back(list(tan[1:]))
+
+    def hvp(self, v, inputs, targets):
+        """``H v``: the Hessian of the loss in the parameters times ``v`` (same form as ``v``).
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 1))
+            >>> curv = jvpgraph.Curvature(net, nn.functional.mse_loss)
+            >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+            >>> v = torch.randn(curv.dim)
+            >>> hv = curv.hvp(v, x, y)  # a flat vector in, a flat vector out
+            >>> w = torch.randn(curv.dim)
+            >>> torch.testing.assert_close(w @ hv, v @ curv.hvp(w, x, y), rtol=1e-4, atol=1e-6)  # H is symmetric
+        """
+        return self._grad_and_hvp(v, inputs, targets)[2]
+
+    def grad_and_hvp(self, v, inputs, targets):
+        """``(loss, ∇L, H v)`` from one pass (the gradient and ``v`` in the same form).
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Linear(3, 1)
+            >>> curv = jvpgraph.Curvature(net, nn.functional.mse_loss)
+            >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+            >>> loss, grad, hv = curv.grad_and_hvp(dict(net.named_parameters()), x, y)
+            >>> torch.testing.assert_close(loss, nn.functional.mse_loss(net(x), y))
+        """
+        return self._grad_and_hvp(v, inputs, targets)
+
+    def ggnvp(self, v, inputs, targets):
+        """``G v = Jᵀ H_L J v``: the generalized Gauss-Newton matrix times ``v`` (same form as ``v``).
+
+        ``J`` is the Jacobian of the model's output in the parameters, ``H_L`` the Hessian of ``loss_fn`` in
+        that output (any twice-differentiable loss; ``G`` is positive semi-definite when the loss is convex
+        in the output, as cross-entropy and MSE are).
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 5), nn.Tanh(), nn.Linear(5, 2))
+            >>> curv = jvpgraph.Curvature(net, nn.functional.mse_loss)
+            >>> x, y = torch.randn(8, 3), torch.randn(8, 2)
+            >>> v = torch.randn(curv.dim)
+            >>> # MSE (mean over 16 numbers): H_L = 2/16 I, so vᵀ G v = 2/16 ‖J v‖²
+            >>> jv = torch.func.jvp(lambda *p: torch.func.functional_call(net, dict(zip(
+            ...     [n for n, _ in net.named_parameters()], p)), (x,)), tuple(net.parameters()),
+            ...     tuple(c.view(p.shape) for c, p in zip(v.split([p.numel() for p in net.parameters()]),
+            ...                                           net.parameters())))[1]
+            >>> torch.testing.assert_close(v @ curv.ggnvp(v, x, y), 2 / 16 * jv.pow(2).sum(), rtol=1e-4, atol=1e-6)
+        """
+        vs, back = self._split(v)
+        inputs_t = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        if self._output is None:
+            self._output = api.Traced(_ParamsAsInputs(self.model, self.names), (*self._param_values(), *inputs_t),
+                                      bn=self.bn, wrt=list(range(len(self.names))))
+        with torch.enable_grad():
+            ps = [p.detach().requires_grad_(True) for p in self._param_values()]
+            lin = self._output.linearize(*ps, *inputs_t, vjp=True)
+            jv = lin.jvp(*vs)
+            outs = pytree.tree_leaves(lin.out)
+            if len(outs) != 1:
+                raise ValueError(f"{type(self.model).__name__} returns {len(outs)} tensors; ggnvp needs the loss's "
+                                 "input to be one tensor (wrap the model to return it)")
+            (out,) = outs
+            jv = pytree.tree_leaves(jv)[0]
+            _, hjv = hvp(self._output_loss, (out.detach(), targets), (jv, None), bn="batch")
+            g = lin.vjp(hjv)
+        g = g if isinstance(g, tuple) else (g,)
+        return back([t.detach() for t in g[:len(self.names)]])
+
+    def _param_values(self) -> list[torch.Tensor]:
+        named = dict(self.model.named_parameters())
+        return [named[n].detach() for n in self.names]
+
+    # -------------------------------------------------------------- operators and spectra
+    def operator(self, inputs, targets, kind: str = "hessian"):
+        """A ``scipy.sparse.linalg.LinearOperator`` of ``H`` (``kind="hessian"``) or ``G`` (``"ggn"``) on the
+        flattened parameters (float64 NumPy vectors in and out; the products run in the parameters' dtype).
+
+        Example:
+            >>> import numpy as np, torch, torch.nn as nn, jvpgraph
+            >>> from scipy.sparse.linalg import eigsh
+            >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+            >>> x, y = torch.randn(10, 3, dtype=torch.float64), torch.randn(10, 1, dtype=torch.float64)
+            >>> op = jvpgraph.Curvature(net, nn.functional.mse_loss).operator(x, y)
+            >>> top = eigsh(op, k=1, which="LA", return_eigenvectors=False)
+            >>> dense = np.column_stack([op @ e for e in np.eye(op.shape[0])])
+            >>> np.testing.assert_allclose(top, np.linalg.eigvalsh(dense)[-1:], rtol=1e-8)
+        """
+        from scipy.sparse.linalg import LinearOperator
+        import numpy as np
+
+        mv = self.matvec(inputs, targets, kind)
+        dtype = self._param_values()[0].dtype
+
+        def matvec(x):
+            x = torch.as_tensor(np.asarray(x, dtype=np.float64).reshape(-1), dtype=dtype)
+            return mv(x).detach().to(torch.float64).cpu().numpy()
+
+        return LinearOperator((self.dim, self.dim), matvec=matvec, rmatvec=matvec, dtype=np.float64)
+
+    def matvec(self, inputs, targets, kind: str = "hessian") -> Callable[[torch.Tensor], torch.Tensor]:
+        """``v ↦ H v`` (or ``G v``) on flat vectors, for the batch ``(inputs, targets)``.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Linear(3, 1, bias=False)
+            >>> x, y = torch.randn(8, 3), torch.randn(8, 1)
+            >>> mv = jvpgraph.Curvature(net, nn.functional.mse_loss).matvec(x, y)
+            >>> torch.testing.assert_close(mv(torch.eye(3)[0]), 2 / 8 * x.T @ x[:, 0])  # H = 2/N XᵀX
+        """
+        if kind not in ("hessian", "ggn"):
+            raise ValueError(f"kind={kind!r}: expected 'hessian' or 'ggn'")
+        product = self.hvp if kind == "hessian" else self.ggnvp
+        dtype, device = self._param_values()[0].dtype, self._param_values()[0].device
+
+        def mv(v: torch.Tensor) -> torch.Tensor:
+            return product(v.to(dtype=dtype, device=device).reshape(-1), inputs, targets)
+
+        return mv
+
+    def eigenvalues(self, inputs, targets, k: int = 1, *, kind: str = "hessian", iters: int | None = None,
+                    tol: float = 1e-6, seed: int = 0):
+        """The ``k`` largest eigenvalues of ``H`` (or ``G``) by Lanczos: :func:`jvpgraph.spectra.lanczos`.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Linear(3, 1, bias=False).double()
+            >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+            >>> res = jvpgraph.Curvature(net, nn.functional.mse_loss).eigenvalues(x, y, k=1)
+            >>> torch.testing.assert_close(res.eigenvalues, torch.linalg.eigvalsh(2 / 20 * x.T @ x)[-1:])
+        """
+        from .spectra import lanczos
+
+        dtype = self._param_values()[0].dtype
+        return lanczos(self.matvec(inputs, targets, kind), self.dim, k=k, iters=iters, tol=tol, seed=seed,
+                       dtype=dtype, device=self._param_values()[0].device)
+
+    def trace(self, inputs, targets, *, kind: str = "hessian", samples: int = 100, seed: int = 0):
+        """Hutchinson's estimate of ``tr H`` (or ``tr G``) with its standard error:
+        :func:`jvpgraph.spectra.hutchinson`.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Linear(3, 1, bias=False).double()
+            >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+            >>> est = jvpgraph.Curvature(net, nn.functional.mse_loss).trace(x, y, samples=200)
+            >>> exact = (2 / 20 * x.T @ x).trace()
+            >>> bool(abs(est.estimate - exact) < 4 * est.stderr + 1e-12)
+            True
+        """
+        from .spectra import hutchinson
+
+        p = self._param_values()[0]
+        return hutchinson(self.matvec(inputs, targets, kind), self.dim, samples=samples, seed=seed, dtype=p.dtype,
+                          device=p.device)
+
+    def density(self, inputs, targets, *, kind: str = "hessian", iters: int = 40, probes: int = 4, seed: int = 0):
+        """The spectral density of ``H`` (or ``G``) by stochastic Lanczos quadrature:
+        :func:`jvpgraph.spectra.slq`.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1)).double()
+            >>> x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 1, dtype=torch.float64)
+            >>> d = jvpgraph.Curvature(net, nn.functional.mse_loss).density(x, y, iters=21, probes=2)
+            >>> torch.testing.assert_close(d.weights.sum(), torch.tensor(1.0, dtype=torch.float64))
+        """
+        from .spectra import slq
+
+        p = self._param_values()[0]
+        return slq(self.matvec(inputs, targets, kind), self.dim, iters=iters, probes=probes, seed=seed,
+                   dtype=p.dtype, device=p.device)
+
+    def __repr__(self):
+        return (f"Curvature({type(self.model).__name__}, {getattr(self.loss_fn, '__name__', type(self.loss_fn).__name__)}"
+                f", bn={self.bn!r}, {len(self.names)} parameter tensors, dim={self.dim})")
+
+
+class _ParamsAsInputs(nn.Module):
+    """``model(*inputs)`` with some of its parameters taken as inputs (tangent carriers of a Jv in the
+    parameters); the rest of its state stays the model's."""
+
+    def __init__(self, model: nn.Module, names: list[str]):
+        super().__init__()
+        self.model = model
+        self.names = list(names)
+
+    def forward(self, *args: Any):
+        ps, inputs = args[:len(self.names)], args[len(self.names):]
+        return torch.func.functional_call(self.model, dict(zip(self.names, ps)), inputs, strict=False)
