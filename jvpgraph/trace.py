@@ -694,15 +694,19 @@ def _module_hooks(module: nn.Module | None, stack: list[str]):
 
 
 def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
-    """Drop ``copy_`` into a tensor the function closes over that nothing reads afterwards: the running
-    statistics of a BatchNorm in train mode that ``lambda x: loss(net(x))`` calls. Like a module's own buffer
+    """Drop in-place writes (``copy_``, ``add_``) into a tensor the function closes over that nothing reads
+    afterwards: the running statistics and ``num_batches_tracked`` of a BatchNorm in train mode that
+    ``lambda x: loss(net(x))`` calls (otherwise written on every call of the emitted graph). Like a module's own buffer
     updates, jvpgraph does not write them (outputs and Jv are unaffected); left in the graph, the write would
     stop functionalization ("mutating a non-functional tensor with a functional tensor")."""
     order = {n: i for i, n in enumerate(graph.nodes)}
     for node in list(graph.nodes):
-        if not (node.op == "call_function" and node.target is aten.copy_.default and not node.users
-                and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
+        if not (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and not node.users
+                and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
             continue
+        first = node.target._schema.arguments[0] if node.target._schema.arguments else None
+        if first is None or first.alias_info is None or not first.alias_info.is_write:
+            continue  # not an in-place write into that tensor
         if any(order[u] > order[node] for u in node.args[0].users if u is not node):
             continue  # read after the write: the write matters (functionalization refuses it, with its reason)
         warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into a tensor it "
@@ -972,6 +976,27 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         >>> [n.target.__name__ for n in prog.gm.graph.nodes if n.op == "call_function"]
         ['t.default', 'addmm.default', 'tanh.default']
     """
+    if isinstance(f, nn.Module):
+        return _trace_program(f, inputs, bn=bn, specialize=specialize, dynamic=dynamic)
+    # A function's closed-over modules: ops whose inputs are all their real tensors run for real while tracing
+    # (functionalization wraps the function's inputs only): a BatchNorm's num_batches_tracked += 1 would count
+    # every trace. Their buffers are put back as they were.
+    seen: dict[int, torch.Tensor] = {}
+    for m in function_roots(f):
+        for b in m.buffers():
+            seen.setdefault(id(b), b)
+    saved = [(b, b.detach().clone()) for b in seen.values()]
+    try:
+        return _trace_program(f, inputs, bn=bn, specialize=specialize, dynamic=dynamic)
+    finally:
+        with torch.no_grad():
+            for b, was in saved:
+                if not torch.equal(b, was):
+                    b.copy_(was)
+
+
+def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize: BaseException | None = None,
+                   dynamic=None) -> TracedProgram:
     if bn not in BN_MODES:
         raise ValueError(f"bn={bn!r}: expected one of {BN_MODES}")
     module = f if isinstance(f, nn.Module) else None

@@ -1,0 +1,353 @@
+"""Second order: Hessian-vector products by flipping the gradient's graph, Gauss-Newton products and spectra.
+
+References are independent of jvpgraph: PyTorch's double backward (``∂θ ⟨∇L, v⟩``), dense Hessians and
+Jacobians (``torch.func.hessian``/``jacrev``), ``numpy.linalg.eigvalsh``, finite differences of the gradient.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import numpy as np
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import jvpgraph
+from jvpgraph import spectra
+
+D = torch.float64
+
+
+def _cnn():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(2, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.MaxPool2d(2), nn.Conv2d(4, 3, 2),
+                         nn.Sigmoid(), nn.Flatten(), nn.Linear(3 * 2 * 2, 5), nn.Tanh(), nn.Linear(5, 3)).to(D)
+
+
+def _mlp(out=3):
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.GELU(), nn.Linear(6, 5), nn.Tanh(), nn.Linear(5, out)).to(D)
+
+
+def _double_backward_hvp(model, loss_fn, x, y, v, names=None):
+    m = copy.deepcopy(model)
+    named = dict(m.named_parameters())
+    ps = [named[n] for n in (names or named)]
+    g = torch.autograd.grad(loss_fn(m(x), y), ps, create_graph=True)
+    return torch.autograd.grad(g, ps, v)
+
+
+def _dense(mv, n, dtype=D):
+    return torch.stack([mv(e) for e in torch.eye(n, dtype=dtype)], 1)
+
+
+def _rel(a, b):
+    a = torch.cat([t.reshape(-1) for t in a])
+    b = torch.cat([t.reshape(-1) for t in b])
+    assert b.norm() > 0  # a zero reference would make the comparison vacuous
+    return float((a - b).norm() / b.norm())
+
+
+# ------------------------------------------------------------------ hvp
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_parameter_hvp_with_batchnorm_equals_double_backward(mode):
+    net = _cnn().train(mode == "train")
+    state = copy.deepcopy(net.state_dict())
+    x, y = torch.randn(6, 2, 9, 9, dtype=D), torch.randint(0, 3, (6,))
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    assert _rel(curv.hvp(v, x, y), _double_backward_hvp(net, F.cross_entropy, x, y, v)) < 1e-10
+    # a new batch and new parameter values: the same trace answers, still exact
+    x2 = torch.randn(6, 2, 9, 9, dtype=D)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    state = copy.deepcopy(net.state_dict())
+    assert _rel(curv.hvp(v, x2, y), _double_backward_hvp(net, F.cross_entropy, x2, y, v)) < 1e-10
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, state[k]), k  # running statistics not written
+    assert net.training == (mode == "train")
+    assert len(curv._hessian.forward.history) == 1
+
+
+def test_torch_func_forward_over_reverse_refuses_train_batchnorm_where_hvp_runs():
+    net = _cnn().train()
+    x, y = torch.randn(6, 2, 9, 9, dtype=D), torch.randint(0, 3, (6,))
+    params = {k: p.detach() for k, p in net.named_parameters()}
+    buffers = {k: b.clone() for k, b in net.named_buffers()}
+
+    def loss(p):
+        return F.cross_entropy(torch.func.functional_call(net, (p, buffers), (x,)), y)
+
+    v = {k: torch.randn_like(p) for k, p in params.items()}
+    with pytest.raises(RuntimeError):
+        torch.func.jvp(torch.func.grad(loss), (params,), (v,))
+    hv = jvpgraph.Curvature(net, F.cross_entropy).hvp(v, x, y)
+    ref = _double_backward_hvp(net, F.cross_entropy, x, y, tuple(v.values()))
+    assert _rel(list(hv.values()), ref) < 1e-10
+
+
+def test_hvp_of_a_function_in_its_inputs():
+    net = _cnn().train()
+    before = copy.deepcopy(net.state_dict())
+    f = lambda x: net(x).pow(2).sum()  # noqa: E731 - closes over a train-mode BatchNorm
+    x, v = torch.randn(5, 2, 9, 9, dtype=D), torch.randn(5, 2, 9, 9, dtype=D)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the closed-over running statistics are not written: it says so
+        grad, hv = jvpgraph.hvp(f, x, v)
+    xr = x.clone().requires_grad_()
+    g = torch.autograd.grad(copy.deepcopy(net)(xr).pow(2).sum(), xr, create_graph=True)[0]
+    ref = torch.autograd.grad(g, xr, v)[0]
+    torch.testing.assert_close(grad, g.detach(), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(hv, ref, rtol=1e-9, atol=1e-11)
+    assert ref.abs().max() > 0
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, before[k]), k
+
+
+def test_hvp_of_a_module_with_two_inputs_returns_tuples():
+    class Energy(nn.Module):
+        def forward(self, a, b):
+            return (torch.sin(a) * b.exp()).sum() + (a * a * b).sum()
+
+    a, b = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    ta, tb = torch.randn(3, dtype=D), torch.randn(3, dtype=D)
+    grad, hv = jvpgraph.hvp(Energy(), (a, b), (ta, tb))
+    ref = torch.func.jvp(torch.func.grad(lambda a, b: Energy()(a, b), argnums=(0, 1)), (a, b), (ta, tb))
+    for got, want in zip((*grad, *hv), (*ref[0], *ref[1])):
+        torch.testing.assert_close(got, want)
+
+
+class _Cube(torch.autograd.Function):
+    """x³ with its own backward (3x² g): the Hessian goes through that backward."""
+
+    @staticmethod
+    def forward(x):
+        return x ** 3
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        return 3 * x * x * g
+
+
+def test_hvp_through_a_custom_autograd_function():
+    w = nn.Linear(3, 3).to(D)
+    f = lambda x: _Cube.apply(w(x)).sum()  # noqa: E731
+    x, v = torch.randn(4, 3, dtype=D), torch.randn(4, 3, dtype=D)
+    _, hv = jvpgraph.hvp(f, x, v)
+    torch.testing.assert_close(hv, torch.autograd.functional.hvp(f, x, v)[1])
+
+
+def test_hvp_with_dropout_uses_one_mask_for_gradient_and_hv():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Dropout(0.5), nn.Linear(16, 2)).to(D).train()
+    x, y = torch.randn(8, 4, dtype=D), torch.randn(8, 2, dtype=D)
+    curv = jvpgraph.Curvature(net, F.mse_loss)
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        loss, grad, hv = curv.grad_and_hvp(v, x, y)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        ref = _double_backward_hvp(net, F.mse_loss, x, y, v)
+    with torch.random.fork_rng():
+        torch.manual_seed(3)
+        m = copy.deepcopy(net)
+        ref_g = torch.autograd.grad(F.mse_loss(m(x), y), list(m.parameters()))
+    assert _rel(hv, ref) < 1e-10 and _rel(grad, ref_g) < 1e-12
+
+
+def test_vit_hvp_through_fused_attention_equals_the_math_kernel():
+    torch.manual_seed(0)
+    vit = torchvision.models.VisionTransformer(image_size=8, patch_size=4, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=8, num_classes=3).to(D).eval()
+    nn.init.normal_(vit.heads.head.weight)  # torchvision zero-initializes the head: the Hessian would be sparse
+    x, y = torch.randn(2, 3, 8, 8, dtype=D), torch.randint(0, 3, (2,))
+    v = tuple(torch.randn_like(p) for p in vit.parameters())
+    hv = jvpgraph.Curvature(vit, F.cross_entropy).hvp(v, x, y)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _double_backward_hvp(vit, F.cross_entropy, x, y, v)
+    assert _rel(hv, ref) < 1e-10
+
+
+def test_finite_differences_of_the_gradient_agree():
+    net = _mlp().train()
+    x, y = torch.randn(7, 4, dtype=D), torch.randint(0, 3, (7,))
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    v = torch.randn(curv.dim, dtype=D)
+    hv = curv.hvp(v, x, y)
+    p0 = torch.nn.utils.parameters_to_vector(net.parameters()).detach()
+
+    def grad_at(p):
+        m = copy.deepcopy(net)
+        torch.nn.utils.vector_to_parameters(p, m.parameters())
+        return torch.nn.utils.parameters_to_vector(torch.autograd.grad(F.cross_entropy(m(x), y), m.parameters()))
+
+    h = 1e-3
+    d1 = (grad_at(p0 + h * v) - grad_at(p0 - h * v)) / (2 * h)
+    d2 = (grad_at(p0 + h / 2 * v) - grad_at(p0 - h / 2 * v)) / h
+    fd = (4 * d2 - d1) / 3  # Richardson: O(h⁴)
+    torch.testing.assert_close(hv, fd, rtol=1e-7, atol=1e-9)
+
+
+# ------------------------------------------------------------------ the parameter-space form
+def test_vector_forms_and_parameter_subsets():
+    net = _mlp()
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    names = [n for n, _ in net.named_parameters()]
+    flat = torch.randn(curv.dim, dtype=D)
+    parts = [c.view(p.shape) for c, p in zip(flat.split([p.numel() for p in net.parameters()]), net.parameters())]
+    as_flat = curv.hvp(flat, x, y)
+    as_tuple = curv.hvp(tuple(parts), x, y)
+    as_dict = curv.hvp(dict(zip(names, parts)), x, y)
+    assert isinstance(as_tuple, tuple) and isinstance(as_dict, dict) and as_flat.shape == (curv.dim,)
+    torch.testing.assert_close(as_flat, torch.cat([t.reshape(-1) for t in as_tuple]))
+    for n, t in zip(names, as_tuple):
+        torch.testing.assert_close(as_dict[n], t)
+    # a subset: the block of H on those parameters
+    sub = jvpgraph.Curvature(net, F.cross_entropy, params=["4.weight", "0.bias"])
+    assert sub.names == ["0.bias", "4.weight"]
+    vs = {"0.bias": torch.randn(6, dtype=D), "4.weight": torch.randn(3, 5, dtype=D)}
+    full = curv.hvp({n: vs.get(n, torch.zeros_like(p)) for n, p in net.named_parameters()}, x, y)
+    got = sub.hvp(vs, x, y)
+    for n in vs:
+        torch.testing.assert_close(got[n], full[n])
+
+
+def test_bad_input_says_what_is_true():
+    net = _mlp()
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    with pytest.raises(ValueError, match="'nope' is not a parameter of Sequential"):
+        jvpgraph.Curvature(net, F.cross_entropy, params=["nope"])
+    with pytest.raises(ValueError, match="bn='frozen'"):
+        jvpgraph.Curvature(net, F.cross_entropy, bn="frozen")
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    with pytest.raises(ValueError, match=r"v\['0.weight'\] has shape \(2, 2\), but the parameter has \(6, 4\)"):
+        curv.hvp({"0.weight": torch.zeros(2, 2, dtype=D)}, x, y)
+    with pytest.raises(ValueError, match="flat vector of 3 numbers; the parameters have"):
+        curv.hvp(torch.zeros(3, dtype=D), x, y)
+    with pytest.raises(ValueError, match=r"shape \(6, 3\).*one floating-point scalar"):
+        jvpgraph.hvp(net, x, x)
+
+
+# ------------------------------------------------------------------ Gauss-Newton
+def _dense_ggn(net, loss_fn, x, y):
+    names = [n for n, _ in net.named_parameters()]
+    params = tuple(p.detach() for p in net.parameters())
+    f = lambda *ps: torch.func.functional_call(net, dict(zip(names, ps)), (x,))  # noqa: E731
+    out = f(*params)
+    J = torch.cat([j.reshape(out.numel(), -1) for j in torch.func.jacrev(f, argnums=tuple(range(len(params))))(
+        *params)], 1)
+    H = torch.func.hessian(lambda o: loss_fn(o, y))(out).reshape(out.numel(), out.numel())
+    return J.T @ H @ J
+
+
+@pytest.mark.parametrize("loss_fn", [F.cross_entropy, F.mse_loss], ids=["cross_entropy", "mse"])
+def test_ggn_equals_the_dense_gauss_newton_matrix(loss_fn):
+    net = _mlp()
+    x = torch.randn(5, 4, dtype=D)
+    y = torch.randint(0, 3, (5,)) if loss_fn is F.cross_entropy else torch.randn(5, 3, dtype=D)
+    curv = jvpgraph.Curvature(net, loss_fn)
+    G = _dense_ggn(net, loss_fn, x, y)
+    dense = _dense(curv.matvec(x, y, "ggn"), curv.dim)
+    torch.testing.assert_close(dense, G, rtol=1e-10, atol=1e-12)
+    assert torch.linalg.eigvalsh(dense).min() > -1e-10  # positive semi-definite: both losses are convex
+
+
+def test_ggn_of_cross_entropy_is_the_fisher():
+    net = _mlp()
+    x = torch.randn(4, 4, dtype=D)
+    names = [n for n, _ in net.named_parameters()]
+    params = tuple(p.detach() for p in net.parameters())
+    # the Fisher of the categorical likelihood, exactly: E_{y ~ p(x)} ∇log p(y|x) ∇log p(y|x)ᵀ, averaged over x
+    fisher = 0
+    probs = torch.softmax(net(x), -1).detach()
+    for i in range(4):
+        for c in range(3):
+            g = torch.func.grad(lambda *ps: torch.log_softmax(torch.func.functional_call(
+                net, dict(zip(names, ps)), (x[i:i + 1],)), -1)[0, c], argnums=tuple(range(len(params))))(*params)
+            g = torch.cat([t.reshape(-1) for t in g])
+            fisher = fisher + probs[i, c] * torch.outer(g, g) / 4
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    y = torch.zeros(4, dtype=torch.long)  # the GGN of cross-entropy does not depend on the labels
+    torch.testing.assert_close(_dense(curv.matvec(x, y, "ggn"), curv.dim), fisher, rtol=1e-10, atol=1e-12)
+
+
+# ------------------------------------------------------------------ spectra
+def test_top_eigenvalues_equal_a_dense_eigendecomposition():
+    net = _cnn().train()
+    x, y = torch.randn(4, 2, 9, 9, dtype=D), torch.randint(0, 3, (4,))
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    Hd = _dense(curv.matvec(x, y), curv.dim)
+    torch.testing.assert_close(Hd, Hd.T, rtol=1e-9, atol=1e-12)
+    exact = np.linalg.eigvalsh(Hd.numpy())[::-1]
+    res = curv.eigenvalues(x, y, k=3, tol=1e-10)
+    assert bool(res.converged.all()), res.residuals
+    np.testing.assert_allclose(res.eigenvalues.numpy(), exact[:3], rtol=1e-6)
+    # the Ritz vectors are eigenvectors: ‖H y − θ y‖ small, as the residuals say
+    for theta, vec, r in zip(res.eigenvalues, res.eigenvectors, res.residuals):
+        assert float((Hd @ vec - theta * vec).norm()) < 1e-6 * abs(float(exact[0]))
+    from scipy.sparse.linalg import eigsh
+
+    top = eigsh(curv.operator(x, y), k=1, which="LA", return_eigenvectors=False)
+    np.testing.assert_allclose(top, exact[:1], rtol=1e-6)
+
+
+def test_hutchinson_trace_and_density_are_consistent_with_the_dense_hessian():
+    net = _mlp()
+    x, y = torch.randn(8, 4, dtype=D), torch.randint(0, 3, (8,))
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    Hd = _dense(curv.matvec(x, y), curv.dim)
+    est = curv.trace(x, y, samples=300)
+    exact_trace = float(Hd.trace())
+    assert abs(float(est.estimate) - exact_trace) < 4 * float(est.stderr)
+    # the estimator's variance per sample is 2 Σ_{i≠j} H_ij²: the stated error matches it
+    off = float(2 * (Hd.pow(2).sum() - Hd.diag().pow(2).sum()))
+    assert 0.5 < float(est.stderr) ** 2 * 300 / off < 2
+    dens = curv.density(x, y, iters=30, probes=6)
+    ev = torch.linalg.eigvalsh(Hd)
+    assert float(dens.nodes.min()) >= float(ev[0]) - 1e-8 and float(dens.nodes.max()) <= float(ev[-1]) + 1e-8
+    torch.testing.assert_close(dens.weights.sum(), torch.tensor(1.0, dtype=D))
+    assert abs(float(dens.trace.mean()) - exact_trace) < 4 * float(dens.trace.std()) / 6 ** 0.5 + 1e-9
+    grid, rho = dens.curve(400)
+    assert abs(float(torch.trapezoid(rho, grid)) - 1) < 1e-3
+
+
+def test_lanczos_diagnostics_say_when_it_has_not_converged():
+    A = torch.diag(torch.linspace(1.0, 1.001, 200, dtype=D))  # a cluster: 5 products cannot separate it
+    res = spectra.lanczos(lambda v: A @ v, 200, k=2, iters=5, tol=1e-12)
+    assert not bool(res.converged.all()) and res.iterations == 5
+    with pytest.raises(ValueError, match="k=0"):
+        spectra.lanczos(lambda v: A @ v, 200, k=0)
+
+
+def test_spectra_leave_the_global_random_state_alone():
+    state = torch.random.get_rng_state()
+    spectra.hutchinson(lambda v: 2 * v, 10, samples=5)
+    spectra.slq(lambda v: 2 * v, 10, iters=4, probes=2)
+    spectra.lanczos(lambda v: 2 * v, 10)
+    assert torch.equal(state, torch.random.get_rng_state())
+
+
+# ------------------------------------------------------------------ first order, found on the way
+def test_jvp_of_a_function_closing_over_a_train_batchnorm():
+    net = _cnn().train()
+    before = copy.deepcopy(net.state_dict())
+    x, v = torch.randn(5, 2, 9, 9, dtype=D), torch.randn(5, 2, 9, 9, dtype=D)
+    with pytest.warns(UserWarning, match="writes in place into a tensor it closes over"):
+        _, jv = jvpgraph.jvp(lambda z: net(z), (x,), (v,))
+    ref = torch.autograd.functional.jvp(copy.deepcopy(net), x, v)[1]
+    torch.testing.assert_close(jv, ref)
+    for k, t in net.state_dict().items():
+        assert torch.equal(t, before[k]), k
