@@ -29,7 +29,7 @@ IMG = DOCS / "img"
 
 #: Modules in the API reference, in reading order, each with its public names (``__all__``).
 API_MODULES = [
-    "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
+    "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.hessian", "jvpgraph.spectra", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
     "jvpgraph.testing", "jvpgraph.measure", "jvpgraph.graph", "jvpgraph.flip", "jvpgraph.rules.registry",
     "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
     "jvpgraph.experiments.runner", "jvpgraph.experiments.robustness", "jvpgraph.experiments.plots",

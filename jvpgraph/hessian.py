@@ -127,9 +127,6 @@ def _check_bn(bn: str) -> None:
                          "(running statistics)")
 
 
-_FUNCTION_TRACES: "weakref.WeakKeyDictionary[api.Traced, _GradientTraces]" = weakref.WeakKeyDictionary()
-
-
 def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     """``(∇f(x), H v)`` for ``f`` returning a scalar, by flipping the graph of its gradient.
 
@@ -154,9 +151,10 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     primals = api._as_tuple(primals)
     tangents = api._as_tuple(tangents)
     forward = api._traced_for(f, primals, bn)
-    traces = _FUNCTION_TRACES.get(forward)
+    # kept on the forward trace itself (a table keyed weakly by it would hold it through its value: never freed)
+    traces = getattr(forward, "_gradient_traces", None)
     if traces is None:
-        traces = _FUNCTION_TRACES[forward] = _GradientTraces(
+        traces = forward._gradient_traces = _GradientTraces(
             forward, lambda p: [len(p.param_names) + len(p.buffer_names) + i for i in p.diff_inputs])
     traced, values, wrt, prog = traces(primals)
     flat_in, spec = pytree.tree_flatten(primals)
