@@ -83,7 +83,10 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
     torch.manual_seed(0)
     row = dict(model=name, mode=mode, size=size, dtype=dname)
     try:
-        model = build_model(name, size).to(dtype)
+        if name == "vgg16_bn":  # jvpgraph's own model of that name (CIFAR-sized) would shadow torchvision's
+            model = torchvision.models.get_model(name, weights=None, num_classes=10).to(dtype)
+        else:
+            model = build_model(name, size).to(dtype)
     except Exception as e:  # noqa: BLE001
         return {**row, "ok": False, "error": f"build: {type(e).__name__}: {e}"[:300]}
     model.train(mode == "train")
@@ -137,12 +140,22 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
             ref = _seeded(fn)()
             row[f"{key}_s"] = time.perf_counter() - t0
             row[key] = "runs"
-            row[f"{key}_rel_err"] = testing.max_rel_err(mine, _flat(ref, names))
+            flat = _flat(ref, names)
+            row[f"{key}_finite"] = bool(torch.isfinite(flat).all())
+            row[f"{key}_rel_err"] = testing.max_rel_err(mine, flat)
         except Exception as e:  # noqa: BLE001 - a reference that cannot run is a result, not a crash
             row[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         gc.collect()
-    if row.get("double_backward") == "runs":
-        row["max_rel_err"] = row["double_backward_rel_err"]
+    # the reference that decides: double-backward, else torch.func where double-backward's Hv is not finite
+    # (swin_v2 at these sizes: the keys of zero-padded windows are zero vectors, and the second derivative of
+    # their norm in double-backward is NaN) or cannot run
+    decider = "double_backward"
+    if (row.get("double_backward") != "runs" or not row["double_backward_finite"]) and row.get("func") == "runs" \
+            and row["func_finite"]:
+        decider = "func"
+    row["reference"] = decider
+    if row.get(decider) == "runs":
+        row["max_rel_err"] = row[f"{decider}_rel_err"]
         row["ok"] = bool(row["max_rel_err"] <= TOL[dname] and row["state_unchanged"] and row["repeatable"])
     else:
         row["ok"] = False
@@ -160,7 +173,7 @@ def write_report(rows, out: Path, final: bool) -> str:
     meta = dict(torch=torch.__version__, torchvision=torchvision.__version__, threads=torch.get_num_threads(),
                 batch=2, tol=TOL, complete=final)
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
-    lines = ["| model | mode | dtype | jvpgraph vs double-backward | torch.func fwd-over-rev | "
+    lines = ["| model | mode | dtype | jvpgraph vs the reference | torch.func fwd-over-rev | "
              "jvpgraph Hv s (first) | double-backward s | torch.func s |", "|---|---|---|---|---|---|---|---|"]
 
     def ref(r, key):
@@ -173,6 +186,8 @@ def write_report(rows, out: Path, final: bool) -> str:
             res = r.get("error", "")
         elif "max_rel_err" in r:
             res = f"{r['max_rel_err']:.1e}" + ("" if r["ok"] else " FAIL") + \
+                (" (vs torch.func: double-backward " + ("NaN)" if r.get("double_backward") == "runs" else "fails)")
+                 if r.get("reference") == "func" else "") + \
                 ("" if r.get("state_unchanged", True) else " (state changed)")
         else:
             res = f"FAIL: {r.get('error', '')[:80]}"
@@ -180,7 +195,12 @@ def write_report(rows, out: Path, final: bool) -> str:
         lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {res} | {ref(r, 'func')} | {t} | "
                      f"{r.get('double_backward_s', float('nan')):.2f} | {r.get('func_s', float('nan')):.2f} |")
     head = [f"torchvision {torchvision.__version__}, torch {torch.__version__}, batch 2, cross-entropy, "
-            f"tolerance float32 {TOL['float32']}, float64 {TOL['float64']}", ""]
+            f"tolerance float32 {TOL['float32']}, float64 {TOL['float64']}", "",
+            "Reference: the double-backward HVP (math attention kernel; MobileNetV3's hardsigmoid written as "
+            "relu6(x + 3) / 6, whose backward autograd can differentiate). Where double-backward's Hv has NaN "
+            "entries (swin_v2 at these small sizes: zero-padded windows give zero key vectors, and the second "
+            "derivative of their norm is NaN in double-backward) torch.func's forward-over-reverse decides, marked "
+            "so in the table.", ""]
     for dname in ("float32", "float64"):
         for mode in ("train", "eval"):
             rs = [r for r in rows if r["mode"] == mode and r["dtype"] == dname]
@@ -189,8 +209,9 @@ def write_report(rows, out: Path, final: bool) -> str:
                 continue
             worst = max((r.get("max_rel_err", 0) for r in judged), default=0)
             head.append(f"- {dname} {mode}: jvpgraph {sum(bool(r.get('ok')) for r in judged)}/{len(judged)} within "
-                        f"tolerance of double-backward (largest error {worst:.1e}; double-backward runs on "
-                        f"{sum(r.get('double_backward') == 'runs' for r in judged)}), torch.func forward-over-reverse"
+                        f"tolerance of the reference (largest error {worst:.1e}; double-backward runs on "
+                        f"{sum(r.get('double_backward') == 'runs' for r in judged)}, finite on "
+                        f"{sum(bool(r.get('double_backward_finite')) for r in judged)}), torch.func forward-over-reverse"
                         f" runs on {sum(r.get('func') == 'runs' for r in judged)}/{len(judged)}; model state "
                         f"unchanged on {sum(bool(r.get('state_unchanged')) for r in judged)}/{len(judged)}"
                         + (f"; {len(rs) - len(judged)} skipped (size)" if len(rs) > len(judged) else ""))
@@ -222,11 +243,14 @@ def main(argv=None) -> int:
     order = torchvision.models.list_models(module=torchvision.models)
     if args.merge:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
-        ran = {(r["model"], r["mode"], r["dtype"]) for p_ in parts for r in p_["rows"] if r.get("ok") is not None}
-        rows = sorted((r for p_ in parts for r in p_["rows"]  # a model skipped in one part and run in another
-                       if r.get("ok") is not None or (r["model"], r["mode"], r["dtype"]) not in ran),
-                      key=lambda r: (r["dtype"], order.index(r["model"]) if r["model"] in order else 999,
-                                     r["mode"] != "train"))
+        best = {}  # one row per (model, mode, dtype): a later file's row replaces an earlier one (a rerun),
+        for p_ in parts:  # except that a model skipped in one file does not replace its run in another
+            for r in p_["rows"]:
+                key = (r["model"], r["mode"], r["dtype"])
+                if r.get("ok") is not None or key not in best:
+                    best[key] = r
+        rows = sorted(best.values(), key=lambda r: (r["dtype"], order.index(r["model"]) if r["model"] in order
+                                                    else 999, r["mode"] != "train"))
         print(write_report(rows, Path(args.out), final=all(p_["meta"]["complete"] for p_ in parts)))
         return 0
     k, n = (int(a) for a in args.part.split("/"))
