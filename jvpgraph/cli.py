@@ -417,6 +417,129 @@ def verify_cmd(args) -> int:
     return report.exit_code
 
 
+def curvature_cmd(args) -> int:
+    """`jvpgraph curvature`: the top Hessian (or Gauss-Newton) eigenvalues of a model's loss in its parameters
+    (Lanczos, with residuals), Hutchinson's trace estimate with its standard error, and the spectral density
+    (stochastic Lanczos quadrature), printed and plotted; exit 3 when it could not run."""
+    import json
+    from pathlib import Path
+
+    from tqdm.auto import tqdm
+
+    from .experiments import ecosystem
+    from .hessian import Curvature
+    from .spectra import hutchinson, lanczos, slq
+
+    def cannot(msg: str) -> int:
+        print(f"jvpgraph curvature: {msg}", file=sys.stderr)
+        return 3
+
+    warnings.filterwarnings("ignore", message="jvpgraph: no written rule")  # the theorem covers those ops
+    torch.manual_seed(args.seed)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    try:
+        shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
+        model = _build_for(args.model, shapes)
+    except ValueError as e:
+        return cannot(str(e))
+    model = model.to(dtype).train(args.mode == "train")
+    if ":" not in args.model or ecosystem.is_ecosystem(args.model):
+        redone = reinit_zero_layers(model)  # a zero head makes every curvature term through it vanish
+        if redone:
+            print(f"jvpgraph curvature: {args.model} is built with all-zero weights in {', '.join(redone)}; "
+                  "re-initialized them with reset_parameters()")
+    xs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
+    try:
+        with torch.no_grad(), torch.random.fork_rng():
+            out = model(*xs)
+    except Exception as e:  # noqa: BLE001 - the model and input the user chose do not fit: say so
+        return cannot(f"{args.model} does not run on an input of shape {' and '.join(map(str, shapes))}: "
+                      f"{type(e).__name__}: {_first_line(e)}. Give the shape it takes with --input-shape B,C,H,W")
+    out = getattr(out, "logits", out)
+    if not isinstance(out, torch.Tensor) or not out.is_floating_point():
+        return cannot(f"{args.model} returns {type(out).__name__}, not one floating-point tensor: the loss needs "
+                      "one output (give a factory that returns a model whose forward returns it)")
+    loss_name = args.loss if args.loss != "auto" else ("cross_entropy" if out.dim() == 2 else "mse")
+    if loss_name == "cross_entropy":
+        if out.dim() != 2:
+            return cannot(f"--loss cross_entropy needs (batch, classes) logits; {args.model} returns shape "
+                          f"{tuple(out.shape)}: use --loss mse")
+        targets = torch.randint(0, out.shape[1], (out.shape[0],))
+
+        def loss_fn(o, y):
+            return torch.nn.functional.cross_entropy(getattr(o, "logits", o), y)
+    else:
+        targets = torch.randn(out.shape, dtype=out.dtype)
+
+        def loss_fn(o, y):
+            return torch.nn.functional.mse_loss(getattr(o, "logits", o), y)
+    curv = Curvature(model, loss_fn, bn=args.bn)
+    inputs = xs[0] if len(xs) == 1 else xs
+    mv = curv.matvec(inputs, targets, kind=args.kind)
+    p0 = next(model.parameters())
+    kinds = {"hessian": "Hessian", "ggn": "Gauss-Newton"}
+    print(f"jvpgraph curvature: {args.model} [{args.mode}, bn={args.bn}], {loss_name} on random targets, input "
+          f"{' and '.join(','.join(map(str, s)) for s in shapes)}, {args.dtype}: the {kinds[args.kind]} in "
+          f"{curv.dim:,} parameters")
+
+    def counted(total: int, desc: str):
+        bar = tqdm(total=total, desc=desc, unit="product", disable=args.no_progress, leave=False)
+
+        def f(v):
+            bar.update(1)
+            return mv(v)
+        return f, bar
+
+    f, bar = counted(args.iters, f"top-{args.k} eigenvalues")
+    eig = lanczos(f, curv.dim, k=args.k, iters=args.iters, tol=args.tol, seed=args.seed, dtype=dtype,
+                  device=p0.device)
+    bar.close()
+    f, bar = counted(args.trace_samples, "trace")
+    tr = hutchinson(f, curv.dim, samples=args.trace_samples, seed=args.seed + 1, dtype=dtype, device=p0.device)
+    bar.close()
+    f, bar = counted(args.density_iters * args.probes, "density")
+    dens = slq(f, curv.dim, iters=args.density_iters, probes=args.probes, seed=args.seed + 2, dtype=dtype,
+               device=p0.device)
+    bar.close()
+    print(f"top {args.k} eigenvalues (Lanczos, {eig.iterations} products):")
+    for lam, res, ok in zip(eig.eigenvalues.tolist(), eig.residuals.tolist(), eig.converged.tolist()):
+        print(f"  {lam: .6e}   residual {res:.1e}{'' if ok else f'  (not converged to {args.tol:g}: raise --iters)'}")
+    print(f"trace (Hutchinson, {tr.samples} Rademacher probes): {float(tr.estimate):.6e} ± {float(tr.stderr):.1e} "
+          "(standard error)")
+    lo, hi = float(dens.nodes.min()), float(dens.nodes.max())
+    print(f"density (stochastic Lanczos quadrature, {args.probes} probes x {args.density_iters} steps): support "
+          f"[{lo:.4e}, {hi:.4e}]; its trace {float(dens.trace.mean()):.6e} (per probe: "
+          f"{', '.join(f'{float(t):.3e}' for t in dens.trace)})")
+    result = dict(model=args.model, mode=args.mode, bn=args.bn, kind=args.kind, loss=loss_name, dim=curv.dim,
+                  shapes=[list(s) for s in shapes], dtype=args.dtype, eigenvalues=eig.eigenvalues.tolist(),
+                  residuals=eig.residuals.tolist(), converged=eig.converged.tolist(),
+                  trace=float(tr.estimate), trace_stderr=float(tr.stderr), density_nodes=dens.nodes.tolist(),
+                  density_weights=dens.weights.tolist())
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    if args.plot:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        x, rho = dens.curve(400)
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        ax.semilogy(x.tolist(), rho.clamp_min(1e-12).tolist(), color="C0", label="density (SLQ)")
+        for i, lam in enumerate(eig.eigenvalues.tolist()):
+            ax.axvline(lam, color="C3", lw=0.8, ls="--", label="top eigenvalues (Lanczos)" if i == 0 else None)
+        ax.set_xlabel("eigenvalue")
+        ax.set_ylabel("density")
+        ax.set_title(f"{kinds[args.kind]} spectrum: {args.model} [{args.mode}]", fontsize=10)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        fig.savefig(args.plot, dpi=120)
+        plt.close(fig)
+        print(f"wrote {args.plot}")
+    return 0
+
+
 VERIFY_EXIT_CODES = """exit status:
   0  OK            every reference that ran agrees with jvpgraph's Jv, and Jv is not zero
   1  FAILED        a reference disagrees (the report names it, and the ops whose rules differ from their
@@ -473,6 +596,34 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--max-nodes", type=int, default=40, help="auto depth: at most this many boxes (default 40)")
     _add_input_options(w)
     w.add_argument("--seed", type=int, default=0)
+    c = sub.add_parser("curvature", help="top Hessian (or Gauss-Newton) eigenvalues, trace and spectral density "
+                                         "of a model's loss in its parameters; plots the density",
+                       description="The curvature of a model's loss in its parameters, on a random batch and random "
+                                   "targets: the top eigenvalues by Lanczos (with residuals), Hutchinson's trace "
+                                   "estimate (with its standard error), and the spectral density by stochastic "
+                                   "Lanczos quadrature. Hessian-vector products flip the gradient's graph, so "
+                                   "BatchNorm in train mode is the Hessian of the loss the model computes.")
+    c.add_argument("model", help="as for verify: a torchvision classifier (resnet18), lenet, sigmoid_bn_cnn, "
+                                 "timm:NAME, hf:MODEL_TYPE, diffusers:NAME or package.module:factory")
+    c.add_argument("--mode", choices=("train", "eval"), default="train")
+    c.add_argument("--bn", choices=("batch", "eval"), default="batch",
+                   help="train-mode BatchNorm: batch statistics (the loss the model computes) or running ones")
+    c.add_argument("--kind", choices=("hessian", "ggn"), default="hessian")
+    c.add_argument("--loss", choices=("auto", "cross_entropy", "mse"), default="auto",
+                   help="auto: cross-entropy for (batch, classes) outputs, else MSE")
+    _add_input_options(c)
+    c.add_argument("--dtype", choices=("float32", "float64"), default="float32")
+    c.add_argument("-k", type=int, default=3, help="top eigenvalues (default 3)")
+    c.add_argument("--iters", type=int, default=60, help="most Lanczos products for the eigenvalues (default 60)")
+    c.add_argument("--tol", type=float, default=1e-3,
+                   help="eigenvalue residual tolerance, relative to the largest (default 1e-3)")
+    c.add_argument("--trace-samples", type=int, default=20, help="Hutchinson probes (default 20)")
+    c.add_argument("--density-iters", type=int, default=30, help="Lanczos steps per density probe (default 30)")
+    c.add_argument("--probes", type=int, default=2, help="density probes (default 2)")
+    c.add_argument("--plot", default="curvature-density.png", help="the density plot ('' for none)")
+    c.add_argument("--json", default=None, help="also write the numbers to this file")
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--no-progress", action="store_true", help="no progress bars")
     from .experiments.data import DATASETS
     from .experiments.train import REGULARIZERS
 
@@ -555,6 +706,8 @@ def main(argv=None) -> int:
         return robustness_cmd(args)
     if args.command == "bench":
         return bench_cmd(args)
+    if args.command == "curvature":
+        return curvature_cmd(args)
     return 2
 
 

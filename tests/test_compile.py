@@ -32,6 +32,9 @@ def test_compiled_flipped_graph_equals_eager():
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.xfail(torch.__version__ < "2.14", strict=True, reason="torch 2.11: Dynamo raises an internal "
+                   "AssertionError in bytecode_transformation compiling the step through jvpgraph's trace (passes "
+                   "on 2.14 and 2.15)")
 def test_compiled_regularized_step_equals_eager():
     """A whole training step — forward, spectral penalty (one recorded tangent pass), backward — under
     torch.compile: the same loss, parameter gradients and running statistics as eager, model left as eager
