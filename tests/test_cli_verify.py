@@ -75,7 +75,7 @@ def test_a_live_head_exits_0_ok(models, capsys):
 
 def test_a_wrong_jv_exits_1_failed(models, capsys, monkeypatch):
     monkeypatch.setitem(RULES, aten.tanh, RULES[aten.tanh])  # restored after the test
-    defjvp(aten.tanh, lambda t, out, x: 0.5 * (1 - out * out) * t)
+    defjvp(aten.tanh, lambda t, out, x: 0.5 * (1 - out * out) * t, override=True)
     code, out, err = _run(capsys, f"{models}:live_head", "--input-shape", "2,4", "--dtype", "float64")
     assert code == 1 and "verdict: FAILED" in out
     assert "FAILED: double-backward" in err and "aten.tanh" in err

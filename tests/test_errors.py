@@ -332,7 +332,7 @@ def _broken_arity(ts, out, *a, **k):
 def test_broken_rule_raises_rule_error_naming_the_op(restore_rules, broken, what):
     original = RULES[aten.sigmoid]
     restore_rules(aten.sigmoid)
-    defrule(aten.sigmoid, broken, "elementwise")
+    defrule(aten.sigmoid, broken, "elementwise", override=True)
     x = torch.randn(3, 4, dtype=D)
     with pytest.raises(jvpgraph.RuleError) as e:
         jvpgraph.trace(lambda x: torch.sigmoid(x) * 2, x)
@@ -355,7 +355,7 @@ def test_rule_declining_falls_back(restore_rules):
     def declines(ts, out, x, approximate="none"):
         raise NotImplementedError
 
-    defrule(aten.gelu, declines, "elementwise")
+    defrule(aten.gelu, declines, "elementwise", override=True)
     x, v = torch.randn(3, 4, dtype=D), torch.randn(3, 4, dtype=D)
     traced = jvpgraph.trace(torch.nn.functional.gelu, x)
     _, jv = traced.jvp(x, v)
@@ -503,3 +503,16 @@ def test_traces_on_values_draw_what_eager_draws(make):
             ref_out, ref = torch.func.jvp(m, (x,), (v,))
         torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
         torch.testing.assert_close(jv, ref, rtol=1e-12, atol=1e-12)
+
+
+def test_a_second_rule_for_an_op_is_refused_unless_overridden(monkeypatch):
+    """Two rules for one op used to leave whichever was imported last, silently."""
+    from jvpgraph.rules.registry import RULES, lookup
+
+    monkeypatch.setitem(RULES, aten.sigmoid, RULES[aten.sigmoid])  # restored after the test
+    before = lookup(aten.sigmoid.default)
+    with pytest.raises(ValueError, match=r"aten\.sigmoid.* has a rule already .*override=True"):
+        defjvp(aten.sigmoid, lambda t, out, x: 0 * t)
+    assert lookup(aten.sigmoid.default) is before
+    defjvp(aten.sigmoid, lambda t, out, x: 0 * t, override=True)
+    assert lookup(aten.sigmoid.default) is not before

@@ -41,7 +41,7 @@ def test_verify_passes_on_a_correct_model(dtype, mode):
 
 def _break_silu(monkeypatch):
     monkeypatch.setitem(RULES, aten.silu, RULES[aten.silu])  # restored after the test
-    defjvp(aten.silu, lambda t, out, x: 1.25 * torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))) * t)
+    defjvp(aten.silu, lambda t, out, x: 1.25 * torch.sigmoid(x) * (1 + x * (1 - torch.sigmoid(x))) * t, override=True)
 
 
 def test_verify_fails_on_a_broken_rule_and_names_the_op(monkeypatch):
@@ -61,7 +61,7 @@ def test_cli_verify_exit_codes(monkeypatch, capsys):
     assert "verdict: OK" in capsys.readouterr().out
     _break_silu(monkeypatch)  # SigmoidBNCNN has no SiLU: break the GELU rule instead
     monkeypatch.setitem(RULES, aten.gelu, RULES[aten.gelu])
-    defjvp(aten.gelu, lambda t, out, x, approximate="none": 0 * t)
+    defjvp(aten.gelu, lambda t, out, x, approximate="none": 0 * t, override=True)
     assert main(args) == 1
     err = capsys.readouterr().err
     assert "aten.gelu" in err

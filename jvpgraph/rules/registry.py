@@ -45,8 +45,15 @@ class Rule:
 RULES: dict[Any, Rule] = {}
 
 
-def _register(ops, rule_for):
+def _register(ops, rule_for, override: bool = False):
+    """Put ``rule_for(op)`` in :data:`RULES` for each op; an op that has a rule already is an error unless
+    ``override`` (two rules for one op would leave the one imported last, silently)."""
     ops = ops if isinstance(ops, (list, tuple)) else [ops]
+    for op in ops:
+        if RULES.get(op) is not None and not override:
+            name = str(op) if isinstance(op, torch._ops.OpOverloadPacket) else op_name(op)  # aten.sigmoid
+            raise ValueError(f"{name} has a rule already ({RULES[op].name}, kind {RULES[op].kind!r}): pass "
+                             "override=True to replace it")
     for op in ops:
         RULES[op] = rule_for(op)
 
@@ -75,11 +82,13 @@ def lookup(op) -> Rule | None:
     return rule
 
 
-def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False):
+def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False, override: bool = False):
     """Register ``fn(tangents, out, *args, **kwargs)`` for ``ops``.
 
     With ``kwarg_tangents=True`` it is called with ``tkwargs=`` too: the tangents of keyword tensor arguments
     (an attention mask that depends on the input); otherwise a tangent there sends the op to the fallback.
+    An op that has a rule already is a ValueError unless ``override=True`` (as for :func:`defjvp` and
+    :func:`deflinear`).
 
     Example:
         >>> import torch
@@ -89,7 +98,7 @@ def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False):
         'linear'
     """
     assert kind in EDGE_KINDS, kind
-    _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents))
+    _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents), override)
 
 
 class WithPrimal(NamedTuple):
@@ -115,7 +124,7 @@ def add_tangents(*ts):
     return acc
 
 
-def defjvp(ops, *edges: Callable | None, kind: str = "elementwise"):
+def defjvp(ops, *edges: Callable | None, kind: str = "elementwise", override: bool = False):
     """Register one local-Jacobian function per positional argument (``None``: no tangent flows).
 
     ``edges[i](t_i, out, *args, **kwargs)`` returns arg ``i``'s contribution to the output tangent.
@@ -141,10 +150,10 @@ def defjvp(ops, *edges: Callable | None, kind: str = "elementwise"):
             parts.append(edge(t, out, *args, **kwargs))
         return add_tangents(*parts)
 
-    _register(ops, lambda op: Rule(fn, kind, "defjvp"))
+    _register(ops, lambda op: Rule(fn, kind, "defjvp"), override)
 
 
-def deflinear(ops, argnums=(0,), kind: str = "linear"):
+def deflinear(ops, argnums=(0,), kind: str = "linear", override: bool = False):
     """The op is linear in ``argnums`` (the rest are constants): its tangent is the op on the tangents.
 
     Example:
@@ -167,7 +176,7 @@ def deflinear(ops, argnums=(0,), kind: str = "linear"):
 
         return Rule(fn, kind, "deflinear")
 
-    _register(ops, rule_for)
+    _register(ops, rule_for, override)
 
 
 def collapse_zeros(ts):
