@@ -28,6 +28,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hessian_zoo import _init_heads, loss_fn  # noqa: E402
+from zoo import _seeded  # noqa: E402
 
 import jvpgraph  # noqa: E402
 from jvpgraph import testing  # noqa: E402
@@ -37,14 +38,6 @@ from jvpgraph.measure import median_times, peak_memory  # noqa: E402
 MB = 1 << 20
 TARGETS = {"double_backward": 0.7, "func": 1.0}
 SIZES = {"resnet18": 64, "vit_b_16": 32}
-
-
-def _seeded(fn):
-    def run():
-        with torch.random.fork_rng():
-            torch.manual_seed(1)
-            return fn()
-    return run
 
 
 def measure(name: str, mode: str, batch: int, repeats: int, rounds: int) -> dict:

@@ -163,6 +163,11 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
     return row
 
 
+def _db_finite(r) -> bool:
+    """Whether double-backward's Hv was finite (rows written before the flag: a finite error says so)."""
+    return bool(r.get("double_backward_finite", r.get("double_backward_rel_err", float("inf")) < float("inf")))
+
+
 def _flat(d, names=None):
     names = names or list(d)
     return torch.cat([d[n].detach().reshape(-1) for n in names])
@@ -211,10 +216,15 @@ def write_report(rows, out: Path, final: bool) -> str:
             head.append(f"- {dname} {mode}: jvpgraph {sum(bool(r.get('ok')) for r in judged)}/{len(judged)} within "
                         f"tolerance of the reference (largest error {worst:.1e}; double-backward runs on "
                         f"{sum(r.get('double_backward') == 'runs' for r in judged)}, finite on "
-                        f"{sum(bool(r.get('double_backward_finite')) for r in judged)}), torch.func forward-over-reverse"
+                        f"{sum(_db_finite(r) for r in judged)}), torch.func forward-over-reverse"
                         f" runs on {sum(r.get('func') == 'runs' for r in judged)}/{len(judged)}; model state "
                         f"unchanged on {sum(bool(r.get('state_unchanged')) for r in judged)}/{len(judged)}"
                         + (f"; {len(rs) - len(judged)} skipped (size)" if len(rs) > len(judged) else ""))
+    order = torchvision.models.list_models(module=torchvision.models)
+    ran = {r["model"] for r in rows if r["dtype"] == "float32" and r.get("ok") is not None}
+    missing = [m for m in order if m not in ran]
+    if missing:
+        head.append(f"- not run in float32 ({len(missing)} of {len(order)}): {', '.join(missing)}")
     head += ["", "Times are single calls (seconds; the first jvpgraph call includes tracing the loss, building and "
              "flipping its gradient's graph); they are not the speed benchmark (benchmarks/hessian_speed.py).", ""]
     if not final:

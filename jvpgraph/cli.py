@@ -356,6 +356,15 @@ def bench_cmd(args) -> int:
     return 0
 
 
+def _seeded_model(args) -> tuple[torch.dtype, list[tuple[int, ...]], torch.nn.Module]:
+    """``(dtype, input shapes, model)`` for ``verify``/``curvature``'s arguments, after seeding torch with
+    ``--seed`` (a ValueError says what is wrong with them)."""
+    torch.manual_seed(args.seed)
+    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
+    shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
+    return dtype, shapes, _build_for(args.model, shapes)
+
+
 def verify_cmd(args) -> int:
     """`jvpgraph verify`: exit 0 OK, 1 FAILED, 2 INCONCLUSIVE (see :data:`jvpgraph.verify.EXIT_CODES`), 3 when it
     could not run (bad arguments, a model that does not load or does not run on the input)."""
@@ -369,11 +378,8 @@ def verify_cmd(args) -> int:
         print(f"jvpgraph verify: {msg}", file=sys.stderr)
         return 3
 
-    torch.manual_seed(args.seed)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     try:
-        shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
-        model = _build_for(args.model, shapes)
+        dtype, shapes, model = _seeded_model(args)
     except ValueError as e:
         return cannot(str(e))
     model = model.to(dtype)
@@ -435,11 +441,8 @@ def curvature_cmd(args) -> int:
         return 3
 
     warnings.filterwarnings("ignore", message="jvpgraph: no written rule")  # the theorem covers those ops
-    torch.manual_seed(args.seed)
-    dtype = {"float32": torch.float32, "float64": torch.float64}[args.dtype]
     try:
-        shapes = input_shapes(args.model, args.input_shape, args.batch, args.size, args.channels)
-        model = _build_for(args.model, shapes)
+        dtype, shapes, model = _seeded_model(args)
     except ValueError as e:
         return cannot(str(e))
     model = model.to(dtype).train(args.mode == "train")
