@@ -143,7 +143,7 @@ def main(argv=None) -> int:
     for name in args.models:
         for mode in args.modes:
             rows.append(measure(name, mode, args.batch, args.repeats, args.rounds))
-            print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
+            print({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
             write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
     return 0
