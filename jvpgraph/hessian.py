@@ -73,6 +73,7 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
         >>> value, grad = g(*values)
         >>> torch.testing.assert_close(grad, 2 * values[0].sin() * values[0].cos())
     """
+    _check_torch()
     if len(prog.output_nodes) != 1:
         raise ValueError(f"the function returns {len(prog.output_nodes)} tensors; a Hessian needs one scalar (a loss): return "
                          "loss alone, or reduce the outputs to one number")
@@ -94,6 +95,23 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
     with torch.random.fork_rng(devices=[]):  # a real-mode trace draws the dropout masks once: not the caller's
         gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
     return gm
+
+
+#: The oldest torch on which the gradient's graph gives the right Hv. On torch 2.11 the graph make_fx records
+#: for autograd.grad gives wrong second-order terms (checked against double-backward: even tanh's Hv is off);
+#: torch 2.14 and 2.15 agree with double-backward to rounding (tests/test_hessian.py, the torchvision sweep).
+HVP_MIN_TORCH = (2, 14)
+
+
+def _check_torch(version: str | None = None) -> None:
+    version = str(torch.__version__) if version is None else version
+    major, minor = (int(p) for p in version.split("+")[0].split(".")[:2])
+    if (major, minor) < HVP_MIN_TORCH:
+        raise RuntimeError(
+            f"jvpgraph's Hessian-vector products need torch >= {'.'.join(map(str, HVP_MIN_TORCH))}: on torch "
+            f"{version} the gradient graph it builds gives wrong Hv (checked against double-backward), so it "
+            "refuses rather than answer. Upgrade torch, or use torch.autograd.functional.hvp (double-backward) "
+            "there; first-order Jv is unaffected.")
 
 
 class _GradientTraces:

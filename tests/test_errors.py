@@ -516,3 +516,21 @@ def test_a_second_rule_for_an_op_is_refused_unless_overridden(monkeypatch):
     assert lookup(aten.sigmoid.default) is before
     defjvp(aten.sigmoid, lambda t, out, x: 0 * t, override=True)
     assert lookup(aten.sigmoid.default) is not before
+
+
+def test_hessian_products_refuse_a_torch_that_gets_them_wrong():
+    """On torch 2.11 the gradient graph jvpgraph flips gives wrong Hv (tanh's, against double-backward): it
+    refuses there, saying what to use instead; from 2.14 it answers (tests/test_hessian.py)."""
+    from jvpgraph.hessian import _check_torch
+
+    with pytest.raises(RuntimeError, match=r"need torch >= 2\.14: on torch 2\.11\.0\+cpu .*torch\.autograd\.functional\.hvp"):
+        _check_torch("2.11.0+cpu")
+    _check_torch("2.14.1")
+    _check_torch("2.15.0+cu132")
+    f, x = (lambda z: z.tanh().pow(2).sum()), torch.randn(3, dtype=D)
+    if torch.__version__ < "2.14":
+        with pytest.raises(RuntimeError, match="need torch >= 2.14"):
+            jvpgraph.hvp(f, x, torch.ones_like(x))
+    else:
+        hv = jvpgraph.hvp(f, x, torch.ones_like(x))[1]
+        torch.testing.assert_close(hv, torch.autograd.functional.hvp(f, x, torch.ones_like(x))[1])
