@@ -427,6 +427,14 @@ def curvature_cmd(args) -> int:
     """`jvpgraph curvature`: the top Hessian (or Gauss-Newton) eigenvalues of a model's loss in its parameters
     (Lanczos, with residuals), Hutchinson's trace estimate with its standard error, and the spectral density
     (stochastic Lanczos quadrature), printed and plotted; exit 3 when it could not run."""
+    with warnings.catch_warnings():  # the caller's filters are left as they were
+        warnings.filterwarnings("ignore", message="jvpgraph: no written rule")  # the theorem covers those ops
+        return _curvature(args)
+
+
+def _curvature(args) -> int:
+    """:func:`curvature_cmd`'s work."""
+    import copy
     import json
     from pathlib import Path
 
@@ -440,7 +448,6 @@ def curvature_cmd(args) -> int:
         print(f"jvpgraph curvature: {msg}", file=sys.stderr)
         return 3
 
-    warnings.filterwarnings("ignore", message="jvpgraph: no written rule")  # the theorem covers those ops
     try:
         dtype, shapes, model = _seeded_model(args)
     except ValueError as e:
@@ -454,7 +461,7 @@ def curvature_cmd(args) -> int:
     xs = tuple(torch.randn(s, dtype=dtype) for s in shapes)
     try:
         with torch.no_grad(), torch.random.fork_rng():
-            out = model(*xs)
+            out = copy.deepcopy(model)(*xs)  # a copy: a train-mode forward moves running statistics (--bn eval)
     except Exception as e:  # noqa: BLE001 - the model and input the user chose do not fit: say so
         return cannot(f"{args.model} does not run on an input of shape {' and '.join(map(str, shapes))}: "
                       f"{type(e).__name__}: {_first_line(e)}. Give the shape it takes with --input-shape B,C,H,W")
@@ -462,20 +469,18 @@ def curvature_cmd(args) -> int:
     if not isinstance(out, torch.Tensor) or not out.is_floating_point():
         return cannot(f"{args.model} returns {type(out).__name__}, not one floating-point tensor: the loss needs "
                       "one output (give a factory that returns a model whose forward returns it)")
-    loss_name = args.loss if args.loss != "auto" else ("cross_entropy" if out.dim() == 2 else "mse")
+    loss_name = args.loss if args.loss != "auto" else ("cross_entropy" if out.dim() == 2 else "mse_loss")
     if loss_name == "cross_entropy":
         if out.dim() != 2:
             return cannot(f"--loss cross_entropy needs (batch, classes) logits; {args.model} returns shape "
-                          f"{tuple(out.shape)}: use --loss mse")
+                          f"{tuple(out.shape)}: use --loss mse_loss")
         targets = torch.randint(0, out.shape[1], (out.shape[0],))
-
-        def loss_fn(o, y):
-            return torch.nn.functional.cross_entropy(getattr(o, "logits", o), y)
     else:
         targets = torch.randn(out.shape, dtype=out.dtype)
+    loss = getattr(torch.nn.functional, loss_name)
 
-        def loss_fn(o, y):
-            return torch.nn.functional.mse_loss(getattr(o, "logits", o), y)
+    def loss_fn(o, y):
+        return loss(getattr(o, "logits", o), y)  # Hugging Face models return an output object
     curv = Curvature(model, loss_fn, bn=args.bn)
     inputs = xs[0] if len(xs) == 1 else xs
     mv = curv.matvec(inputs, targets, kind=args.kind)
@@ -612,8 +617,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--bn", choices=("batch", "eval"), default="batch",
                    help="train-mode BatchNorm: batch statistics (the loss the model computes) or running ones")
     c.add_argument("--kind", choices=("hessian", "ggn"), default="hessian")
-    c.add_argument("--loss", choices=("auto", "cross_entropy", "mse"), default="auto",
-                   help="auto: cross-entropy for (batch, classes) outputs, else MSE")
+    c.add_argument("--loss", choices=("auto", "cross_entropy", "mse_loss"), default="auto",
+                   help="auto: cross-entropy for (batch, classes) outputs, else mse_loss")
     _add_input_options(c)
     c.add_argument("--dtype", choices=("float32", "float64"), default="float32")
     c.add_argument("-k", type=int, default=3, help="top eigenvalues (default 3)")
