@@ -131,6 +131,31 @@ def test_ctc_loss(reduction, tensor_lengths):
     assert "batch" in traced.flipped.how.values()
 
 
+@pytest.mark.parametrize("zero_infinity", [False, True])
+def test_ctc_loss_derivative_is_in_log_probs_not_in_logits(zero_infinity):
+    """The tangent on log_probs itself (not through a log_softmax): PyTorch's ctc_loss backward returns the
+    gradient in the logits before a log_softmax (it holds an extra exp(log_probs) term), so a Jv built on it
+    alone is wrong here (-0.90 where the derivative is -2.20). Judged by central finite differences, on
+    unnormalized log_probs too; with zero_infinity, the sequence that cannot be aligned (target 2, 2, 2 needs 5
+    steps, it has 3) has derivative 0."""
+    targets = torch.tensor([[1, 2, 3], [2, 2, 2]])
+    in_lens, tgt_lens = torch.tensor([6, 3]), torch.tensor([3, 3])
+    f = lambda lp: F.ctc_loss(lp, targets, in_lens, tgt_lens, reduction="none",  # noqa: E731
+                              zero_infinity=zero_infinity)
+    x = rn(6, 2, 5, seed=0).log_softmax(2) + 0.3 * rn(6, 2, 5, seed=2)
+    v = rn(6, 2, 5, seed=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _, jv = jvpgraph.jvp(f, (x,), (v,))
+        eps = 1e-6
+        fd = (f(x + eps * v) - f(x - eps * v)) / (2 * eps)
+    finite = torch.isfinite(fd)
+    assert finite[0] and bool(finite[1]) == zero_infinity
+    torch.testing.assert_close(jv[finite], fd[finite], rtol=1e-7, atol=1e-8)
+    autograd = (torch.autograd.functional.vjp(f, x, torch.ones(2, dtype=x.dtype))[1] * v).sum((0, 2))
+    assert (autograd[0] - fd[0]).abs() > 0.1  # PyTorch's backward alone would be wrong here
+
+
 @pytest.mark.parametrize("name,f,build", [
     ("max_all", lambda a: a.max(), lambda: (rn(3, 4),)),
     ("sort", lambda a: a.sort(1).values, lambda: (rn(3, 4),)),

@@ -854,6 +854,11 @@ def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=
     # Each sequence's loss depends on its own slice log_probs[:, b] only, so one backward pass with
     # grad = 1 gives every row of the Jacobian at once: J v = sum over (time, class) of grad * v, per sequence.
     # The second output (log_alpha, kept for the backward) gets no tangent.
+    # PyTorch's backward is not the derivative in log_probs: it returns exp(log_probs) - posterior, the
+    # gradient in the logits *before* a log_softmax (where the exp(log_probs) term comes from the
+    # normalization). The derivative in log_probs is -posterior, so exp(log_probs) is taken off again at every
+    # time step the sequence has (t < input_length) and wherever its loss is finite (zero_infinity zeroes the
+    # rest). Checked against finite differences on unnormalized log_probs (tests/test_rules.py).
     if any(t is not None for t in ts[1:]):
         raise NotImplementedError("tangents of targets or lengths")
     nll, log_alpha = out[0], out[1]
@@ -862,6 +867,13 @@ def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=
     grad = backward(torch.ones_like(nll), log_probs, targets, input_lengths, target_lengths, nll, log_alpha,
                     blank, zero_infinity)
     batch_dim = 1 if log_probs.dim() == 3 else None  # (T, B, C), or (T, C) for one unbatched sequence
+    lengths = torch.as_tensor(input_lengths, device=log_probs.device).reshape(-1)
+    steps = torch.arange(log_probs.shape[0], device=log_probs.device)
+    live = steps[:, None] < lengths[None, :]  # (T, B): the time steps each sequence has
+    live = live & torch.isfinite(nll).reshape(1, -1)
+    if batch_dim is None:
+        live = live[:, 0]
+    grad = grad - torch.where(live[..., None], log_probs.exp(), torch.zeros_like(log_probs))
     t = grad * ts[0]
     t = t.sum(dim=(0, 2)) if batch_dim is not None else t.sum()
     return t.reshape(nll.shape), None
