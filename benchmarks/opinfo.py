@@ -9,6 +9,15 @@ differences (the real-linear derivative); writes benchmarks/results/opinfo_compl
     python benchmarks/opinfo.py                  # the whole database (long)
     python benchmarks/opinfo.py sigmoid grid_sampler_2d --max-samples 3
     python benchmarks/opinfo.py --dtype complex128
+
+``--order 2``: for every entry the first-order sweep passes, the derivatives of jvpgraph's Jv (autograd
+through the emitted graph, with tangents on every input and on the first only) and ``jvpgraph.hvp`` against
+Richardson finite differences (``jvpgraph.testing.check_opinfo_sample_second_order``); writes
+benchmarks/results/opinfo_second_order.{json,md}. In two processes, then merged:
+
+    python benchmarks/opinfo.py --order 2 --max-samples 5 --part 0/2 --out /tmp/o0 &
+    python benchmarks/opinfo.py --order 2 --max-samples 5 --part 1/2 --out /tmp/o1; wait
+    python benchmarks/opinfo.py --order 2 --merge /tmp/o0.json /tmp/o1.json
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ from pathlib import Path
 
 import torch
 
-from jvpgraph.testing import check_opinfo_sample as check_sample
+from jvpgraph.testing import check_opinfo_sample, check_opinfo_sample_second_order
 
 
 # Why an entry does not pass (or is excluded): read off the failures of the sweep, checked by hand.
@@ -60,8 +69,18 @@ WHY_COMPLEX = {
 }
 
 
-def write_report(rows, out: Path, final: bool, updated: list[str] | None = None, dtype: str = "float64") -> str:
+# second order: why an entry does not pass
+WHY_SECOND = {
+    "nn.functional.ctc_loss": "PyTorch has no derivative for aten::_ctc_loss_backward, which the Jv rule calls: "
+    "autograd through the Jv graph raises PyTorch's 'derivative for aten::_ctc_loss_backward is not implemented'",
+}
+
+
+def write_report(rows, out: Path, final: bool, updated: list[str] | None = None, dtype: str = "float64",
+                 order: int = 1) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
+    if order == 2:
+        return write_second_order_report(rows, out, final)
     judged = [r for r in rows if r["status"] != "skip"]
     no_fwd = [r for r in judged if not r.get("forward_ad")]
     passed = sum(r["status"] == "pass" for r in judged)
@@ -96,6 +115,44 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None,
     return head
 
 
+def write_second_order_report(rows, out: Path, final: bool) -> str:
+    judged = [r for r in rows if r["status"] in ("pass", "fail", "error")]
+    passed = sum(r["status"] == "pass" for r in judged)
+    undecided = [r for r in rows if r["status"] == "undecided"]
+    summary = dict(order=2, dtype="float64", entries=len(rows), judged=len(judged), passed=passed,
+                   undecided=len(undecided), skipped=len(rows) - len(judged) - len(undecided),
+                   torch=torch.__version__, complete=final)
+    out.with_suffix(".json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=2))
+    name = lambda r: r["op"] + (f".{r['variant']}" if r.get("variant") else "")  # noqa: E731
+    head = (("" if final else "(partial run: stopped before the end) ") +
+            f"Second-order OpInfo sweep, float64, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged "
+            f"entries pass on all their samples ({100 * passed / max(len(judged), 1):.1f}%); "
+            f"{len(undecided)} undecided (finite differences do not converge), {summary['skipped']} skipped "
+            f"(of {len(rows)} entries the first-order sweep passes)")
+    md = [head, "",
+          "Each sample: `s(x) = <u, J(x) v>` differentiated along a random direction `w` three ways — autograd "
+          "through jvpgraph's emitted Jv graph (tangents on every input; and on the first input only, traced "
+          "`wrt=(0,)`, the others playing parameters), and `<v, H w>` from `jvpgraph.hvp` of `<u, f>` — against "
+          "Richardson-extrapolated central differences of first-order values (`torch.func.jvp` or double-backward "
+          "where they agree with jvpgraph at `x`, else jvpgraph's Jv), relative error <= 1e-6. "
+          "`jvpgraph.testing.check_opinfo_sample_second_order`.", "",
+          "## Not passing, and why", "", "| op | status | samples ok | why |", "|---|---|---|---|"]
+    for r in rows:
+        if r["status"] in ("fail", "error", "undecided"):
+            md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} "
+                      f"| {WHY_SECOND.get(name(r), r['detail'][:200])} |")
+    md += ["", "## Skipped (nothing to judge), and why", "", "| op | why |", "|---|---|"]
+    for r in rows:
+        if r["status"] == "skip":
+            md.append(f"| {name(r)} | {r['detail'][:160]} |")
+    md += ["", "## Every entry", "", "| op | status | samples ok | detail |", "|---|---|---|---|"]
+    for r in rows:
+        md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} | "
+                  f"{r['detail'][:160]} |")
+    out.with_suffix(".md").write_text("\n".join(md) + "\n")
+    return head
+
+
 def main(argv=None) -> int:
     from torch.testing._internal.common_methods_invocations import op_db
 
@@ -106,12 +163,32 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default=None, help="report path without suffix (default results/opinfo[_complex128])")
     ap.add_argument("--update", action="store_true",
                     help="re-run the named ops and replace their rows in the existing report")
+    ap.add_argument("--order", type=int, choices=(1, 2), default=1,
+                    help="2: the derivatives of Jv and jvpgraph.hvp, on the entries the first-order sweep passes")
+    ap.add_argument("--part", default="0/1", help="k/n: every n-th entry from the k-th (parallel processes)")
+    ap.add_argument("--merge", nargs="+", help="JSON reports of parts to merge into --out (nothing runs)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
-    args.out = args.out or str(Path(__file__).parent / "results" /
-                               ("opinfo" if args.dtype == "float64" else f"opinfo_{args.dtype}"))
+    args.out = args.out or str(Path(__file__).parent / "results" / (
+        "opinfo_second_order" if args.order == 2 else "opinfo" if args.dtype == "float64" else f"opinfo_{args.dtype}"))
+    if args.merge:
+        parts = [json.loads(Path(f).read_text()) for f in args.merge]
+        key = lambda r: (r["op"], r.get("variant", ""))  # noqa: E731
+        order = {(o.name, o.variant_test_name): i for i, o in enumerate(op_db)}
+        rows = sorted((r for p_ in parts for r in p_["rows"]), key=lambda r: order.get(key(r), len(order)))
+        print(write_report(rows, Path(args.out), final=all(p_["summary"].get("complete", True) for p_ in parts),
+                           dtype=args.dtype, order=args.order))
+        return 0
+    check_sample = check_opinfo_sample_second_order if args.order == 2 else check_opinfo_sample
+    first = None
+    if args.order == 2:  # the entries the first-order sweep passes
+        report = json.loads((Path(__file__).parent / "results" / "opinfo.json").read_text())
+        first = {(r["op"], r.get("variant", "")) for r in report["rows"] if r["status"] == "pass"}
     entries = [o for o in op_db if o.supports_autograd and (not args.ops or o.name in args.ops)
-               and (args.dtype == "float64" or dtype in o.supported_dtypes("cpu"))]
+               and (args.dtype == "float64" or dtype in o.supported_dtypes("cpu"))
+               and (first is None or (o.name, o.variant_test_name) in first)]
+    k_, n_ = (int(a) for a in args.part.split("/"))
+    entries = entries[k_::n_]
     rows = []
     for k, op in enumerate(entries):
         t0 = time.perf_counter()
@@ -126,8 +203,10 @@ def main(argv=None) -> int:
             samples = samples[: args.max_samples]
         for s in samples:
             results.append(check_sample(op, s))
-        judged = [r for r in results if r[0] != "skip"]
-        status = "skip" if not judged else "pass" if all(r[0] == "pass" for r in judged) else "fail"
+        judged = [r for r in results if r[0] not in ("skip", "undecided")]
+        status = ("undecided" if any(r[0] == "undecided" for r in results) else "skip") if not judged else \
+            "pass" if all(r[0] == "pass" for r in judged) else \
+            "error" if args.order == 2 and any(r[0] == "error" for r in judged) else "fail"
         bad = [r[1] for r in judged if r[0] != "pass"]
         rows.append(dict(op=op.name, variant=op.variant_test_name, forward_ad=op.supports_forward_ad,
                          status=status, samples=len(samples), judged=len(judged),
@@ -137,7 +216,7 @@ def main(argv=None) -> int:
               f"{len(judged) - len(bad)}/{len(judged)} samples  {rows[-1]['detail'][:90]}  ({time.perf_counter() - t0:.1f} s)",
               flush=True)
         if not args.update:
-            write_report(rows, Path(args.out), final=False, dtype=args.dtype)
+            write_report(rows, Path(args.out), final=False, dtype=args.dtype, order=args.order)
     if args.update:
         old = json.loads(Path(args.out).with_suffix(".json").read_text())
         fresh = {(r["op"], r.get("variant", "")): r for r in rows}
@@ -145,7 +224,7 @@ def main(argv=None) -> int:
         updated = sorted(set(old["summary"].get("updated_after_sweep", [])) | {r["op"] for r in rows})
         print(write_report(merged, Path(args.out), final=True, updated=updated, dtype=args.dtype))
         return 0
-    print(write_report(rows, Path(args.out), final=True, dtype=args.dtype))
+    print(write_report(rows, Path(args.out), final=True, dtype=args.dtype, order=args.order))
     return 0
 
 

@@ -93,8 +93,30 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
     example = [v.detach().requires_grad_(i in wrt) for i, v in enumerate(values)]
     mode = "real" if prog.values is not None else "fake"
     with torch.random.fork_rng(devices=[]):  # a real-mode trace draws the dropout masks once: not the caller's
-        gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+        try:
+            gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+        except RuntimeError as e:
+            if "is not differentiable with respect to argument" not in str(e):
+                raise
+            raise ValueError(_refused_inputs(interp_gm, values, wrt, e)) from None
     return gm
+
+
+def _refused_inputs(gm: fx.GraphModule, values: Sequence[torch.Tensor], wrt: Sequence[int], error) -> str:
+    """Which of the inputs ``wrt`` autograd refuses to differentiate (each tried alone, on the real values)."""
+    names = [n.name for n in gm.graph.nodes if n.op == "placeholder"]
+    refused = []
+    for i in wrt:
+        try:
+            with torch.enable_grad(), torch.random.fork_rng(devices=[]):
+                _AboveAutograd(gm).run(*(v.detach().requires_grad_(j == i) for j, v in enumerate(values)))
+        except RuntimeError as e:
+            if "is not differentiable with respect to argument" in str(e):
+                refused.append(names[i])
+    first = (str(error).splitlines() or [""])[0]
+    return (f"a Hessian is taken in every input, but PyTorch cannot differentiate in "
+            f"{'the inputs named ' + ', '.join(refused) + ' in its trace (the first input is x0)' if refused else 'one of them'} ({first}). Pass such a tensor inside f (a closure, or a module "
+            "buffer such as BatchNorm's running statistics) instead of as a primal.")
 
 
 #: The oldest torch on which the gradient's graph gives the right Hv. On torch 2.11 the graph make_fx records

@@ -401,3 +401,17 @@ def test_curvature_command_refuses_what_it_cannot_run(capsys):
 
     assert main(["curvature", "sigmoid_mlp", "--input-shape", "2,7", "--plot", ""]) == 3
     assert "does not run on an input of shape" in capsys.readouterr().err
+
+
+def test_hvp_refuses_an_input_pytorch_cannot_differentiate_by_its_name():
+    """batch_norm's running statistics as primals: autograd refuses to differentiate in them; hvp says which
+    inputs, and what to do (close over them), instead of PyTorch's message about an argument of an aten op."""
+    x, rm, rv = torch.randn(4, 3, dtype=D), torch.zeros(3, dtype=D), torch.ones(3, dtype=D)
+    f = lambda x, rm, rv: F.batch_norm(x, rm, rv, training=True).pow(2).sum()  # noqa: E731
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError, match=r"x1, x2 in its trace .*running_mean.*inside f"):
+            jvpgraph.hvp(f, (x, rm, rv), (x, rm, rv))
+        _, hv = jvpgraph.hvp(lambda x: f(x, rm, rv), x, x)  # closed over: fine
+    ref = torch.autograd.functional.hvp(lambda x: f(x, rm.clone(), rv.clone()), x, x)[1]
+    torch.testing.assert_close(hv, ref)
