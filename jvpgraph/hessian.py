@@ -87,7 +87,10 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
     def grad_fn(*vals):
         with torch.enable_grad():
             (value,) = _AboveAutograd(interp_gm).run(*vals)
-            grads = torch.autograd.grad(value, [vals[i] for i in wrt], allow_unused=True)
+            # create_graph: backward formulas take their differentiable form (linalg.solve's and det's solve
+            # with A again rather than reuse LU factors autograd holds constant: Hv through them was off by
+            # 20-100% without it; the second-order OpInfo sweep)
+            grads = torch.autograd.grad(value, [vals[i] for i in wrt], allow_unused=True, create_graph=True)
         return (value.detach(), *(torch.zeros_like(vals[i]) if g is None else g for g, i in zip(grads, wrt)))
 
     example = [v.detach().requires_grad_(i in wrt) for i, v in enumerate(values)]

@@ -12,7 +12,8 @@ import math
 
 import torch
 
-from .registry import NAMESPACE_RULES, WithPrimal, add_tangents, current_options, defjvp, deflinear, defrule
+from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, current_options, defjvp, deflinear,
+                       defrule)
 
 aten = torch.ops.aten
 
@@ -89,6 +90,32 @@ deflinear([aten.max_unpool2d, aten.max_unpool3d], argnums=(0,))
 # max_norm's in-place renorm of an embedding table is invisible to autograd: the weight's tangent goes on as is
 defrule(aten.embedding_renorm, lambda ts, out, w, *args: ts[0], "linear")
 deflinear([aten._unsafe_masked_index_put_accumulate], argnums=(0, 3))
+
+
+# Backward kernels that appear in a gradient's graph (jvpgraph.hvp), linear in the incoming gradient and
+# piecewise constant in the input (a mask, chosen indices, or only its shape): the tangent is the kernel on
+# the gradient's tangent, and the input's tangent contributes nothing (almost everywhere). PyTorch gives them no
+# derivative, so the theorem's fallback had no route (found by the second-order OpInfo sweep).
+def _backward_linear_in_grad(op):
+    def fn(ts, out, grad, *args, **kwargs):
+        return op(_zeros_if_none(ts[0], grad), *args, **kwargs)
+    return fn
+
+
+for _op in [aten.softshrink_backward, aten.hardshrink_backward, aten.replication_pad1d_backward,
+            aten.replication_pad2d_backward, aten.replication_pad3d_backward,
+            aten.fractional_max_pool2d_backward, aten.fractional_max_pool3d_backward,
+            aten.multilabel_margin_loss_backward]:
+    defrule(_op.default, _backward_linear_in_grad(_op.default), "mask")
+
+
+def _multi_margin_loss_backward(ts, out, grad, x, target, p, margin, weight=None, reduction=1):
+    if p != 1:  # p = 2: the derivative moves with x (no rule here: the fallback's error names the op)
+        raise NotImplementedError("multi_margin_loss_backward with p = 2 depends on x")
+    return aten.multi_margin_loss_backward(_zeros_if_none(ts[0], grad), x, target, p, margin, weight, reduction)
+
+
+defrule(aten.multi_margin_loss_backward.default, _multi_margin_loss_backward, "mask")
 
 
 def _scatter_prod_tangent(x, tx, dim, index, src, tsrc, include_self):
@@ -387,8 +414,16 @@ def _clamp_d(out, x, lo=None, hi=None):
 
 
 defjvp(aten.clamp.default, lambda t, out, x, lo=None, hi=None: _clamp_d(out, x, lo, hi) * t, kind="mask")
-defrule(aten.log_sigmoid_forward,
-        lambda ts, out, x: (torch.sigmoid(-x) * ts[0], None), "elementwise")
+def _log_sigmoid_forward(ts, out, x):
+    # the second output is the buffer the backward reads: exp(-|x|) on the CPU (empty elsewhere). It is a
+    # function of x like the first: log_sigmoid_backward's decomposition computes the derivative from it, so
+    # without its tangent a gradient graph's Hv through logsigmoid came out 0 (the second-order OpInfo sweep)
+    buffer = out[1]
+    t_buffer = -torch.sign(x) * buffer * ts[0] if buffer.numel() == x.numel() else None
+    return torch.sigmoid(-x) * ts[0], t_buffer
+
+
+defrule(aten.log_sigmoid_forward, _log_sigmoid_forward, "elementwise")
 
 
 def _pow_ts(ts, out, x, e):

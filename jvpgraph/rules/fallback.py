@@ -260,8 +260,12 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
             # Jᵀw does not depend on w through autograd: the backward itself is not differentiable (a custom
             # op's backward that is another opaque op). Not a zero Jacobian: refuse, the next step may serve.
             raise NotImplementedError("the op's backward is not differentiable in its grad_output")
-        # d/dw <J_nodeᵀ w, t> = J_node t
-        jv = torch.autograd.grad([p[0] for p in pairs], ws, [p[1] for p in pairs], allow_unused=True)
+        # d/dw <J_nodeᵀ w, t> = J_node t, itself differentiable: with create_graph, backward formulas take
+        # their differentiable form (linalg_solve's backward solves with A again instead of reusing the LU
+        # factors, which autograd treats as constants: without it, the gradient of Jv through linalg.solve in
+        # A was off by 125%; the second-order OpInfo sweep)
+        jv = torch.autograd.grad([p[0] for p in pairs], ws, [p[1] for p in pairs], allow_unused=True,
+                                 create_graph=True)
     it = iter(jv)
     flat = []
     for o in pytree.tree_leaves(res):
