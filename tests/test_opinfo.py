@@ -16,7 +16,8 @@ import torch
 pytest.importorskip("expecttest")  # OpInfo's module imports it
 from torch.testing._internal.common_methods_invocations import op_db  # noqa: E402
 
-from jvpgraph.testing import check_opinfo_sample  # noqa: E402
+from jvpgraph.hessian import HVP_MIN_TORCH  # noqa: E402
+from jvpgraph.testing import check_opinfo_sample, check_opinfo_sample_second_order  # noqa: E402
 
 FAST = [
     # elementwise nonlinearities
@@ -76,6 +77,37 @@ def test_opinfo_entry(name, dtype):
         warnings.simplefilter("ignore")
         results = [check_opinfo_sample(op, s, seed=k) for k, s in enumerate(picked)]
     judged = [r for r in results if r[0] != "skip"]
+    assert judged, f"{name}: no sample could be judged: {results}"
+    bad = [r for r in judged if r[0] != "pass"]
+    assert not bad, f"{name}: {len(bad)}/{len(judged)} samples fail: {bad[:3]}"
+
+
+# Second order (the derivatives of Jv through the emitted graph, and jvpgraph.hvp) on the entries where the
+# second-order sweep found a wrong answer or a missing route, and a few a network uses everywhere
+# (benchmarks/opinfo.py --order 2; report in benchmarks/results/opinfo_second_order.md)
+SECOND_ORDER = [
+    "tanh", "nn.functional.gelu", "softmax", "nn.functional.layer_norm", "nn.functional.batch_norm",
+    "nn.functional.conv2d", "nn.functional.scaled_dot_product_attention", "nn.functional.cross_entropy",
+    "nn.functional.logsigmoid",  # the buffer's tangent: Hv was 0
+    "nn.functional.multilabel_soft_margin_loss",  # through logsigmoid
+    "native_layer_norm",  # mean and rstd: autograd holds them constant, jvpgraph differentiates them
+    "linalg.solve", "linalg.det",  # backward formulas reused LU factors autograd holds constant
+    "nn.functional.softshrink", "nn.functional.pad.replicate",  # backward kernels without a route before
+    "remainder",  # a jump of the floor within the difference step: a smaller step decides
+]
+
+
+@pytest.mark.skipif(tuple(int(p) for p in torch.__version__.split("+")[0].split(".")[:2]) < HVP_MIN_TORCH,
+                    reason="torch < 2.14: jvpgraph refuses Hv (wrong there)")
+@pytest.mark.parametrize("name", SECOND_ORDER)
+def test_opinfo_entry_second_order(name):
+    op = _entry(name)
+    samples = list(op.sample_inputs("cpu", torch.float64, requires_grad=False))
+    picked = samples[:MAX_SAMPLES] + samples[-1:] if len(samples) > MAX_SAMPLES else samples
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = [check_opinfo_sample_second_order(op, s, seed=k) for k, s in enumerate(picked)]
+    judged = [r for r in results if r[0] not in ("skip", "undecided")]
     assert judged, f"{name}: no sample could be judged: {results}"
     bad = [r for r in judged if r[0] != "pass"]
     assert not bad, f"{name}: {len(bad)}/{len(judged)} samples fail: {bad[:3]}"
