@@ -50,11 +50,55 @@ class _AboveAutograd(fx.Interpreter):
         from torch._decomp import decomposition_table
 
         if target in _FUSED_ATTENTION and target in decomposition_table:
-            return decomposition_table[target](*args, **kwargs)
+            out = decomposition_table[target](*args, **kwargs)
+            # the decomposition's second output is the attention weights, the kernel's is their logsumexp
+            return out[0], _attention_logsumexp(*args, **kwargs)
+        if target in _WITHOUT_SECOND_DERIVATIVE:
+            return _WITHOUT_SECOND_DERIVATIVE[target](*args, **kwargs)
+        if target is aten.copy.default and not kwargs:  # functionalization's copy_: autograd has no formula
+            dst, src = args[0], args[1]
+            return src.to(dst.dtype).expand(dst.shape).clone(memory_format=torch.contiguous_format)
         return super().call_function(target, args, kwargs)
 
 
 _FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+
+
+def _attention_logsumexp(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The second output of the CPU flash kernel, ``logsumexp`` of the masked, scaled scores ([N, H, L])."""
+    if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each key head serves several query heads
+        k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
+    scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if is_causal:
+        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    return scores.logsumexp(-1)
+
+
+def _cdist(x1, x2, p=2.0, compute_mode=None):
+    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+
+
+def _pdist(x, p=2.0):
+    i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
+    return torch.linalg.vector_norm(x[i] - x[j], ord=p, dim=-1)
+
+
+def _multi_margin_loss(*args, **kwargs):
+    from torch._decomp import decomposition_table
+
+    return decomposition_table[aten.multi_margin_loss.default](*args, **kwargs)
+
+
+#: Ops whose backward kernels have no derivative (no rule either): recorded for autograd as the same function
+#: written in differentiable ops, so the gradient's graph can be flipped (the second-order OpInfo sweep).
+_WITHOUT_SECOND_DERIVATIVE = {
+    aten._cdist_forward.default: _cdist,  # the pairwise differences: memory n·m·d
+    aten._pdist_forward.default: _pdist,
+    aten.multi_margin_loss.default: _multi_margin_loss,  # p = 2: its backward's derivative moves with x
+}
 
 
 def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Sequence[int]) -> fx.GraphModule:
@@ -90,7 +134,8 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
             # create_graph: backward formulas take their differentiable form (linalg.solve's and det's solve
             # with A again rather than reuse LU factors autograd holds constant: Hv through them was off by
             # 20-100% without it; the second-order OpInfo sweep)
-            grads = torch.autograd.grad(value, [vals[i] for i in wrt], allow_unused=True, create_graph=True)
+            grads = torch.autograd.grad(value, [vals[i] for i in wrt], allow_unused=True, create_graph=True) \
+                if value.requires_grad else [None] * len(wrt)  # a constant (matrix_power(x, 0)): gradient 0
         return (value.detach(), *(torch.zeros_like(vals[i]) if g is None else g for g, i in zip(grads, wrt)))
 
     example = [v.detach().requires_grad_(i in wrt) for i, v in enumerate(values)]

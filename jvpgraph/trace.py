@@ -693,27 +693,62 @@ def _module_hooks(module: nn.Module | None, stack: list[str]):
         h2.remove()
 
 
+_ALIASING = {aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.expand.default,
+             aten.slice.Tensor, aten.select.int, aten.t.default, aten.transpose.int, aten.permute.default}
+
+
 def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
-    """Drop in-place writes (``copy_``, ``add_``) into a tensor the function closes over that nothing reads
-    afterwards: the running statistics and ``num_batches_tracked`` of a BatchNorm in train mode that
-    ``lambda x: loss(net(x))`` calls (otherwise written on every call of the emitted graph). Like a module's own buffer
-    updates, jvpgraph does not write them (outputs and Jv are unaffected); left in the graph, the write would
-    stop functionalization ("mutating a non-functional tensor with a functional tensor")."""
-    order = {n: i for i, n in enumerate(graph.nodes)}
-    for node in list(graph.nodes):
-        if not (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload) and not node.users
-                and node.args and isinstance(node.args[0], fx.Node) and node.args[0].op == "get_attr"):
-            continue
-        first = node.target._schema.arguments[0] if node.target._schema.arguments else None
-        if first is None or first.alias_info is None or not first.alias_info.is_write:
-            continue  # not an in-place write into that tensor
-        if any(order[u] > order[node] for u in node.args[0].users if u is not node):
-            continue  # read after the write: the write matters (functionalization refuses it, with its reason)
-        warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into a tensor it "
-                      "closes over (the running statistics of a BatchNorm in train mode it calls, say); jvpgraph "
-                      "does not write it (outputs and Jv are unaffected). Pass the module itself to have its "
-                      "buffers handled as a model's (their new values in Linearized.new_buffers)", stacklevel=4)
-        graph.erase_node(node)
+    """Drop in-place writes (``copy_``, ``add_``) into a tensor the function closes over, or one computed from
+    such tensors only, that nothing reads afterwards: the running statistics and ``num_batches_tracked`` of a
+    BatchNorm in train mode that ``lambda x: loss(net(x))`` calls (otherwise written on every call of the
+    emitted graph), and an InstanceNorm's, which writes into a ``repeat`` of them and then through an
+    ``alias``. Like a module's own buffer updates, jvpgraph does not write them (outputs and Jv are
+    unaffected); left in the graph, the write would stop functionalization ("mutating a non-functional tensor
+    with a functional tensor", a PyTorch internal assert). Repeated until none is left: dropping one write
+    leaves the computation of its value dead, and that may free an earlier write."""
+    warned = False
+    while True:
+        order = {n: i for i, n in enumerate(graph.nodes)}
+        constant: set = set()
+        for n in graph.nodes:  # computed from tensors the function closes over only
+            if n.op == "get_attr" or (n.op == "call_function" and all(
+                    a in constant for a in n.all_input_nodes)):
+                constant.add(n)
+        dropped = False
+        for node in list(graph.nodes):
+            if not (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
+                    and not node.users and node.args and isinstance(node.args[0], fx.Node)
+                    and node.args[0] in constant):
+                continue
+            first = node.target._schema.arguments[0] if node.target._schema.arguments else None
+            if first is None or first.alias_info is None or not first.alias_info.is_write:
+                continue  # not an in-place write into that tensor
+            target, root = node.args[0], node.args[0]
+            while root.op == "call_function" and root.target in _ALIASING:
+                root = root.args[0]
+            readers = set(target.users)
+            if root.op == "get_attr":  # the same attribute read through another node
+                for other in graph.nodes:
+                    if other.op == "get_attr" and other.target == root.target:
+                        readers |= set(other.users)
+            if any(order[u] > order[node] for u in readers if u is not node):
+                continue  # read after the write: the write matters (functionalization refuses it, with its reason)
+            if not warned:
+                warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into a "
+                              "tensor it closes over (the running statistics of a BatchNorm in train mode it calls, "
+                              "say); jvpgraph does not write it (outputs and Jv are unaffected). Pass the module "
+                              "itself to have its buffers handled as a model's (their new values in "
+                              "Linearized.new_buffers)", stacklevel=4)
+                warned = True
+            graph.erase_node(node)
+            dropped = True
+        if not dropped:
+            return
+        for n in reversed(list(graph.nodes)):  # what computed the dropped values, if nothing else reads it
+            if (n.op == "call_function" and not n.users and not (
+                    isinstance(n.target, torch._ops.OpOverload) and (n.target._schema.is_mutable or
+                                                                     torch.Tag.nondeterministic_seeded in n.target.tags))):
+                graph.erase_node(n)
 
 
 def _has_leftover_mutations(graph: fx.Graph) -> bool:
@@ -800,8 +835,11 @@ def _data_dependent(e: BaseException) -> bool:
     # a 0-d tensor passed as a size (torch.zeros(n, batch_sizes[0]) in nn.GRU over a PackedSequence): eager
     # reads its value; PyTorch's argument parser turns the fake tensor's refusal into this TypeError
     size_from_tensor = isinstance(e, TypeError) and "failed to unpack" in text and "got Tensor" in text
-    return size_from_tensor or any(k in text for k in ("DataDependent", "data-dependent", "data dependent",
-                                                        "DynamicOutputShape", "GuardOnDataDependentSymNode"))
+    # a size only the values know (u0: masked_select's length) meeting a fixed one in a broadcast
+    unbacked_broadcast = "broadcast" in text and re.search(r"\bof length u\d+\b", text) is not None
+    return size_from_tensor or unbacked_broadcast or any(
+        k in text for k in ("DataDependent", "data-dependent", "data dependent", "DynamicOutputShape",
+                            "GuardOnDataDependentSymNode"))
 
 
 def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> fx.GraphModule:

@@ -843,10 +843,46 @@ defrule(aten._pack_padded_sequence,
 
 
 # ------------------------------------------------------------------ prims that decompositions lower to
+# Their tangents are written with aten ops: prims have no autograd formulas, so a prim in the emitted graph
+# stops the gradient of Jv (the regularizer's) and Hv ("Trying to backward through prims.neg.default":
+# copysign's decomposition, found by the second-order OpInfo sweep).
 prims = torch.ops.prims
-deflinear([prims.broadcast_in_dim, prims.collapse_view, prims.collapse, prims.split_dim, prims.squeeze,
-           prims.transpose, prims.view_of, prims.reshape, prims.rev,
-           prims.sum, prims.neg, prims.cat])
+
+
+def _broadcast_in_dim(t, shape, broadcast_dimensions):
+    for d in range(len(shape)):
+        if d not in broadcast_dimensions:
+            t = t.unsqueeze(d)
+    return t.expand(shape)
+
+
+def _split_dim(t, dim, outer):
+    return t.unflatten(dim, (outer, t.shape[dim] // outer))
+
+
+_PRIM_AS_ATEN = {
+    prims.broadcast_in_dim: _broadcast_in_dim,
+    prims.collapse_view: lambda t, start, end: t.flatten(start, end),  # start..end inclusive, as prims
+    prims.collapse: lambda t, start, end: t.flatten(start, end),
+    prims.split_dim: _split_dim,
+    prims.squeeze: lambda t, dims: t.squeeze(tuple(dims)) if len(dims) else t,
+    prims.transpose: lambda t, perm: t.permute(perm),
+    prims.view_of: lambda t: t.view_as(t),
+    prims.reshape: lambda t, shape: t.reshape(shape),
+    prims.rev: lambda t, dims: t.flip(dims),
+    prims.sum: lambda t, dims, output_dtype=None: t.sum(dims) if output_dtype is None else t.sum(dims, dtype=output_dtype),
+    prims.neg: lambda t: -t,
+}
+
+
+def _prim_linear(fn):
+    return lambda ts, out, x, *args, **kwargs: None if ts[0] is None else fn(ts[0], *args, **kwargs)
+
+
+for _prim, _fn in _PRIM_AS_ATEN.items():
+    defrule(_prim, _prim_linear(_fn), "linear")
+defrule(prims.cat, lambda ts, out, tensors, dim: None if ts[0] is None or all(t is None for t in ts[0]) else
+        torch.cat([_zeros_if_none(t, x) for t, x in zip(ts[0], tensors)], dim), "linear")
 defrule(prims.convert_element_type,
         lambda ts, out, x, dtype: ts[0].to(dtype) if out.is_floating_point() or out.is_complex() else None, "linear")
 

@@ -194,6 +194,33 @@ def _(tensors, tangents, key):
     return [torch.empty(sh, dtype=dt, device=dev) for sh, dt in shapes]
 
 
+def _forward_ad_node_setup(ctx, inputs, output):
+    tensors, tangents, key = inputs
+    ctx.n, ctx.key = len(tensors), key
+    ctx.save_for_backward(*tensors, *tangents)
+
+
+def _forward_ad_node_backward(ctx, grads):
+    # the gradient of the node's tangent in its inputs (what a Jacobian penalty trains with, through an op
+    # with no rule): reverse mode over PyTorch's forward-AD formula. Without it autograd refused with
+    # "no autograd formula was registered" (linalg.pinv, angle; the second-order OpInfo sweep).
+    saved = ctx.saved_tensors
+    tensors, tangents = saved[:ctx.n], saved[ctx.n:]
+    with torch.enable_grad():
+        ts = [t.detach().requires_grad_(_diffable(t)) for t in tensors]
+        ds = [d.detach().requires_grad_(True) for d in tangents]
+        outs = _forward_ad_call(ctx.key, ts, ds)
+        pairs = [(o, g if g is not None else torch.zeros_like(o)) for o, g in zip(outs, grads) if o.requires_grad]
+        wrt = [t for t in [*ts, *ds] if t.requires_grad]
+        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
+                   if pairs else [None] * len(wrt))
+    res = [next(got) if t.requires_grad else None for t in [*ts, *ds]]
+    return res[:ctx.n], res[ctx.n:], None
+
+
+forward_ad_node.register_autograd(_forward_ad_node_backward, setup_context=_forward_ad_node_setup)
+
+
 def _check_forward_ad(op, flat, spec, tpos, dpos, tensors, tangents):
     """Raise unless PyTorch's forward AD gives a tangent for every floating output of ``op``.
 
