@@ -33,7 +33,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import api
-from .trace import BN_MODES, TracedProgram
+from .trace import BN_MODES, TracedProgram, _data_dependent
 
 __all__ = ["hvp", "Curvature", "gradient_module"]
 
@@ -142,7 +142,16 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
     mode = "real" if prog.values is not None else "fake"
     with torch.random.fork_rng(devices=[]):  # a real-mode trace draws the dropout masks once: not the caller's
         try:
-            gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+            try:
+                gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+            except Exception as e:  # noqa: BLE001
+                if mode != "fake" or not _data_dependent(e):
+                    raise
+                # the backward branches on values (scatter_reduce's prod counts zeros): traced at these values,
+                # and marked so that it is not kept for other values
+                gm = make_fx(grad_fn, tracing_mode="real", _allow_non_fake_inputs=True,
+                             _error_on_data_dependent_ops=False)(*example)
+                gm._jvpgraph_at_values = True
         except RuntimeError as e:
             if "is not differentiable with respect to argument" not in str(e):
                 raise
@@ -202,7 +211,9 @@ class _GradientTraces:
         if hit is None:
             wrt = self._wrt_of(prog)
             gm = gradient_module(prog, values, wrt)
-            hit = per[key] = (api.Traced(gm, values, wrt=wrt, dynamic=False), wrt)
+            hit = (api.Traced(gm, values, wrt=wrt, dynamic=False), wrt)
+            if not getattr(gm, "_jvpgraph_at_values", False):  # one traced at these values serves this call only
+                per[key] = hit
         return hit[0], values, hit[1], prog
 
 

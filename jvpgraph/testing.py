@@ -411,6 +411,8 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
         # before a log_softmax, not in its input: jvpgraph once agreed with it and was wrong)
         if complex_ or any(o.dtype != torch.float64 for o in _float_leaves(out)):
             return "pass", detail
+        if any(bool(((x + 2.5e-4 * v == x) & (v != 0)).any()) for x, v in zip(xs, vs)):
+            return "pass", detail  # inputs as large as 1e308: a step of 1e-3 does not move them
         step = lambda eps: _float_leaves(_seeded(seed, f, *(x + eps * v for x, v in zip(xs, vs))))  # noqa: E731
         fd, fd_err = _richardson(step)
         gap, unsure = worst(jv, fd), max((worst([e], [r]) for e, r in zip(fd_err, fd)), default=0.0)

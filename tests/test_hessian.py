@@ -415,3 +415,22 @@ def test_hvp_refuses_an_input_pytorch_cannot_differentiate_by_its_name():
         _, hv = jvpgraph.hvp(lambda x: f(x, rm, rv), x, x)  # closed over: fine
     ref = torch.autograd.functional.hvp(lambda x: f(x, rm.clone(), rv.clone()), x, x)[1]
     torch.testing.assert_close(hv, ref)
+
+
+def test_instance_norm_tracking_statistics_inside_a_function():
+    """InstanceNorm(track_running_stats=True) called from a lambda writes its running statistics through a
+    repeat and an alias of them (PyTorch's composite): jvpgraph drops those writes (it hit PyTorch's internal
+    functionalization assert before); Jv and Hv equal the references, the buffers stay as they were."""
+    torch.manual_seed(0)
+    m = nn.Sequential(nn.Conv2d(3, 3, 3), nn.InstanceNorm2d(3, track_running_stats=True, affine=True),
+                      nn.Tanh()).double().train()
+    x, v = torch.randn(2, 3, 6, 6, dtype=D), torch.randn(2, 3, 6, 6, dtype=D)
+    before = [b.clone() for b in m.buffers()]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        jv = jvpgraph.jvp(lambda x: m(x), (x,), (v,))[1]
+        hv = jvpgraph.hvp(lambda x: m(x).pow(2).sum(), x, v)[1]
+    torch.testing.assert_close(jv, torch.func.jvp(copy.deepcopy(m), (x,), (v,))[1])
+    ref = copy.deepcopy(m)
+    torch.testing.assert_close(hv, torch.autograd.functional.hvp(lambda x: ref(x).pow(2).sum(), x, v)[1])
+    assert all(torch.equal(a, b) for a, b in zip(before, m.buffers()))

@@ -94,6 +94,12 @@ SECOND_ORDER = [
     "linalg.solve", "linalg.det",  # backward formulas reused LU factors autograd holds constant
     "nn.functional.softshrink", "nn.functional.pad.replicate",  # backward kernels without a route before
     "remainder",  # a jump of the floor within the difference step: a smaller step decides
+    "copysign",  # its decomposition's prims: their tangents are written in aten ops
+    "angle",  # PyTorch's forward-AD node, differentiated by reverse mode over its formula
+    "cdist", "nn.functional.multi_margin_loss",  # recorded in differentiable ops for the gradient graph
+    "torch.ops.aten._scaled_dot_product_flash_attention_for_cpu",  # its logsumexp output, queries != keys
+    "masked_select", "scatter_reduce.prod",  # data-dependent lengths and branches in the gradient graph
+    "diff", "nn.functional.instance_norm",  # functionalization's copy; running statistics closed over
 ]
 
 
