@@ -172,8 +172,9 @@ def _refused_inputs(gm: fx.GraphModule, values: Sequence[torch.Tensor], wrt: Seq
                 refused.append(names[i])
     first = (str(error).splitlines() or [""])[0]
     return (f"a Hessian is taken in every input, but PyTorch cannot differentiate in "
-            f"{'the inputs named ' + ', '.join(refused) + ' in its trace (the first input is x0)' if refused else 'one of them'} ({first}). Pass such a tensor inside f (a closure, or a module "
-            "buffer such as BatchNorm's running statistics) instead of as a primal.")
+            f"{'the inputs named ' + ', '.join(refused) + ' in its trace (the first input is x0)' if refused else 'one of them'} ({first}). Pass None as the tangent of such a tensor (it is then not "
+            "differentiated in: its gradient and Hv are None), or keep it inside f (a closure, or a module buffer "
+            "such as BatchNorm's running statistics).")
 
 
 #: The oldest torch on which the gradient's graph gives the right Hv. On torch 2.11 the graph make_fx records
@@ -203,13 +204,15 @@ class _GradientTraces:
         # keyed by the trace's graph module (a TracedProgram, a dataclass, is not hashable)
         self._by_trace: "weakref.WeakKeyDictionary[fx.GraphModule, dict]" = weakref.WeakKeyDictionary()
 
-    def __call__(self, inputs: tuple) -> tuple[api.Traced, list[torch.Tensor], list[int], TracedProgram]:
+    def __call__(self, inputs: tuple, without: frozenset = frozenset()
+                 ) -> tuple[api.Traced, list[torch.Tensor], list[int], TracedProgram]:
+        """``without``: placeholder indices not to differentiate in (inputs whose tangent is None)."""
         prog, values = self.forward.program(*inputs)
-        key = tuple((tuple(v.shape), v.dtype, v.device) for v in values)
+        key = (tuple((tuple(v.shape), v.dtype, v.device) for v in values), without)
         per = self._by_trace.setdefault(prog.gm, {})
         hit = per.get(key)
         if hit is None:
-            wrt = self._wrt_of(prog)
+            wrt = [i for i in self._wrt_of(prog) if i not in without]
             gm = gradient_module(prog, values, wrt)
             hit = (api.Traced(gm, values, wrt=wrt, dynamic=False), wrt)
             if not getattr(gm, "_jvpgraph_at_values", False):  # one traced at these values serves this call only
@@ -230,7 +233,9 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     """``(∇f(x), H v)`` for ``f`` returning a scalar, by flipping the graph of its gradient.
 
     The same as ``torch.func.jvp(torch.func.grad(f, argnums), primals, tangents)`` with ``argnums`` every
-    primal, but it also runs where that raises: BatchNorm in train mode (``bn="batch"``: the batch statistics'
+    primal whose tangent is not ``None`` (a ``None`` tangent: not differentiated in, its gradient and ``Hv``
+    are ``None``; for integer inputs, and for tensors autograd cannot differentiate, such as running statistics
+    passed to ``F.batch_norm``), but it also runs where that raises: BatchNorm in train mode (``bn="batch"``: the batch statistics'
     coupling included; the model's running statistics are not written), fused attention, custom
     ``autograd.Function``. ``primals``/``tangents`` are a tensor each or tuples (one per input, like
     ``torch.func.jvp``); the result has the same structure. Traces of an ``nn.Module`` are cached per shape (a
@@ -255,13 +260,13 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     if traces is None:
         traces = forward._gradient_traces = _GradientTraces(
             forward, lambda p: [len(p.param_names) + len(p.buffer_names) + i for i in p.diff_inputs])
-    traced, values, wrt, prog = traces(primals)
     flat_in, spec = pytree.tree_flatten(primals)
     flat_t = pytree.tree_leaves(tangents, is_leaf=lambda z: z is None)
     if len(flat_t) != len(flat_in):
         raise ValueError(f"got {len(flat_t)} tangents for {len(flat_in)} inputs: pass one per input (None for an "
-                         "integer input)")
-    offset = len(values) - len(flat_in)
+                         "integer input, or one not to differentiate in)")
+    offset = len(forward.program(*primals)[1]) - len(flat_in)
+    traced, values, wrt, prog = traces(primals, frozenset(offset + i for i, t in enumerate(flat_t) if t is None))
     ts = [flat_t[i - offset] for i in wrt]
     out, tan = traced.jvp(tuple(values), tuple(ts))
     grads, hvs = dict(zip(wrt, out[1:])), dict(zip(wrt, tan[1:]))

@@ -548,17 +548,11 @@ def _check_second_order(op, sample, seed: int) -> tuple[str, str]:
 
     def curvature():
         """<v, H w> with H the Hessian of <u, f> (jvpgraph.hvp)."""
-        at = [i for i, ok in enumerate(live) if ok]  # the others (running statistics) stay inside the closure
-
-        def loss(*ys):
-            full = list(xs)
-            for i, y in zip(at, ys):
-                full[i] = y
-            return pair(f(*full), us_hessian)
-
+        at = [i for i, ok in enumerate(live) if ok]  # the others (running statistics): tangent None
         torch.manual_seed(seed)
-        hw = dict(zip(at, hessian.hvp(loss, tuple(xs[i] for i in at), tuple(ws[i] for i in at))[1]))
-        hw = [torch.zeros_like(x) if hw.get(i) is None else hw[i] for i, x in enumerate(xs)]
+        hw = hessian.hvp(lambda *ys: pair(f(*ys), us_hessian), tuple(xs),
+                         tuple(w if ok else None for w, ok in zip(ws, live)))[1]
+        hw = [torch.zeros_like(x) if h is None else h for h, x in zip(hw, xs)]
         vl = [v for v, ok in zip(vs, live) if ok]
         return float(sum((v * hw[i]).sum() for i, v in zip(at, vl))), \
             float(sum(h.norm() ** 2 for h in hw) ** 0.5 * sum(v.norm() ** 2 for v in vl) ** 0.5)

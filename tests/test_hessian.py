@@ -410,11 +410,14 @@ def test_hvp_refuses_an_input_pytorch_cannot_differentiate_by_its_name():
     f = lambda x, rm, rv: F.batch_norm(x, rm, rv, training=True).pow(2).sum()  # noqa: E731
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        with pytest.raises(ValueError, match=r"x1, x2 in its trace .*running_mean.*inside f"):
+        with pytest.raises(ValueError, match=r"x1, x2 in its trace .*running_mean.*Pass None as the tangent"):
             jvpgraph.hvp(f, (x, rm, rv), (x, rm, rv))
         _, hv = jvpgraph.hvp(lambda x: f(x, rm, rv), x, x)  # closed over: fine
+        grads, hvs = jvpgraph.hvp(f, (x, rm, rv), (x, None, None))  # or not differentiated in: fine
     ref = torch.autograd.functional.hvp(lambda x: f(x, rm.clone(), rv.clone()), x, x)[1]
     torch.testing.assert_close(hv, ref)
+    torch.testing.assert_close(hvs[0], ref)
+    assert grads[1] is None and hvs[1] is None and hvs[2] is None
 
 
 def test_instance_norm_tracking_statistics_inside_a_function():
