@@ -171,10 +171,11 @@ def _refused_inputs(gm: fx.GraphModule, values: Sequence[torch.Tensor], wrt: Seq
             if "is not differentiable with respect to argument" in str(e):
                 refused.append(names[i])
     first = (str(error).splitlines() or [""])[0]
-    return (f"a Hessian is taken in every input, but PyTorch cannot differentiate in "
-            f"{'the inputs named ' + ', '.join(refused) + ' in its trace (the first input is x0)' if refused else 'one of them'} ({first}). Pass None as the tangent of such a tensor (it is then not "
-            "differentiated in: its gradient and Hv are None), or keep it inside f (a closure, or a module buffer "
-            "such as BatchNorm's running statistics).")
+    which = (f"the inputs named {', '.join(refused)} in its trace (the first input is x0)" if refused
+             else "one of them")
+    return (f"a Hessian is taken in every input, but PyTorch cannot differentiate in {which} ({first}). Pass None "
+            "as the tangent of such a tensor (it is then not differentiated in: its gradient and Hv are None), or "
+            "keep it inside f (a closure, or a module buffer such as BatchNorm's running statistics).")
 
 
 #: The oldest torch on which the gradient's graph gives the right Hv. On torch 2.11 the graph make_fx records
@@ -235,8 +236,8 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     The same as ``torch.func.jvp(torch.func.grad(f, argnums), primals, tangents)`` with ``argnums`` every
     primal whose tangent is not ``None`` (a ``None`` tangent: not differentiated in, its gradient and ``Hv``
     are ``None``; for integer inputs, and for tensors autograd cannot differentiate, such as running statistics
-    passed to ``F.batch_norm``), but it also runs where that raises: BatchNorm in train mode (``bn="batch"``: the batch statistics'
-    coupling included; the model's running statistics are not written), fused attention, custom
+    passed to ``F.batch_norm``), but it also runs where that raises: BatchNorm in train mode (``bn="batch"``:
+    the batch statistics' coupling included; the model's running statistics are not written), fused attention, custom
     ``autograd.Function``. ``primals``/``tangents`` are a tensor each or tuples (one per input, like
     ``torch.func.jvp``); the result has the same structure. Traces of an ``nn.Module`` are cached per shape (a
     new batch is one pass); a function is traced on each call.

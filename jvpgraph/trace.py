@@ -745,9 +745,9 @@ def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
         if not dropped:
             return
         for n in reversed(list(graph.nodes)):  # what computed the dropped values, if nothing else reads it
-            if (n.op == "call_function" and not n.users and not (
-                    isinstance(n.target, torch._ops.OpOverload) and (n.target._schema.is_mutable or
-                                                                     torch.Tag.nondeterministic_seeded in n.target.tags))):
+            op = n.target if n.op == "call_function" else None
+            if n.op == "call_function" and not n.users and not (isinstance(op, torch._ops.OpOverload) and (
+                    op._schema.is_mutable or torch.Tag.nondeterministic_seeded in op.tags)):
                 graph.erase_node(n)
 
 

@@ -870,7 +870,7 @@ _PRIM_AS_ATEN = {
     prims.view_of: lambda t: t.view_as(t),
     prims.reshape: lambda t, shape: t.reshape(shape),
     prims.rev: lambda t, dims: t.flip(dims),
-    prims.sum: lambda t, dims, output_dtype=None: t.sum(dims) if output_dtype is None else t.sum(dims, dtype=output_dtype),
+    prims.sum: lambda t, dims, output_dtype=None: t.sum(dims, dtype=output_dtype),
     prims.neg: lambda t: -t,
 }
 
