@@ -173,7 +173,8 @@ def _refused_inputs(gm: fx.GraphModule, values: Sequence[torch.Tensor], wrt: Seq
     first = (str(error).splitlines() or [""])[0]
     which = (f"the inputs named {', '.join(refused)} in its trace (the first input is x0)" if refused
              else "one of them")
-    return (f"a Hessian is taken in every input, but PyTorch cannot differentiate in {which} ({first}). Pass None "
+    return (f"a Hessian is taken in every input with a tangent, but PyTorch cannot differentiate in {which} "
+            f"({first}). Pass None "
             "as the tangent of such a tensor (it is then not differentiated in: its gradient and Hv are None), or "
             "keep it inside f (a closure, or a module buffer such as BatchNorm's running statistics).")
 
