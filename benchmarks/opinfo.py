@@ -98,7 +98,6 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None,
                    without_forward_ad=len(no_fwd), without_forward_ad_passed=sum(r["status"] == "pass" for r in no_fwd),
                    skipped=len(rows) - len(judged), torch=torch.__version__, updated_after_sweep=updated or [])
     out.with_suffix(".json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=2))
-    name = lambda r: r["op"] + (f".{r['variant']}" if r.get("variant") else "")  # noqa: E731
     head = (("" if final else "(partial run: stopped before the end) ") +
             f"OpInfo sweep, {dtype}, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged entries pass on all "
             f"their samples ({100 * passed / max(len(judged), 1):.1f}%; {passed}/{len(rows)} = "
@@ -108,21 +107,26 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None,
     md = [head, ""]
     if updated:
         md += [f"Entries re-run after the full sweep (rules added since): {', '.join(updated)}.", ""]
-    md += ["## Not passing, and why", "", "| op | status | samples ok | why |", "|---|---|---|---|"]
-    for r in rows:
-        if r["status"] == "fail" or r["status"] == "error":
-            md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} "
-                      f"| {(WHY if dtype == 'float64' else WHY_COMPLEX).get(name(r), r['detail'][:160])} |")
-    md += ["", "## Skipped (nothing to judge), and why", "", "| op | why |", "|---|---|"]
-    for r in rows:
-        if r["status"] == "skip":
-            md.append(f"| {name(r)} | {r['detail'][:160]} |")
-    md += ["", "## Every entry", "", "| op | status | samples ok | detail |", "|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} | "
-                  f"{r['detail'][:120]} |")
+    md += _tables(rows, WHY if dtype == "float64" else WHY_COMPLEX, ("fail", "error"), 160, 120)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return head
+
+
+def _name(r) -> str:
+    return r["op"] + (f".{r['variant']}" if r.get("variant") else "")
+
+
+def _tables(rows, why: dict, not_passing: tuple, why_len: int, detail_len: int) -> list[str]:
+    """The report's three tables: not passing (with the reason, from ``why`` or the detail), skipped, every entry."""
+    ok = lambda r: f"{r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)}"  # noqa: E731
+    md = ["## Not passing, and why", "", "| op | status | samples ok | why |", "|---|---|---|---|"]
+    md += [f"| {_name(r)} | {r['status']} | {ok(r)} | {why.get(_name(r), r['detail'][:why_len])} |"
+           for r in rows if r["status"] in not_passing]
+    md += ["", "## Skipped (nothing to judge), and why", "", "| op | why |", "|---|---|"]
+    md += [f"| {_name(r)} | {r['detail'][:160]} |" for r in rows if r["status"] == "skip"]
+    md += ["", "## Every entry", "", "| op | status | samples ok | detail |", "|---|---|---|---|"]
+    md += [f"| {_name(r)} | {r['status']} | {ok(r)} | {r['detail'][:detail_len]} |" for r in rows]
+    return md
 
 
 def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0) -> str:
@@ -133,7 +137,6 @@ def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0
                    undecided=len(undecided), skipped=len(rows) - len(judged) - len(undecided),
                    torch=torch.__version__, complete=final, max_samples=max_samples)  # 0: every sample
     out.with_suffix(".json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=2))
-    name = lambda r: r["op"] + (f".{r['variant']}" if r.get("variant") else "")  # noqa: E731
     head = (("" if final else "(partial run: stopped before the end) ") +
             f"Second-order OpInfo sweep, float64, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged "
             f"entries pass on all their samples ({'the first ' + str(max_samples) if max_samples else 'all'} "
@@ -148,20 +151,8 @@ def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0
           "where they agree with jvpgraph at `x`, else jvpgraph's Jv), relative error <= 1e-6; steps 1e-3, then 1e-4 "
           "and 1e-5 where a kink or a jump lies within the step; inputs along which `f` jumps at `x` (a ±1 target) "
           "are not moved. `jvpgraph.testing.check_opinfo_sample_second_order`; the entries are those the "
-          "first-order sweep (benchmarks/results/opinfo.md) passes.", "",
-          "## Not passing, and why", "", "| op | status | samples ok | why |", "|---|---|---|---|"]
-    for r in rows:
-        if r["status"] in ("fail", "error", "undecided"):
-            md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} "
-                      f"| {WHY_SECOND.get(name(r), r['detail'][:200])} |")
-    md += ["", "## Skipped (nothing to judge), and why", "", "| op | why |", "|---|---|"]
-    for r in rows:
-        if r["status"] == "skip":
-            md.append(f"| {name(r)} | {r['detail'][:160]} |")
-    md += ["", "## Every entry", "", "| op | status | samples ok | detail |", "|---|---|---|---|"]
-    for r in rows:
-        md.append(f"| {name(r)} | {r['status']} | {r.get('judged', 0) - r.get('failing', 0)}/{r.get('judged', 0)} | "
-                  f"{r['detail'][:160]} |")
+          "first-order sweep (benchmarks/results/opinfo.md) passes.", ""]
+    md += _tables(rows, WHY_SECOND, ("fail", "error", "undecided"), 200, 160)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return head
 
