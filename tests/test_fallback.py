@@ -4,6 +4,7 @@ and each fallback step is exercised on its own.
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -318,6 +319,18 @@ def test_fallback_warns_once_per_op(monkeypatch):
         jvpgraph.trace(lambda a, b: torch.cdist(a, b), a, b)
     msgs = [str(w.message) for w in caught if "no written rule" in str(w.message)]
     assert len(msgs) == 1 and "_cdist_forward" in msgs[0] and "flipped-vjp" in msgs[0], msgs
+
+
+def test_decomposition_route_logs_instead_of_warning(monkeypatch, caplog):
+    """An op PyTorch decomposes into ops with rules (nll_loss_forward) is exact: one log line at INFO, no
+    warning (a gradient's graph is full of them: Curvature's first call warned for each)."""
+    monkeypatch.setattr(fallback, "_WARNED", set())
+    target = torch.tensor([0, 2, 1])
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level(logging.INFO, logger="jvpgraph"):
+        warnings.simplefilter("always")
+        jvpgraph.trace(lambda a: F.nll_loss(a.log_softmax(1), target), rn(3, 4))
+    assert not [w for w in caught if "no written rule" in str(w.message)]
+    assert any("nll_loss_forward" in r.getMessage() and "decomposition" in r.getMessage() for r in caplog.records)
 
 
 @NEEDS_214_ROUTES

@@ -15,6 +15,7 @@ Each op that needs steps 2-4 is reported once per process (``warnings.warn``), s
 
 from __future__ import annotations
 
+import logging
 import warnings
 from typing import Any
 
@@ -30,6 +31,8 @@ FALLBACK_KINDS = ("decomposition", "flipped-vjp", "forward-ad")
 
 _WARNED: set[str] = set()
 
+
+log = logging.getLogger("jvpgraph")
 
 class RuleError(RuntimeError):
     """No way to get a node's local Jacobian (or a written rule misbehaved)."""
@@ -368,8 +371,13 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
         name = op_name(op)
         if name not in _WARNED:
             _WARNED.add(name)
-            warnings.warn(f"jvpgraph: no written rule for {name}; its local Jacobian comes from {how}",
-                          stacklevel=2)
+            message = f"jvpgraph: no written rule for {name}; its local Jacobian comes from {how}"
+            if step is _via_decomposition:
+                # PyTorch's decomposition into ops that have rules: exact, and common in a gradient's graph
+                # (native_batch_norm_backward, nll_loss_forward): a log line, not a warning on every first call
+                log.info(message)
+            else:  # PyTorch's backward or forward-AD formula, taken on trust (ctc_loss's was not the derivative)
+                warnings.warn(message, stacklevel=2)
         return t, how
     raise RuleError(
         f"no local Jacobian for {op_name(op)}:\n  " + "\n  ".join(reasons)
