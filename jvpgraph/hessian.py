@@ -57,7 +57,8 @@ class _AboveAutograd(fx.Interpreter):
             return _WITHOUT_SECOND_DERIVATIVE[target](*args, **kwargs)
         if target is aten.copy.default and not kwargs:  # functionalization's copy_: autograd has no formula
             dst, src = args[0], args[1]
-            return src.to(dst.dtype).expand(dst.shape).clone(memory_format=torch.contiguous_format)
+            src = src.to(dtype=dst.dtype, device=dst.device)
+            return src.expand(dst.shape).clone(memory_format=torch.contiguous_format)
         return super().call_function(target, args, kwargs)
 
 
@@ -238,8 +239,8 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     primal whose tangent is not ``None`` (a ``None`` tangent: not differentiated in, its gradient and ``Hv``
     are ``None``; for integer inputs, and for tensors autograd cannot differentiate, such as running statistics
     passed to ``F.batch_norm``), but it also runs where that raises: BatchNorm in train mode (``bn="batch"``:
-    the batch statistics' coupling included; the model's running statistics are not written), fused attention, custom
-    ``autograd.Function``. ``primals``/``tangents`` are a tensor each or tuples (one per input, like
+    the batch statistics' coupling included; the model's running statistics are not written), fused attention,
+    custom ``autograd.Function``. ``primals``/``tangents`` are a tensor each or tuples (one per input, like
     ``torch.func.jvp``); the result has the same structure. Traces of an ``nn.Module`` are cached per shape (a
     new batch is one pass); a function is traced on each call.
 

@@ -414,6 +414,8 @@ def _clamp_d(out, x, lo=None, hi=None):
 
 
 defjvp(aten.clamp.default, lambda t, out, x, lo=None, hi=None: _clamp_d(out, x, lo, hi) * t, kind="mask")
+
+
 def _log_sigmoid_forward(ts, out, x):
     # the second output is the buffer the backward reads: exp(-|x|) on the CPU (empty elsewhere). It is a
     # function of x like the first: log_sigmoid_backward's decomposition computes the derivative from it, so
@@ -929,7 +931,7 @@ def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=
     # gradient in the logits *before* a log_softmax (where the exp(log_probs) term comes from the
     # normalization). The derivative in log_probs is -posterior, so exp(log_probs) is taken off again at every
     # time step the sequence has (t < input_length) and wherever its loss is finite (zero_infinity zeroes the
-    # rest). Checked against finite differences on unnormalized log_probs (tests/test_rules.py).
+    # rest). Checked against finite differences on unnormalized log_probs (tests/test_fallback.py).
     if any(t is not None for t in ts[1:]):
         raise NotImplementedError("tangents of targets or lengths")
     nll, log_alpha = out[0], out[1]

@@ -34,6 +34,7 @@ _WARNED: set[str] = set()
 
 log = logging.getLogger("jvpgraph")
 
+
 class RuleError(RuntimeError):
     """No way to get a node's local Jacobian (or a written rule misbehaved)."""
 
