@@ -710,10 +710,16 @@ def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
     while True:
         order = {n: i for i, n in enumerate(graph.nodes)}
         constant: set = set()
-        for n in graph.nodes:  # computed from tensors the function closes over only
-            if n.op == "get_attr" or (n.op == "call_function" and all(
+        for n in graph.nodes:  # computed from tensors the function closes over only (not a fresh zeros())
+            if n.op == "get_attr" or (n.op == "call_function" and n.all_input_nodes and all(
                     a in constant for a in n.all_input_nodes)):
                 constant.add(n)
+
+        def root_of(n):
+            while n.op == "call_function" and n.target in _ALIASING:
+                n = n.args[0]
+            return n
+
         dropped = False
         for node in list(graph.nodes):
             if not (node.op == "call_function" and isinstance(node.target, torch._ops.OpOverload)
@@ -723,14 +729,12 @@ def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
             first = node.target._schema.arguments[0] if node.target._schema.arguments else None
             if first is None or first.alias_info is None or not first.alias_info.is_write:
                 continue  # not an in-place write into that tensor
-            target, root = node.args[0], node.args[0]
-            while root.op == "call_function" and root.target in _ALIASING:
-                root = root.args[0]
-            readers = set(target.users)
-            if root.op == "get_attr":  # the same attribute read through another node
-                for other in graph.nodes:
-                    if other.op == "get_attr" and other.target == root.target:
-                        readers |= set(other.users)
+            root = root_of(node.args[0])
+            # every view of the same tensor (and the same attribute read through another node): a read of any
+            # of them after the write sees it
+            same = (lambda r: r is root or (root.op == "get_attr" and r.op == "get_attr" and r.target == root.target))
+            family = [n for n in graph.nodes if same(root_of(n))]
+            readers = {u for n in family for u in n.users if not (u.op == "call_function" and u.target in _ALIASING)}
             if any(order[u] > order[node] for u in readers if u is not node):
                 continue  # read after the write: the write matters (functionalization refuses it, with its reason)
             if not warned:
