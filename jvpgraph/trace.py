@@ -693,8 +693,17 @@ def _module_hooks(module: nn.Module | None, stack: list[str]):
         h2.remove()
 
 
-_ALIASING = {aten.alias.default, aten.view.default, aten._unsafe_view.default, aten.expand.default,
-             aten.slice.Tensor, aten.select.int, aten.t.default, aten.transpose.int, aten.permute.default}
+def _is_view(n: fx.Node) -> bool:
+    """Does ``n`` return a view of its first argument (alias annotation without a write: view, slice,
+    unsqueeze, split's pieces...)?"""
+    if n.op != "call_function" or not n.args or not isinstance(n.args[0], fx.Node):
+        return False
+    if n.target is operator.getitem:
+        return _is_view(n.args[0])
+    if not isinstance(n.target, torch._ops.OpOverload) or not n.target._schema.arguments:
+        return False
+    info = n.target._schema.arguments[0].alias_info
+    return info is not None and not info.is_write
 
 
 def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
@@ -716,7 +725,7 @@ def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
                 constant.add(n)
 
         def root_of(n):
-            while n.op == "call_function" and n.target in _ALIASING:
+            while _is_view(n):
                 n = n.args[0]
             return n
 
@@ -734,7 +743,7 @@ def _drop_writes_into_constants(graph: fx.Graph, f) -> None:
             # of them after the write sees it
             same = (lambda r: r is root or (root.op == "get_attr" and r.op == "get_attr" and r.target == root.target))
             family = [n for n in graph.nodes if same(root_of(n))]
-            readers = {u for n in family for u in n.users if not (u.op == "call_function" and u.target in _ALIASING)}
+            readers = {u for n in family for u in n.users if not _is_view(u)}
             if any(order[u] > order[node] for u in readers if u is not node):
                 continue  # read after the write: the write matters (functionalization refuses it, with its reason)
             if not warned:
