@@ -170,7 +170,8 @@ def main(argv=None) -> int:
     ap.add_argument("--order", type=int, choices=(1, 2), default=1,
                     help="2: the derivatives of Jv and jvpgraph.hvp, on the entries the first-order sweep passes")
     ap.add_argument("--part", default="0/1", help="k/n: every n-th entry from the k-th (parallel processes)")
-    ap.add_argument("--merge", nargs="+", help="JSON reports of parts to merge into --out (nothing runs)")
+    ap.add_argument("--merge", nargs="+", help="JSON reports of parts to merge into --out (nothing runs; a "
+                    "later file's row for an entry replaces an earlier one)")
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     args.out = args.out or str(Path(__file__).parent / "results" / (
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
         parts = [json.loads(Path(f).read_text()) for f in args.merge]
         key = lambda r: (r["op"], r.get("variant", ""))  # noqa: E731
         order = {(o.name, o.variant_test_name): i for i, o in enumerate(op_db)}
-        rows = sorted((r for p_ in parts for r in p_["rows"]), key=lambda r: order.get(key(r), len(order)))
+        latest = {key(r): r for p_ in parts for r in p_["rows"]}  # a later file's row replaces an earlier one
+        rows = sorted(latest.values(), key=lambda r: order.get(key(r), len(order)))
         print(write_report(rows, Path(args.out), final=all(p_["summary"].get("complete", True) for p_ in parts),
                            dtype=args.dtype, order=args.order,
                            max_samples=parts[0]["summary"].get("max_samples", 0) if args.order == 2 else 0))

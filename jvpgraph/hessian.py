@@ -78,13 +78,19 @@ def _attention_logsumexp(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=N
     return scores.logsumexp(-1)
 
 
+def _norm_last(d, p):
+    if d.numel() == 0:  # no pairs or no features: vector_norm refuses the inf norm of an empty tensor
+        return d.sum(-1)
+    return torch.linalg.vector_norm(d, ord=p, dim=-1)
+
+
 def _cdist(x1, x2, p=2.0, compute_mode=None):
-    return torch.linalg.vector_norm(x1.unsqueeze(-2) - x2.unsqueeze(-3), ord=p, dim=-1)
+    return _norm_last(x1.unsqueeze(-2) - x2.unsqueeze(-3), p)
 
 
 def _pdist(x, p=2.0):
     i, j = torch.triu_indices(x.shape[0], x.shape[0], offset=1, device=x.device)
-    return torch.linalg.vector_norm(x[i] - x[j], ord=p, dim=-1)
+    return _norm_last(x[i] - x[j], p)
 
 
 def _multi_margin_loss(*args, **kwargs):
