@@ -80,9 +80,6 @@ WHY_SECOND = {
     "scatter": "refused on the samples with scatter's deprecated reduce='add'/'multiply': PyTorch has no derivative "
     "for aten::scatter with reduce at all (eager backward raises the same 'derivative for aten::scatter is not "
     "implemented'); the other samples pass",
-    "linalg.pinv": "refused on the sample whose rtol is a float64 tensor (it gets a tangent like every float "
-    "input): PyTorch declares linalg_pinv not differentiable in rtol and says so when the gradient of Jv is "
-    "taken; the other samples pass",
 }
 
 

@@ -201,6 +201,8 @@ def _(tensors, tangents, key):
 def _forward_ad_node_setup(ctx, inputs, output):
     tensors, tangents, key = inputs
     ctx.n, ctx.key = len(tensors), key
+    # which inputs autograd wants a gradient for (a constant such as pinv's rtol must not be asked)
+    ctx.wanted = [t.requires_grad for t in (*tensors, *tangents)]
     ctx.save_for_backward(*tensors, *tangents)
 
 
@@ -211,8 +213,8 @@ def _forward_ad_node_backward(ctx, grads):
     saved = ctx.saved_tensors
     tensors, tangents = saved[:ctx.n], saved[ctx.n:]
     with torch.enable_grad():
-        ts = [t.detach().requires_grad_(_diffable(t)) for t in tensors]
-        ds = [d.detach().requires_grad_(True) for d in tangents]
+        ts = [t.detach().requires_grad_(w and _diffable(t)) for t, w in zip(tensors, ctx.wanted)]
+        ds = [d.detach().requires_grad_(w) for d, w in zip(tangents, ctx.wanted[ctx.n:])]
         outs = _forward_ad_call(ctx.key, ts, ds)
         pairs = [(o, g if g is not None else torch.zeros_like(o)) for o, g in zip(outs, grads) if o.requires_grad]
         wrt = [t for t in [*ts, *ds] if t.requires_grad]
