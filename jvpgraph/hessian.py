@@ -192,10 +192,15 @@ def _refused_inputs(gm: fx.GraphModule, values: Sequence[torch.Tensor], wrt: Seq
 HVP_MIN_TORCH = (2, 14)
 
 
+def _hvp_works(version: str | None = None) -> bool:
+    """Is ``version`` (default: this torch) one on which the gradient's graph gives the right Hv?"""
+    version = str(torch.__version__) if version is None else version
+    return tuple(int(p) for p in version.split("+")[0].split(".")[:2]) >= HVP_MIN_TORCH
+
+
 def _check_torch(version: str | None = None) -> None:
     version = str(torch.__version__) if version is None else version
-    major, minor = (int(p) for p in version.split("+")[0].split(".")[:2])
-    if (major, minor) < HVP_MIN_TORCH:
+    if not _hvp_works(version):
         raise RuntimeError(
             f"jvpgraph's Hessian-vector products need torch >= {'.'.join(map(str, HVP_MIN_TORCH))}: on torch "
             f"{version} the gradient graph it builds gives wrong Hv (checked against double-backward), so it "

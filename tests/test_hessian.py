@@ -19,12 +19,11 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import jvpgraph
 from jvpgraph import spectra
-from jvpgraph.hessian import HVP_MIN_TORCH
+from jvpgraph.hessian import _hvp_works
 
 # torch 2.11: jvpgraph refuses Hessian-vector products (its gradient graph gives wrong Hv there); the refusal is
-# tested below on every version
-_OLD_TORCH = tuple(int(p) for p in str(torch.__version__).split("+")[0].split(".")[:2]) < HVP_MIN_TORCH
-pytestmark = pytest.mark.skipif(_OLD_TORCH, reason="torch < 2.14: jvpgraph refuses Hv (wrong there)")
+# tested in tests/test_errors.py on every version
+pytestmark = pytest.mark.skipif(not _hvp_works(), reason="torch < 2.14: jvpgraph refuses Hv (wrong there)")
 
 D = torch.float64
 
