@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import api
+from .rules.core import attention_scores
 from .trace import BN_MODES, TracedProgram, _data_dependent
 
 __all__ = ["hvp", "Curvature", "gradient_module"]
@@ -42,40 +43,39 @@ aten = torch.ops.aten
 
 # ------------------------------------------------------------------ the gradient's graph
 class _AboveAutograd(fx.Interpreter):
-    """Runs a traced program for autograd to record, with fused attention kernels replaced by their math
-    (PyTorch's decomposition): the fused kernels' backward ops have no derivative of their own, the math's
-    ops all do. Everything else is called as traced."""
+    """Runs a traced program for autograd to record, with the ops of :data:`_WITHOUT_SECOND_DERIVATIVE`
+    (fused attention, cdist, ...) replaced by their math: their backward ops have no derivative of their own,
+    the math's ops all do. Everything else is called as traced."""
 
     def call_function(self, target, args, kwargs):
-        from torch._decomp import decomposition_table
-
-        if target in _FUSED_ATTENTION and target in decomposition_table:
-            out = decomposition_table[target](*args, **kwargs)
-            # the decomposition's second output is the attention weights, the kernel's is their logsumexp
-            return out[0], _attention_logsumexp(*args, **kwargs)
         if target in _WITHOUT_SECOND_DERIVATIVE:
             return _WITHOUT_SECOND_DERIVATIVE[target](*args, **kwargs)
-        if target is aten.copy.default and not kwargs:  # functionalization's copy_: autograd has no formula
-            dst, src = args[0], args[1]
-            src = src.to(dtype=dst.dtype, device=dst.device)
-            return src.expand(dst.shape).clone(memory_format=torch.contiguous_format)
         return super().call_function(target, args, kwargs)
 
 
-_FUSED_ATTENTION = {aten._scaled_dot_product_flash_attention_for_cpu.default}
+def _decomposed(op):
+    def run(*args, **kwargs):
+        from torch._decomp import decomposition_table
+
+        return decomposition_table[op](*args, **kwargs)
+    return run
 
 
-def _attention_logsumexp(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
-    """The second output of the CPU flash kernel, ``logsumexp`` of the masked, scaled scores ([N, H, L])."""
+def _flash_attention_math(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, scale=None):
+    """The CPU flash kernel as its math: the output by PyTorch's decomposition, whose second output is the
+    attention weights where the kernel's is their row-wise ``logsumexp`` ([N, H, L]), computed here."""
+    out = _decomposed(aten._scaled_dot_product_flash_attention_for_cpu.default)(
+        q, k, v, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
     if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each key head serves several query heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
-    scores = q @ k.transpose(-2, -1) * (scale if scale is not None else q.shape[-1] ** -0.5)
-    if is_causal:
-        keep = torch.ones(q.shape[-2], k.shape[-2], dtype=torch.bool, device=q.device).tril()
-        scores = scores.masked_fill(~keep, float("-inf"))
-    if attn_mask is not None:
-        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
-    return scores.logsumexp(-1)
+    return out[0], attention_scores(q, k, is_causal, attn_mask, scale)[0].logsumexp(-1)
+
+
+def _copy(dst, src, non_blocking=False):
+    """Functionalization's ``copy_`` (``aten.copy``), which autograd has no formula for: ``src`` in ``dst``'s
+    shape, dtype and device."""
+    src = src.to(dtype=dst.dtype, device=dst.device)
+    return src.expand(dst.shape).clone(memory_format=torch.contiguous_format)
 
 
 def _norm_last(d, p):
@@ -93,18 +93,15 @@ def _pdist(x, p=2.0):
     return _norm_last(x[i] - x[j], p)
 
 
-def _multi_margin_loss(*args, **kwargs):
-    from torch._decomp import decomposition_table
-
-    return decomposition_table[aten.multi_margin_loss.default](*args, **kwargs)
-
-
-#: Ops whose backward kernels have no derivative (no rule either): recorded for autograd as the same function
-#: written in differentiable ops, so the gradient's graph can be flipped (the second-order OpInfo sweep).
+#: Ops recorded for autograd as the same function written in differentiable ops, so that the gradient's graph
+#: can be flipped: their backward kernels have no derivative of their own (fused attention, cdist, ...; the
+#: second-order OpInfo sweep), or autograd has no formula for them at all (aten.copy).
 _WITHOUT_SECOND_DERIVATIVE = {
+    aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_attention_math,
     aten._cdist_forward.default: _cdist,  # the pairwise differences: memory n·m·d
     aten._pdist_forward.default: _pdist,
-    aten.multi_margin_loss.default: _multi_margin_loss,  # p = 2: its backward's derivative moves with x
+    aten.multi_margin_loss.default: _decomposed(aten.multi_margin_loss.default),  # p = 2 moves with x
+    aten.copy.default: _copy,
 }
 
 

@@ -755,7 +755,9 @@ defrule(aten.native_dropout, _dropout, "mask")
 
 
 # ------------------------------------------------------------------ scaled-dot-product attention
-def _attention_probs(q, k, is_causal, attn_mask, scale):
+def attention_scores(q, k, is_causal, attn_mask, scale):
+    """``(s, scale)``: the scaled scores ``q kᵀ · scale`` with the causal and the given mask applied (-inf where
+    masked, a float mask added), as the attention kernels compute them (``k`` with ``q``'s number of heads)."""
     scale = scale if scale is not None else 1.0 / math.sqrt(q.size(-1))
     s = torch.matmul(q, k.transpose(-2, -1)) * scale
     if is_causal:
@@ -764,6 +766,12 @@ def _attention_probs(q, k, is_causal, attn_mask, scale):
         s = s.masked_fill(~keep, float("-inf"))
     if attn_mask is not None:
         s = s.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else s + attn_mask
+    return s, scale
+
+
+def _attention_probs(q, k, is_causal, attn_mask, scale):
+    s, scale = attention_scores(q, k, is_causal, attn_mask, scale)
+    if attn_mask is not None:
         # a row masked everywhere (a left-padded query under a causal mask): both kernels give it weight 0,
         # where softmax would give NaN
         return aten._safe_softmax(s, -1), scale
