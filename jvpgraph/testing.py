@@ -373,11 +373,8 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
 
     def finite_differences():
         eps = 1e-7
-        with torch.no_grad():
-            torch.manual_seed(seed)
-            plus = _float_leaves(f(*(x + eps * v for x, v in zip(xs, vs))))
-            torch.manual_seed(seed)
-            minus = _float_leaves(f(*(x - eps * v for x, v in zip(xs, vs))))
+        plus = _float_leaves(_seeded(seed, f, *(x + eps * v for x, v in zip(xs, vs))))
+        minus = _float_leaves(_seeded(seed, f, *(x - eps * v for x, v in zip(xs, vs))))
         return [(p - m) / (2 * eps) for p, m in zip(plus, minus)]
 
     finite = [torch.isfinite(o) for o in _float_leaves(out)]
