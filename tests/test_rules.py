@@ -768,3 +768,39 @@ def test_embedding_max_norm_follows_autograd_and_leaves_the_weight():
     ref_out, ref = torch.func.jvp(f, (w.clone(),), (v,))
     torch.testing.assert_close(out, ref_out)
     torch.testing.assert_close(jv, ref)
+
+
+LSTSQ = [("gels", (5, 3), (5, 2)), ("gelsy", (3, 5), (3, 2)), ("gelsd", (2, 5, 3), (2, 5, 2)),
+         ("gelss", (1, 6, 4), (3, 6, 2)), ("gelsd", (5, 3), (5,)), ("gelss", (4, 4), (4, 1))]
+
+
+@pytest.mark.parametrize("driver,a_shape,b_shape", LSTSQ, ids=[f"{d}-{a}-{b}" for d, a, b in LSTSQ])
+def test_lstsq_every_output_matches_finite_differences(driver, a_shape, b_shape):
+    """All four outputs of linalg.lstsq against central differences, by the written rule: the singular values
+    (gelsd, gelss) too, which PyTorch declares non-differentiable — its zero tangent is not the derivative;
+    the residuals (tall A) and the solution for tall, wide, batched, broadcast and vector right-hand sides.
+    Then the gradient of <u, Jv> in A (what a Jacobian penalty trains with) against differences of Jv."""
+    torch.manual_seed(0)
+    f = lambda a, b: tuple(torch.linalg.lstsq(a, b, driver=driver))  # noqa: E731
+    A, B = rn(*a_shape), rn(*b_shape)
+    dA, dB = torch.randn_like(A), torch.randn_like(B)
+    _, jv = jvpgraph.jvp(f, (A, B), (dA, dB))
+    eps = 1e-6
+    plus, minus = f(A + eps * dA, B + eps * dB), f(A - eps * dA, B - eps * dB)
+    checked = 0
+    for i in (0, 1, 3):  # rank (2) is an integer
+        if plus[i].numel():
+            torch.testing.assert_close(jv[i], (plus[i] - minus[i]) / (2 * eps), rtol=1e-6, atol=1e-8)
+            checked += 1
+    assert checked == 1 + (driver != "gelsy" and a_shape[-2] > a_shape[-1]) + (driver in ("gelsd", "gelss"))
+    if driver in ("gelsd", "gelss"):
+        assert jv[3].abs().max() > 0.1  # not the zero PyTorch declares
+    assert all(h not in FALLBACK_KINDS for h in _how(f, (A, B), "batch").values())
+
+    u = torch.randn_like(jv[0])
+    s = lambda a: (u * jvpgraph.jvp(f, (a, B), (dA, dB))[1][0]).sum()  # noqa: E731
+    a = A.clone().requires_grad_(True)
+    (g,) = torch.autograd.grad(s(a), a)
+    w = torch.randn_like(A)
+    eps = 1e-5
+    torch.testing.assert_close((g * w).sum(), (s(A + eps * w) - s(A - eps * w)) / (2 * eps), rtol=1e-6, atol=1e-8)

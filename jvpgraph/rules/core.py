@@ -930,6 +930,57 @@ def _vector_norm(ts, out, x, ord=2, dim=None, keepdim=False, *, dtype=None):
 defrule(aten.linalg_vector_norm, _vector_norm, "coupled")
 
 
+# ------------------------------------------------------------------ least squares
+def _lstsq(ts, out, A, B, rcond=None, *, driver=None):
+    # X = A⁺B with A⁺ from one SVD of A (singular values below rcond·σ_max dropped, as the gelsd/gelss/gelsy
+    # drivers do; gels assumes full rank, where nothing is dropped). On a set of constant rank,
+    #   dA⁺ = -A⁺ dA A⁺ + A⁺A⁺ᴴ dAᴴ (I - AA⁺) + (I - A⁺A) dAᴴ A⁺ᴴA⁺        (Golub & Pereyra, 1973)
+    # so dX = A⁺(dB - dA X) + A⁺A⁺ᴴ dAᴴ R + (I - A⁺A) dAᴴ A⁺ᴴ X, with R = B - AX. The residuals Σ_rows |R|² get
+    # 2 Re Σ_rows conj(R) dR, dR = dB - dA X - A dX. The singular values (gelsd, gelss), which PyTorch declares
+    # non-differentiable — a zero tangent that finite differences contradict — get dσ_i = Re u_iᴴ dA v_i.
+    tA, tB = ts
+    solution, residuals, _, sv = out
+    vector = B.dim() == A.dim() - 1  # one right-hand side, (m,) against (m, n)
+    X = solution.unsqueeze(-1) if vector else solution
+    Bm = B.unsqueeze(-1) if vector and B is not None else B
+    tBm = tB.unsqueeze(-1) if vector and tB is not None else tB
+    U, S, Vh = torch.linalg.svd(A, full_matrices=False)
+    if driver == "gels":
+        keep = torch.ones_like(S, dtype=torch.bool)
+    else:
+        cut = rcond if rcond is not None and rcond > 0 else torch.finfo(S.dtype).eps * max(A.shape[-2:])
+        keep = S > cut * S[..., :1]
+    inv = torch.where(keep, 1 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
+    pinv = Vh.mH @ (inv.unsqueeze(-1).to(U.dtype) * U.mH)  # (n, m)
+    rhs = None if tBm is None else tBm
+    if tA is not None:
+        rhs = add_tangents(rhs, -(tA @ X))
+    tX = None if rhs is None else pinv @ rhs
+    if tA is not None:
+        R = Bm - A @ X
+        tAh = tA.mH
+        tX = add_tangents(tX, pinv @ (pinv.mH @ (tAh @ R)))
+        Y = tAh @ (pinv.mH @ X)
+        tX = add_tangents(tX, Y - pinv @ (A @ Y))
+    t_solution = None if tX is None else (tX.squeeze(-1) if vector else tX).expand_as(solution)
+    t_residuals = None
+    if residuals.numel() and tX is not None:
+        R = Bm - A @ X
+        dR = -(A @ tX)
+        if tBm is not None:
+            dR = dR + tBm
+        if tA is not None:
+            dR = dR - tA @ X
+        t_residuals = (2 * (R.conj() * dR).real.sum(-2)).reshape(residuals.shape)
+    t_sv = None
+    if sv.numel() and tA is not None:
+        t_sv = torch.einsum("...mi,...mn,...in->...i", U.conj(), tA, Vh.conj()).real.to(sv.dtype).expand_as(sv)
+    return t_solution, t_residuals, None, t_sv
+
+
+defrule(aten.linalg_lstsq, _lstsq, "coupled")
+
+
 # ------------------------------------------------------------------ CTC loss (no forward AD in PyTorch)
 def _ctc_loss(ts, out, log_probs, targets, input_lengths, target_lengths, blank=0, zero_infinity=False):
     # Each sequence's loss depends on its own slice log_probs[:, b] only, so one backward pass with
