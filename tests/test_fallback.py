@@ -14,6 +14,7 @@ import torch.nn.functional as F
 
 import jvpgraph
 import jvpgraph.rules.fallback as fallback
+import jvpgraph.rules.propagate as propagate
 from jvpgraph.rules import FALLBACK_KINDS, RULES
 
 from conftest import (F64, assert_adjoint, assert_all_close, double_backward_jvp, func_jvp, jac_times_v,
@@ -319,6 +320,22 @@ def test_fallback_warns_once_per_op(monkeypatch):
         jvpgraph.trace(lambda a, b: torch.cdist(a, b), a, b)
     msgs = [str(w.message) for w in caught if "no written rule" in str(w.message)]
     assert len(msgs) == 1 and "_cdist_forward" in msgs[0] and "flipped-vjp" in msgs[0], msgs
+
+
+def test_output_declared_non_differentiable_and_used_warns(monkeypatch):
+    """A floating output PyTorch's formulas give no tangent (declared non-differentiable: _linalg_det's LU
+    factors; lstsq's singular values were one, and silently wrong) gets a zero tangent: when the model uses it,
+    a warning names the op, the output and its user; unused (what torch.linalg.det does), nothing is said."""
+    monkeypatch.setattr(propagate, "_WARNED_DECLARED", set())
+    a = rn(3, 3)
+    det = torch.ops.aten._linalg_det.default
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        jvpgraph.trace(lambda a: det(a)[0] * 2, a)
+        assert not [w for w in caught if "declares it non-differentiable" in str(w.message)]
+        jvpgraph.trace(lambda a: det(a)[1] * 2, a)
+    msgs = [str(w.message) for w in caught if "declares it non-differentiable" in str(w.message)]
+    assert len(msgs) == 1 and "output 1 of aten._linalg_det.default" in msgs[0] and "mul" in msgs[0], msgs
 
 
 def test_decomposition_route_logs_instead_of_warning(monkeypatch, caplog):

@@ -7,6 +7,7 @@ Used for the model's whole graph (:mod:`jvpgraph.flip`) and for the small graph 
 from __future__ import annotations
 
 import operator
+import warnings
 from typing import Any, Callable
 
 import torch
@@ -84,6 +85,25 @@ def _check_same_primal(node, out, new):
                         f"shape, dtype or layout at node {node.format_node()}")
 
 
+_WARNED_DECLARED: set = set()
+
+
+def _warn_declared_zero(node: fx.Node, active) -> None:
+    """Warn (once per op and output) that output ``i`` of a node served by PyTorch's formulas gets a zero
+    tangent only because PyTorch declares it non-differentiable, when the model goes on to use it."""
+    users = [u for u in node.users if active is None or active(u)]
+    parent, i = node.args[0], node.args[1]
+    key = (op_name(parent.target), i)
+    if not users or key in _WARNED_DECLARED:
+        return
+    _WARNED_DECLARED.add(key)
+    warnings.warn(
+        f"jvpgraph: output {i} of {key[0]} (used by {users[0].format_node()}) gets a zero tangent because "
+        "PyTorch's derivative formula declares it non-differentiable; if the result depends on it smoothly, "
+        "this Jv is wrong there. Register a rule for the op with jvpgraph.rules.defrule (or report the op).",
+        stacklevel=3)
+
+
 def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
               active: Callable[[fx.Node], bool] | None = None, how: dict | None = None,
               constant: Callable[[fx.Node], bool] | None = None) -> None:
@@ -98,6 +118,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
     from .core import constant as as_constant
     from .fallback import RuleError, node_jvp
 
+    declared_zero: dict[fx.Node, set[int]] = {}  # outputs PyTorch's formulas gave no tangent (see below)
     for node in graph.nodes:
         if node.op == "get_attr":
             env[node] = getattr(owner, node.target)
@@ -117,6 +138,8 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
             t = None if parent is None else parent[node.args[1]]
             if t is not None:
                 tenv[node] = t
+            elif node.args[1] in declared_zero.get(node.args[0], ()):
+                _warn_declared_zero(node, active)
             continue
         targs = collapse_zeros(tangents_of(node.args, tenv))
         tkw = collapse_zeros(tangents_of(node.kwargs, tenv)) or {}
@@ -135,6 +158,13 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
             out = env[node] = t.primal
             t = t.tangent
         t = check_tangent(node, out, t)
+        if kind in ("flipped-vjp", "forward-ad") and isinstance(out, (tuple, list)):
+            # a floating output PyTorch's backward (or forward-AD formula) gives no tangent: declared
+            # non-differentiable there, which is not a zero derivative (lstsq's singular values were)
+            flat_t = list(t) if isinstance(t, (tuple, list)) else [None] * len(out)
+            declared_zero[node] = {i for i, (o, ti) in enumerate(zip(out, flat_t))
+                                   if ti is None and isinstance(o, torch.Tensor) and o.is_floating_point()
+                                   and o.numel()}
         if how is not None:
             how[node.name] = kind
         if t is not None:
