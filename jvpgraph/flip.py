@@ -30,6 +30,7 @@ from torch._decomp.decompositions import nop_decomposition
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from .graph import Graph
+from .owned import collecting, own
 from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
                     grad_enabled)
 from .rules import options
@@ -270,13 +271,14 @@ class FlippedGraph:
             # detaches are cut by `jvpgraph::constant` instead (_joint)
             # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
             # that the emitted graph's first call draws what an eager call would
-            with _conv_backend_unguarded(examples), forked_rng(mode == "real"):
+            with _conv_backend_unguarded(examples), forked_rng(mode == "real"), collecting():
                 gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
                              tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
-        if _has_leftover_mutations(gm.graph):
-            # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view of a
-            # fresh buffer): make the emitted graph functional, so pruning and partitioning see values
-            gm = _refunctionalize(gm, [*examples, *tangent_examples], mode)
+                if _has_leftover_mutations(gm.graph):
+                    # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view
+                    # of a fresh buffer): make the emitted graph functional, so pruning and partitioning see values
+                    gm = _refunctionalize(gm, [*examples, *tangent_examples], mode)
+                own(gm.graph)  # the custom ops' state (forward-AD nodes made here, the Functions traced)
         names = [n.name for n in prog.placeholders]
         names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -33,6 +33,7 @@ import torch.utils._pytree as pytree
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import api
+from .owned import collecting, own
 from .rules.core import attention_scores
 from .trace import BN_MODES, TracedProgram, _data_dependent
 
@@ -144,7 +145,8 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
 
     example = [v.detach().requires_grad_(i in wrt) for i, v in enumerate(values)]
     mode = "real" if prog.values is not None else "fake"
-    with torch.random.fork_rng(devices=[]):  # a real-mode trace draws the dropout masks once: not the caller's
+    # a real-mode trace draws the dropout masks once: not the caller's; the custom ops' state is owned by the graph
+    with torch.random.fork_rng(devices=[]), collecting():
         try:
             try:
                 gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
@@ -160,6 +162,7 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
             if "is not differentiable with respect to argument" not in str(e):
                 raise
             raise ValueError(_refused_inputs(interp_gm, values, wrt, e)) from None
+        own(gm.graph)
     return gm
 
 

@@ -46,6 +46,7 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .guards import Guards, function_roots, watch
+from .owned import OwnedTable, collecting, own
 
 log = logging.getLogger("jvpgraph")
 
@@ -111,8 +112,8 @@ _TORCH_REWRITES = {torch.nn.functional.ctc_loss: _ctc_loss_tensor_lengths, _F_LI
 # Custom autograd.Function: one opaque custom op whose backward is the Function's own.
 # --------------------------------------------------------------------------------------------------
 _ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
-_OPAQUE: dict[int, tuple[type, Callable[[list], tuple]]] = {}
-_OPAQUE_KEYS = itertools.count()
+# key -> (the Function's class, how to rebuild its arguments from the tensors): owned by the graphs calling it
+_OPAQUE = OwnedTable("autograd.Function")
 
 
 def _orig_apply(cls, *args):
@@ -188,6 +189,7 @@ def _opaque_backward(ctx, grads):
 
 
 autograd_function.register_autograd(_opaque_backward, setup_context=_opaque_setup)
+_OPAQUE.bind(torch.ops.jvpgraph.autograd_function.default, key_arg=1)
 
 
 @autograd_function.register_vmap
@@ -278,15 +280,17 @@ def _opaque_autograd_functions():
         flat, spec = pytree.tree_flatten(args)
         tpos = [i for i, a in enumerate(flat) if isinstance(a, torch.Tensor)]
 
-        def rebuild(tensors, flat=flat, spec=spec, tpos=tpos):
-            items = list(flat)
+        tensors = [flat[i] for i in tpos]
+        # the tensor slots are filled at every call: keep only the rest (a trace's tensors die with it)
+        skeleton = [None if isinstance(a, torch.Tensor) else a for a in flat]
+
+        def rebuild(tensors, skeleton=skeleton, spec=spec, tpos=tpos):
+            items = list(skeleton)
             for i, t in zip(tpos, tensors):
                 items[i] = t
             return pytree.tree_unflatten(items, spec)
 
-        key = next(_OPAQUE_KEYS)
-        _OPAQUE[key] = (cls, rebuild)
-        tensors = [flat[i] for i in tpos]
+        key = _OPAQUE.add((cls, rebuild))
         with disable_proxy_modes_tracing(), torch.no_grad():  # learn the output structure, record nothing
             single = isinstance(_forward_only(cls, rebuild(tensors)), torch.Tensor)
         outs = autograd_function(tensors, key)
@@ -1027,6 +1031,13 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
         >>> [n.target.__name__ for n in prog.gm.graph.nodes if n.op == "call_function"]
         ['t.default', 'addmm.default', 'tanh.default']
     """
+    with collecting():  # the graph's nodes keep the state their custom ops' keys name (owned.py)
+        prog = _trace_program_keeping_buffers(f, inputs, bn=bn, specialize=specialize, dynamic=dynamic)
+        own(prog.gm.graph)
+    return prog
+
+
+def _trace_program_keeping_buffers(f, inputs, *, bn, specialize, dynamic) -> TracedProgram:
     if isinstance(f, nn.Module):
         return _trace_program(f, inputs, bn=bn, specialize=specialize, dynamic=dynamic)
     # A function's closed-over modules: ops whose inputs are all their real tensors run for real while tracing

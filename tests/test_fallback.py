@@ -431,3 +431,44 @@ def test_no_route_on_older_torch_is_a_rule_error(f, op):
     args = (rn(2, 4, 3), rn(2, 5, 3)) if op == "_cdist_forward" else (rn(1, 2, 3, 3, 3), rn(1, 2, 2, 2, 3))
     with pytest.raises(jvpgraph.RuleError, match=op):
         jvpgraph.jvp(f, args, tuple(torch.ones_like(a) for a in args))
+
+
+def test_side_tables_are_freed_with_the_graphs_that_use_them(monkeypatch, without_rule):
+    """The state behind jvpgraph's custom ops (a user's autograd.Function, PyTorch's forward-AD formula of a
+    node) lives in the nodes of the graphs that call it: a copied graph still runs after the original is
+    dropped, and once every graph is gone the entries are freed (a value-specialized model traced on every
+    call used to grow these tables by an entry per trace, with the trace's tensors)."""
+    import copy
+    import gc
+
+    from jvpgraph.trace import _OPAQUE
+
+    class Twice(torch.autograd.Function):
+        @staticmethod
+        def forward(x):
+            return x * 2
+
+        @staticmethod
+        def setup_context(ctx, inputs, output):
+            pass
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 2
+
+    _only(monkeypatch, "forward-ad")
+    without_rule(aten.tanh)
+    f = lambda a: torch.tanh(Twice.apply(a))  # noqa: E731
+    x, v = rn(3, 5, seed=0), rn(3, 5, seed=1)
+    gc.collect()
+    before = len(_OPAQUE), len(fallback._FORWARD_AD_NODES)
+    traced = jvpgraph.trace(f, x)
+    assert (len(_OPAQUE), len(fallback._FORWARD_AD_NODES)) > before
+    module = copy.deepcopy(traced.flipped.module)
+    del traced
+    gc.collect()
+    ref = torch.func.jvp(lambda a: torch.tanh(2 * a), (x,), (v,))
+    torch.testing.assert_close(module(x, v)[1], ref[1], **F64)  # the copy owns the entries it calls
+    del module
+    gc.collect()
+    assert (len(_OPAQUE), len(fallback._FORWARD_AD_NODES)) == before

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
+from ..owned import OwnedTable
 from .registry import Rule, lookup, op_name
 
 __all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
@@ -165,8 +166,9 @@ def _rebuild_like(out, flat_tangents):
     return pytree.tree_unflatten(list(flat_tangents), spec)
 
 
-# op, the (args, kwargs) spec with tensor slots, which tensor slots carry a tangent: one entry per node
-_FORWARD_AD_NODES: dict[int, tuple] = {}
+# op, the (args, kwargs) spec with tensor slots, which tensor slots carry a tangent: one entry per node, owned by
+# the graphs that call it
+_FORWARD_AD_NODES = OwnedTable("forward-AD node")
 
 
 def _forward_ad_call(key, tensors, tangents):
@@ -225,6 +227,7 @@ def _forward_ad_node_backward(ctx, grads):
 
 
 forward_ad_node.register_autograd(_forward_ad_node_backward, setup_context=_forward_ad_node_setup)
+_FORWARD_AD_NODES.bind(torch.ops.jvpgraph.forward_ad_node.default, key_arg=2)
 
 
 def _check_forward_ad(op, flat, spec, tpos, dpos, tensors, tangents):
@@ -254,9 +257,9 @@ def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
     tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
     dpos = [i for i in tpos if tflat[i] is not None and _diffable(flat[i])]
-    key = len(_FORWARD_AD_NODES)
     shapes = [(o.shape, o.dtype) for o in _float_outputs(out) if o is not None]
-    _FORWARD_AD_NODES[key] = (op, flat, spec, tpos, dpos, shapes)
+    skeleton = [None if i in tpos else a for i, a in enumerate(flat)]  # tensor slots are filled at every call
+    key = _FORWARD_AD_NODES.add((op, skeleton, spec, tpos, dpos, shapes))
     # Does PyTorch have a forward-AD formula for this op? Ask on meta tensors now (outside the trace),
     # so a missing one is reported at emission, with the op's name, not when the graph runs.
     from torch._subclasses.fake_tensor import unset_fake_temporarily
