@@ -33,7 +33,7 @@ from .graph import Graph
 from .owned import collecting, own
 from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
                     grad_enabled)
-from .rules import options
+from .rules import node_jvp, options
 from .rules.propagate import propagate
 
 __all__ = ["FlippedGraph", "FICTITIOUS"]
@@ -236,7 +236,7 @@ class FlippedGraph:
         # detach as alias (torch 2.14; autograd's own saved-tensor detaches must stay differentiable there,
         # or the flipped VJP's gradient breaks), so the cut is the op `jvpgraph::constant`, at the boundary.
         cut = _constant_boundary(gm.graph)
-        propagate(gm.graph, env, tenv, owner=gm, active=active.__contains__, how=self.how,
+        propagate(gm.graph, env, tenv, node_jvp=node_jvp, owner=gm, active=active.__contains__, how=self.how,
                   constant=cut.__contains__)
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs = list(out_node.args[0])

@@ -23,7 +23,8 @@ import torch
 import torch.utils._pytree as pytree
 
 from ..owned import OwnedTable
-from .registry import Rule, lookup, op_name
+from .propagate import propagate
+from .registry import Rule, RuleError, lookup, op_name
 
 __all__ = ["RuleError", "node_jvp", "FALLBACK_KINDS"]
 
@@ -34,10 +35,6 @@ _WARNED: set[str] = set()
 
 
 log = logging.getLogger("jvpgraph")
-
-
-class RuleError(RuntimeError):
-    """No way to get a node's local Jacobian (or a written rule misbehaved)."""
 
 
 def _is_tensor(x):
@@ -91,8 +88,6 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
     through it with the same rules (:func:`~jvpgraph.rules.propagate.propagate`), recursively."""
     from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, make_fx
 
-    from .propagate import propagate
-
     fn = _decomposition(op)
     if fn is None:
         raise NotImplementedError("no decomposition")
@@ -124,7 +119,7 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
     tenv = {ph: tflat[i] for ph, i in zip(phs, tpos) if tflat[i] is not None}
     _DECOMPOSING.add(op)
     try:
-        propagate(sub.graph, env, tenv, owner=sub)
+        propagate(sub.graph, env, tenv, node_jvp=node_jvp, owner=sub)
     finally:
         _DECOMPOSING.discard(op)
     results = next(n for n in sub.graph.nodes if n.op == "output").args[0]

@@ -14,7 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
-from .registry import WithPrimal, collapse_zeros, op_name
+from .registry import RuleError, WithPrimal, collapse_zeros, op_name
 
 __all__ = ["propagate", "tangents_of", "check_tangent"]
 
@@ -47,8 +47,6 @@ def check_tangent(node: fx.Node, out, t):
     Returns the tangent, with a floating-point tangent of another floating-point precision cast to its
     output's (mixed precision: a bfloat16 BatchNorm input with float32 weights under autocast gives float32
     products, and the output -- so its tangent -- is bfloat16, as PyTorch's forward AD requires too)."""
-    from .fallback import RuleError
-
     outs = pytree.tree_leaves(out)
     touts, spec = pytree.tree_flatten(t, is_leaf=lambda z: z is None)
     if t is not None and len(outs) != len(touts):
@@ -69,8 +67,6 @@ def check_tangent(node: fx.Node, out, t):
 
 
 def _check_same_primal(node, out, new):
-    from .fallback import RuleError
-
     def differ(x, y):
         if not isinstance(x, torch.Tensor):
             return False
@@ -104,19 +100,32 @@ def _warn_declared_zero(node: fx.Node, active) -> None:
         stacklevel=3)
 
 
-def propagate(graph: fx.Graph, env: dict, tenv: dict, *, owner: Any = None,
+def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, owner: Any = None,
               active: Callable[[fx.Node], bool] | None = None, how: dict | None = None,
               constant: Callable[[fx.Node], bool] | None = None) -> None:
     """Evaluate ``graph``'s ``call_function``/``get_attr`` nodes in order, filling ``env`` (primal values)
     and ``tenv`` (tangents, absent = zero) from the placeholders' entries already there.
 
+    ``node_jvp(op, tangents, tkwargs, out, args, kwargs) -> (tangent, how)`` gives one node's tangent
+    (:func:`jvpgraph.rules.node_jvp`: the written rule, else the fallback chain, which walks a decomposition
+    with this same function — passed in, so that this walk does not import the chain that uses it).
+
     ``active(node)`` false skips a node's tangent (pruned: off every input -> output path); ``how`` gets,
     per node name, where its local Jacobian came from; ``constant(node)`` true passes the node's value through
     :func:`~jvpgraph.rules.core.constant` (no gradient flows back through it: what the user detached or
     computed under ``torch.no_grad()``).
+
+    Example:
+        >>> import torch, torch.fx as fx
+        >>> from jvpgraph.rules import node_jvp
+        >>> from jvpgraph.rules.propagate import propagate
+        >>> g = fx.Graph(); x = g.placeholder("x")
+        >>> y = g.call_function(torch.ops.aten.sin.default, (x,)); _ = g.output(y)
+        >>> env, tenv = {x: torch.tensor([0.0, 1.0])}, {x: torch.ones(2)}
+        >>> propagate(g, env, tenv, node_jvp=node_jvp)
+        >>> torch.testing.assert_close(tenv[y], torch.cos(env[x]))
     """
     from .core import constant as as_constant
-    from .fallback import RuleError, node_jvp
 
     declared_zero: dict[fx.Node, set[int]] = {}  # outputs PyTorch's formulas gave no tangent (see below)
     for node in graph.nodes:

@@ -23,7 +23,7 @@ from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["Rule", "RULES", "defrule", "defjvp", "deflinear", "lookup", "options", "current_options",
+__all__ = ["Rule", "RuleError", "RULES", "defrule", "defjvp", "deflinear", "lookup", "options", "current_options",
            "EDGE_KINDS"]
 
 #: Kinds of local Jacobian, used to label edges (``jvpgraph draw``) and in reports.
@@ -43,6 +43,10 @@ class Rule:
 
 
 RULES: dict[Any, Rule] = {}
+
+
+class RuleError(RuntimeError):
+    """No way to get a node's local Jacobian (or a written rule misbehaved)."""
 
 
 def _register(ops, rule_for, override: bool = False):
