@@ -43,6 +43,7 @@ if (_msg := _untested_torch(str(_torch.__version__))) is not None:
     _warnings.warn(_msg, stacklevel=2)  # once: at the first import
 
 from .api import Linearized, Traced, explain, jvp, linearize, trace, vjp
+from . import draw as _draw  # noqa: F401  (adds Graph.draw)
 from .flip import FlippedGraph
 from .graph import Graph
 from .hessian import Curvature, hvp

@@ -382,3 +382,6 @@ def draw(graph: Graph, path: str | os.PathLike | None = None, *, depth: int | No
     if path is not None:
         fig.savefig(path, dpi=150 if str(path).endswith(".png") else None)
     return fig
+
+
+Graph.draw = draw  # the method form, ``graph.draw(path, ...)``; graph.py does not import this module

@@ -36,7 +36,7 @@ from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctio
 from .rules import node_jvp, options
 from .rules.propagate import propagate
 
-__all__ = ["FlippedGraph", "FICTITIOUS"]
+__all__ = ["FlippedGraph", "FICTITIOUS", "flip"]
 
 #: Name of the fictitious node carrying ``v`` in :attr:`FlippedGraph.nx`.
 FICTITIOUS = "v"
@@ -393,3 +393,20 @@ class FlippedGraph:
         n = sum(1 for n in self.module.graph.nodes if n.op == "call_function")
         fallbacks = sorted({k for k, h in self.how.items() if h in ("decomposition", "forward-ad", "flipped-vjp")})
         return f"FlippedGraph({n} aten calls, fallback nodes: {fallbacks or 'none'})"
+
+
+def flip(graph: Graph) -> FlippedGraph:
+    """The flipped graph of Appendix C for ``graph``; also the method ``graph.flip()``.
+
+    Example:
+        >>> import torch, torch.nn as nn
+        >>> from jvpgraph.graph import Graph
+        >>> from jvpgraph.trace import trace_program
+        >>> fg = flip(Graph(trace_program(nn.Sequential(nn.Linear(3, 2), nn.Tanh()), (torch.randn(4, 3),))))
+        >>> fg.nx.has_node(FICTITIOUS)
+        True
+    """
+    return FlippedGraph(graph)
+
+
+Graph.flip = flip  # the method form; graph.py does not import this module

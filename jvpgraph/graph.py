@@ -38,7 +38,11 @@ def edge_kind(node: fx.Node, rule=None) -> str:
 
 
 class Graph:
-    """A traced computation: ``.program`` (fx, aten level), ``.nx`` (networkx), ``.flip()``.
+    """A traced computation: ``.program`` (fx, aten level), ``.nx`` (networkx).
+
+    A plain view that depends on nothing above it: :func:`jvpgraph.flip.flip` and :func:`jvpgraph.draw.draw`
+    build on it, and each adds its method form (``g.flip()``, ``g.draw()``) when its module is imported (the
+    package imports both).
 
     ``wrt`` lists the user inputs that carry a tangent (default: every floating-point input).
 
@@ -113,25 +117,6 @@ class Graph:
             backward.add(n)
             todo.extend(n.all_input_nodes)
         return forward & backward
-
-    def flip(self):
-        """The flipped graph of Appendix C (see :class:`jvpgraph.flip.FlippedGraph`)."""
-        from .flip import FlippedGraph  # the flip builds on this class; imported here to keep layering
-
-        return FlippedGraph(self)
-
-    def draw(self, path=None, **kwargs):
-        """Draw the reverse-mode graph beside the flipped graph (see :func:`jvpgraph.draw.draw`).
-
-        Example:
-            >>> import torch, torch.nn as nn, jvpgraph
-            >>> g = jvpgraph.trace(nn.Sequential(nn.Linear(3, 4), nn.GELU()), torch.randn(2, 3)).graph
-            >>> len(g.draw().axes)
-            2
-        """
-        from .draw import draw  # a view over graph and flip; imported here to keep layering
-
-        return draw(self, path, **kwargs)
 
     def __repr__(self):
         n_ops = sum(1 for n in self.gm.graph.nodes if n.op == "call_function")
