@@ -91,12 +91,16 @@ class OwnedTable:
             self._unowned[key] = entry
         return key
 
-    def __getitem__(self, key: int) -> Any:
+    def _entry(self, key: int) -> _Entry:
         entry = self._entries.get(key)
         if entry is None:
             raise KeyError(f"jvpgraph: {self.name} entry {key} is gone: every graph that owned it was freed, "
                            "yet a graph still calls it (a graph built without jvpgraph.owned.own: a jvpgraph bug, "
                            "please report it)")
+        return entry
+
+    def __getitem__(self, key: int) -> Any:
+        entry = self._entry(key)
         _hold(entry)
         return entry.value
 
@@ -124,4 +128,4 @@ def own(graph) -> None:
         bound = _BOUND.get(node.target) if node.op == "call_function" else None
         if bound is not None:
             table, key_arg = bound
-            node.meta[_META] = table._entries[node.args[key_arg]]
+            node.meta[_META] = table._entry(node.args[key_arg])

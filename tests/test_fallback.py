@@ -441,20 +441,8 @@ def test_side_tables_are_freed_with_the_graphs_that_use_them(monkeypatch, withou
     import copy
     import gc
 
+    from conftest import Twice
     from jvpgraph.trace import _OPAQUE
-
-    class Twice(torch.autograd.Function):
-        @staticmethod
-        def forward(x):
-            return x * 2
-
-        @staticmethod
-        def setup_context(ctx, inputs, output):
-            pass
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 2
 
     _only(monkeypatch, "forward-ad")
     without_rule(aten.tanh)

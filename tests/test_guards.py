@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 
 import jvpgraph
 
-from conftest import double_backward_jvp, seeded
+from conftest import Twice, double_backward_jvp, seeded
 
 D = torch.float64
 TOL = dict(rtol=1e-7, atol=1e-9)
@@ -424,20 +424,6 @@ def test_a_dropped_model_is_freed(name, call):
     assert not _alive_after(call), f"{name} kept the model alive"
 
 
-class _Twice(torch.autograd.Function):
-    @staticmethod
-    def forward(x):
-        return x * 2
-
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        pass
-
-    @staticmethod
-    def backward(ctx, g):
-        return g * 2
-
-
 class _BranchesOnValues(nn.Module):
     """A Python branch on a value: traced at the values on every call (a value-specialized trace)."""
 
@@ -446,7 +432,7 @@ class _BranchesOnValues(nn.Module):
         self.lin = nn.Linear(16, 16)
 
     def forward(self, x):
-        h = _Twice.apply(self.lin(x))
+        h = Twice.apply(self.lin(x))
         if h.sum() > 0:
             h = torch.linalg.pinv(h.reshape(8, 16, 1)).reshape(8, 16)
         return h.sigmoid()

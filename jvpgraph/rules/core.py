@@ -942,7 +942,7 @@ def _lstsq(ts, out, A, B, rcond=None, *, driver=None):
     solution, residuals, _, sv = out
     vector = B.dim() == A.dim() - 1  # one right-hand side, (m,) against (m, n)
     X = solution.unsqueeze(-1) if vector else solution
-    Bm = B.unsqueeze(-1) if vector and B is not None else B
+    Bm = B.unsqueeze(-1) if vector else B
     tBm = tB.unsqueeze(-1) if vector and tB is not None else tB
     U, S, Vh = torch.linalg.svd(A, full_matrices=False)
     if driver == "gels":
@@ -952,12 +952,10 @@ def _lstsq(ts, out, A, B, rcond=None, *, driver=None):
         keep = S > cut * S[..., :1]
     inv = torch.where(keep, 1 / torch.where(keep, S, torch.ones_like(S)), torch.zeros_like(S))
     pinv = Vh.mH @ (inv.unsqueeze(-1).to(U.dtype) * U.mH)  # (n, m)
-    rhs = None if tBm is None else tBm
-    if tA is not None:
-        rhs = add_tangents(rhs, -(tA @ X))
+    R = Bm - A @ X
+    rhs = tBm if tA is None else add_tangents(tBm, -(tA @ X))
     tX = None if rhs is None else pinv @ rhs
     if tA is not None:
-        R = Bm - A @ X
         tAh = tA.mH
         tX = add_tangents(tX, pinv @ (pinv.mH @ (tAh @ R)))
         Y = tAh @ (pinv.mH @ X)
@@ -965,7 +963,6 @@ def _lstsq(ts, out, A, B, rcond=None, *, driver=None):
     t_solution = None if tX is None else (tX.squeeze(-1) if vector else tX).expand_as(solution)
     t_residuals = None
     if residuals.numel() and tX is not None:
-        R = Bm - A @ X
         dR = -(A @ tX)
         if tBm is not None:
             dR = dR + tBm
