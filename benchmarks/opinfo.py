@@ -53,12 +53,6 @@ WHY = {
 }
 
 
-WHY["linalg.lstsq"] = ("found by the finite-difference confirmation, not fixed: the gelss/gelsd samples also return "
-                       "singular_values, which PyTorch declares non-differentiable; jvpgraph gives 0 for their tangent "
-                       "(as double-backward and torch.func.jvp do), finite differences see them move (1.2 apart); "
-                       "the solution agrees with finite differences (1e-11). A rule would need A's singular vectors")
-
-
 # complex128: why an entry that takes complex tensors does not pass
 WHY_COMPLEX = {
     "nn.functional.pad.circular": "PyTorch raises 'slice_scatter does not support automatic differentiation for "
