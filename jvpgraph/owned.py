@@ -42,8 +42,8 @@ __all__ = ["OwnedTable", "collecting", "own"]
 
 _META = "jvpgraph_owned"
 _BOUND: dict[Any, tuple["OwnedTable", int]] = {}  # custom op -> (its table, the position of its key argument)
-# The entries added or looked up inside each active collecting() block (every block holds them: a graph recorded
-# inside another's recording uses what the outer one does)
+# The entries added inside each active collecting() block (every block holds them, until own() hands them to the
+# graph nodes that call them; the graph being run while another is recorded owns its entries already)
 _COLLECTORS: contextvars.ContextVar[tuple[list, ...]] = contextvars.ContextVar("jvpgraph_owned", default=())
 
 
@@ -100,9 +100,7 @@ class OwnedTable:
         return entry
 
     def __getitem__(self, key: int) -> Any:
-        entry = self._entry(key)
-        _hold(entry)
-        return entry.value
+        return self._entry(key).value
 
     def __contains__(self, key: int) -> bool:
         return key in self._entries
@@ -113,7 +111,7 @@ class OwnedTable:
 
 @contextlib.contextmanager
 def collecting() -> Iterator[list]:
-    """Collect the table entries added or looked up in this block (and in any block nested in it)."""
+    """Hold the table entries added in this block (and in any block nested in it) until the block ends."""
     held: list = []
     token = _COLLECTORS.set(_COLLECTORS.get() + (held,))
     try:
