@@ -95,6 +95,8 @@ class _Compiled:
         if fn is None:
             if which == "joint":
                 fn = self.flipped.module if self._compile else _FasterOrder(self.flipped)
+            elif which == "jv":
+                fn = self.flipped.tangent_module
             else:
                 fn = dict(zip(("forward", "tangent"), self.flipped.partition()))[which]
             if self._compile:
@@ -107,6 +109,11 @@ class _Compiled:
     def joint(self) -> Callable:
         """``(*params, *buffers, *inputs, *tangents) -> (*outputs, *tangent_outputs, *new_buffers)``."""
         return self._fn("joint")
+
+    @property
+    def jv(self) -> Callable:
+        """``(*params, *buffers, *inputs, *tangents) -> tangent_outputs`` (pruned to what they need)."""
+        return self._fn("jv")
 
     @property
     def forward(self) -> Callable:
@@ -570,20 +577,39 @@ class Traced:
             return self._cache[next(reversed(self._cache))][-1]
         return self._compiled_for(self._example)
 
-    def jvp(self, primals, tangents):
-        """``(f(x), J v)`` on a new batch: one pass computing the primal and the tangent together.
-
-        ``primals`` and ``tangents`` are a tensor each, or tuples (one per input, like ``torch.func.jvp``).
-        """
+    def _run(self, which: str, primals, tangents) -> tuple[_Compiled, Sequence[torch.Tensor]]:
+        """The trace for ``primals``' shapes, and its ``joint`` or ``jv`` module run on them."""
         inputs = _as_tuple(primals)
         flat_in = pytree.tree_leaves(inputs)
         walk = self._walk()
         comp = self._compiled_for(inputs, walk)
         ts = self._check_tangents(flat_in, _as_tuple(tangents), comp.graph.wrt)
-        res = comp.joint(*self._state(walk=walk), *flat_in, *ts)
+        return comp, getattr(comp, which)(*self._state(walk=walk), *flat_in, *ts)
+
+    def jvp(self, primals, tangents):
+        """``(f(x), J v)`` on a new batch: one pass computing the primal and the tangent together.
+
+        ``primals`` and ``tangents`` are a tensor each, or tuples (one per input, like ``torch.func.jvp``).
+        """
+        comp, res = self._run("joint", primals, tangents)
         n = comp.n_out
         spec = comp.graph.program.out_spec
         return pytree.tree_unflatten(list(res[:n]), spec), pytree.tree_unflatten(list(res[n:2 * n]), spec)
+
+    def jv(self, primals, tangents):
+        """``J v`` alone on a new batch: ``jvp(primals, tangents)[1]``, from a graph pruned to what ``J v``
+        needs. The outputs' values are then computed only where the tangent needs them; in the graph of a
+        gradient (:class:`jvpgraph.Curvature`'s ``hvp``) that leaves out the primal gradients of the weights.
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 4), nn.GELU(), nn.Linear(4, 2))
+            >>> x, v = torch.randn(5, 3), torch.randn(5, 3)
+            >>> t = jvpgraph.trace(net, x)
+            >>> torch.testing.assert_close(t.jv(x, v), torch.func.jvp(net, (x,), (v,))[1])
+        """
+        comp, res = self._run("jv", primals, tangents)
+        return pytree.tree_unflatten(list(res), comp.graph.program.out_spec)
 
     def linearize(self, *inputs, vjp: bool = True) -> Linearized:
         """Run the forward once and record what the tangent pass needs (see :class:`Linearized`).

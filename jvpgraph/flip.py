@@ -154,6 +154,37 @@ def _differentiable_copies(graph: fx.Graph) -> int:
 _DETACH_AS_ALIAS = {torch.ops.aten.detach.default: nop_decomposition}
 
 
+def _prune_output_masks(graph: fx.Graph) -> int:
+    """Backward kernels computing several gradients take an ``output_mask`` (``convolution_backward``,
+    ``native_batch_norm_backward``, ``native_layer_norm_backward``, ...): switch off the outputs nothing reads,
+    so that the kernel does not compute them (in a gradient's graph pruned to its tangents, the primal weight
+    gradients: a convolution's costs as much as its forward). Returns how many nodes changed."""
+    changed = 0
+    for node in graph.nodes:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
+            continue
+        names = [a.name for a in node.target._schema.arguments]
+        if "output_mask" not in names:
+            continue
+        i = names.index("output_mask")
+        positional = i < len(node.args)
+        mask = node.args[i] if positional else node.kwargs.get("output_mask")
+        if not isinstance(mask, (list, tuple)) or not all(isinstance(m, bool) for m in mask):
+            continue
+        if any(u.op != "call_function" or u.target is not operator.getitem for u in node.users):
+            continue  # the tuple itself is used: every output may be read
+        used = {u.args[1] for u in node.users if u.users}  # a getitem nothing reads is dead
+        new = [m and j in used for j, m in enumerate(mask)]
+        if new == list(mask) or not any(new):
+            continue
+        if positional:
+            node.args = (*node.args[:i], new, *node.args[i + 1:])
+        else:
+            node.kwargs = {**node.kwargs, "output_mask": new}
+        changed += 1
+    return changed
+
+
 def _views_as_reshapes(graph: fx.Graph) -> int:
     """``aten.view`` -> ``aten.reshape`` (how many). The trace chose views from fake tensors' strides; where an
     op's meta function gives other strides than its kernel (``native_group_norm`` on a channels_last CPU input:
@@ -286,6 +317,7 @@ class FlippedGraph:
             node._rename(name)
             node.target = node.name
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        _prune_output_masks(gm.graph)
         _differentiable_copies(gm.graph)
         _fuse_relu_max_pool(gm.graph)
         _views_as_reshapes(gm.graph)
@@ -299,6 +331,32 @@ class FlippedGraph:
         on some models faster: see :func:`_primal_first`)."""
         gm = fx.GraphModule(self.module, copy.deepcopy(self.module.graph))
         _primal_first(gm.graph, n_primal=len(self.graph.program.placeholders))
+        gm.graph.lint()
+        gm.recompile()
+        return gm
+
+    @functools.cached_property
+    def tangent_module(self) -> fx.GraphModule:
+        """:attr:`module` returning the tangent outputs alone, ``(*params, *buffers, *inputs, *tangents) ->
+        tangent_outputs``, pruned to what they need. For a gradient's graph (:func:`jvpgraph.hvp`) this drops
+        the primal gradients' last kernels: ``H v`` without ``∇f``.
+
+        Example:
+            >>> import torch, torch.nn as nn
+            >>> from jvpgraph.graph import Graph
+            >>> from jvpgraph.trace import trace_program
+            >>> net = nn.Sequential(nn.Linear(3, 4), nn.Tanh())
+            >>> x, v = torch.randn(5, 3), torch.randn(5, 3)
+            >>> fg = Graph(trace_program(net, (x,))).flip()
+            >>> (jv,) = fg.tangent_module(*net.parameters(), x, v)
+            >>> torch.testing.assert_close(jv, fg.module(*net.parameters(), x, v)[1])
+        """
+        gm = fx.GraphModule(self.module, copy.deepcopy(self.module.graph))
+        out = next(n for n in gm.graph.nodes if n.op == "output")
+        n = self.n_outputs
+        out.args = (tuple(out.args[0][n:2 * n]),)
+        gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
+        _prune_output_masks(gm.graph)
         gm.graph.lint()
         gm.recompile()
         return gm
@@ -375,6 +433,8 @@ class FlippedGraph:
                 tenv[n] = tan.node_copy(n, lambda a: tenv[a])
         tan.output(tuple(tenv[t] if isinstance(t, fx.Node) else t for t in tangent_outs))
         tan.eliminate_dead_code(is_impure_node=_is_impure)
+        _prune_output_masks(fwd)
+        _prune_output_masks(tan)
         fwd_gm = fx.GraphModule(gm, fwd)
         tan_gm = fx.GraphModule(gm, tan)
         return fwd_gm, tan_gm, len(saved)

@@ -170,3 +170,46 @@ def test_views_chosen_from_fake_strides_still_run_on_real_ones():
         torch.testing.assert_close(jv, ref, rtol=1e-12, atol=1e-12)
     code = jvpgraph.trace(m, x).graph.flip().code
     assert "aten.view.default" not in code and "aten.reshape.default" in code
+
+
+def test_tangent_module_switches_off_the_gradients_hv_does_not_need():
+    """Curvature.hvp runs the gradient's flipped graph pruned to its tangents: the primal weight gradients'
+    kernels are switched off in their ``output_mask`` (fewer outputs computed), and Hv is the joint graph's."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(2, 3, 3), nn.BatchNorm2d(3), nn.Tanh(), nn.Conv2d(3, 2, 3), nn.Flatten(),
+                        nn.Linear(2 * 3 * 3, 4)).double().train()
+    x, y = torch.randn(5, 2, 7, 7, dtype=torch.double), torch.randint(0, 4, (5,))
+    curv = jvpgraph.Curvature(net, nn.functional.cross_entropy)
+    v = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    _, _, joint_hv = curv.grad_and_hvp(v, x, y)
+    hv = curv.hvp(v, x, y)
+    for name in v:
+        assert joint_hv[name].norm() > 0, name
+        torch.testing.assert_close(hv[name], joint_hv[name], rtol=1e-12, atol=0)
+    traced, values, _, _ = curv._hessian((x, y))
+    flipped = traced._compiled_for(tuple(values)).flipped
+
+    def computed(gm, op):  # outputs the kernels of `op` compute, over the graph
+        return sum(sum(n.args[-1]) for n in gm.graph.nodes if n.target is op)
+
+    for op in (aten.convolution_backward.default, aten.native_batch_norm_backward.default):
+        assert computed(flipped.tangent_module, op) < computed(flipped.module, op), op
+
+
+def test_output_masks_follow_what_is_read():
+    """A kernel whose gradient outputs are partly unread computes only the read ones, with the same values."""
+    x, w = torch.randn(2, 3, 6, 6, dtype=torch.double), torch.randn(4, 3, 3, 3, dtype=torch.double)
+    g = torch.randn(2, 4, 4, 4, dtype=torch.double)
+
+    def f(g, x, w):
+        gi, gw, gb = aten.convolution_backward(g, x, w, [4], [1, 1], [0, 0], [1, 1], False, [0, 0], 1,
+                                               [True, True, True])
+        return gi * 2
+
+    gm = torch.fx.experimental.proxy_tensor.make_fx(f)(g, x, w)
+    assert flip._prune_output_masks(gm.graph) == 1
+    (node,) = [n for n in gm.graph.nodes if n.target is aten.convolution_backward.default]
+    assert list(node.args[-1]) == [True, False, False]
+    gm.recompile()
+    torch.testing.assert_close(gm(g, x, w), f(g, x, w), rtol=0, atol=0)
+    assert flip._prune_output_masks(gm.graph) == 0  # nothing left to switch off

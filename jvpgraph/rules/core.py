@@ -1114,10 +1114,13 @@ def _convolution_backward(ts, out, go, x, w, bias_sizes, stride, padding, dilati
     if tgo is not None:
         for i, r in enumerate(aten.convolution_backward(tgo, x, w, *rest, mask)):
             parts[i] = r if mask[i] else None
-    if tx is not None and mask[1]:
-        parts[1] = add_tangents(parts[1], aten.convolution_backward(go, tx, w, *rest, [False, True, False])[1])
-    if tw is not None and mask[0]:
-        parts[0] = add_tangents(parts[0], aten.convolution_backward(go, x, tw, *rest, [True, False, False])[0])
+    # ∂x's other term needs only w's tangent, ∂w's only x's: one kernel computes both, given (go, tx, tw)
+    other = [bool(mask[0]) and tw is not None, bool(mask[1]) and tx is not None, False]
+    if any(other):
+        r = aten.convolution_backward(go, x if tx is None else tx, w if tw is None else tw, *rest, other)
+        for i in (0, 1):
+            if other[i]:
+                parts[i] = add_tangents(parts[i], r[i])
     return tuple(parts)
 
 
