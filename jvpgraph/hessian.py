@@ -94,15 +94,25 @@ def _pdist(x, p=2.0):
     return _norm_last(x[i] - x[j], p)
 
 
+def _renorm_outside_autograd(weight, indices, max_norm, norm_type):
+    """``F.embedding(..., max_norm=...)``'s renorm as eager autograd sees it: it runs in place on
+    ``weight.detach()``, so the lookup reads the renormalized values while the weight's derivative passes
+    unchanged (the first-order rule of ``embedding_renorm`` says the same); ``w - w.detach()`` is that
+    derivative, and exactly zero in value."""
+    renormed = aten.embedding_renorm.default(weight.detach(), indices, max_norm, norm_type)
+    return renormed + (weight - weight.detach())
+
+
 #: Ops recorded for autograd as the same function written in differentiable ops, so that the gradient's graph
 #: can be flipped: their backward kernels have no derivative of their own (fused attention, cdist, ...; the
-#: second-order OpInfo sweep), or autograd has no formula for them at all (aten.copy).
+#: second-order OpInfo sweep), or autograd has no formula for them at all (aten.copy, embedding_renorm).
 _WITHOUT_SECOND_DERIVATIVE = {
     aten._scaled_dot_product_flash_attention_for_cpu.default: _flash_attention_math,
     aten._cdist_forward.default: _cdist,  # the pairwise differences: memory n·m·d
     aten._pdist_forward.default: _pdist,
     aten.multi_margin_loss.default: _decomposed(aten.multi_margin_loss.default),  # p = 2 moves with x
     aten.copy.default: _copy,
+    aten.embedding_renorm.default: _renorm_outside_autograd,  # autograd has no formula: eager holds it outside
 }
 
 

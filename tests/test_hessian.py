@@ -436,3 +436,29 @@ def test_instance_norm_tracking_statistics_inside_a_function():
     ref = copy.deepcopy(m)
     torch.testing.assert_close(hv, torch.autograd.functional.hvp(lambda x: ref(x).pow(2).sum(), x, v)[1])
     assert all(torch.equal(a, b) for a, b in zip(before, m.buffers()))
+
+
+def test_hvp_through_an_embedding_with_max_norm():
+    """F.embedding(max_norm=...) renormalizes the looked-up rows in place under no_grad: eager double-backward
+    holds that renorm outside autograd (the weight's derivative passes unchanged), and so must Hv (it refused
+    before: PyTorch has no derivative for embedding_renorm). Rows 0 and 2 exceed max_norm, so the renorm acts;
+    the module's weight is not changed."""
+    torch.manual_seed(0)
+    idx = torch.tensor([[0, 2, 2], [1, 3, 0]])
+    w = torch.randn(5, 3, dtype=D)
+    w[0] *= 4
+    w[2] *= 3
+    v = torch.randn_like(w)
+    f = lambda weight: (F.embedding(idx, weight, max_norm=1.5).tanh() ** 2).sum()  # noqa: E731
+    before = w.clone()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # jvpgraph says it does not write the renormalized rows back
+        grad, hv = jvpgraph.hvp(f, w, v)
+    assert torch.equal(w, before)
+    eager = w.clone().requires_grad_()
+    g = torch.autograd.grad(f(eager), eager, create_graph=True)[0]
+    ref = torch.autograd.grad(g, eager, v)[0]
+    assert not torch.equal(eager.detach(), before)  # eager renormalized in place: the case is live
+    assert ref.norm() > 0
+    torch.testing.assert_close(grad, g.detach(), rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(hv, ref, rtol=1e-10, atol=1e-12)
