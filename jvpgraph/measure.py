@@ -34,8 +34,9 @@ __all__ = ["PeakTensorMemory", "peak_memory", "timeit", "median_times"]
 class PeakTensorMemory(TorchDispatchMode):
     """Context manager: ``peak`` (bytes) of the storages created inside the block and alive at once.
 
-    It sees the ops autograd runs in a backward pass and those that ``torch.func`` transforms lower to;
-    it adds Python overhead to each op, so time a call without it.
+    It sees the ops autograd runs in a backward pass, those that ``torch.func`` transforms lower to, and those
+    inside ops written in Python with ``torch.library.custom_op``; it adds Python overhead to each op, so time
+    a call without it.
     """
 
     def __init__(self):
@@ -50,7 +51,12 @@ class PeakTensorMemory(TorchDispatchMode):
             self.current -= self._live.pop(k)[1]
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
+        body = _python_body(func)
+        if body is not None:  # its temporaries are the op's working memory too: run its body under the mode
+            with self:
+                out = body(*args, **(kwargs or {}))
+        else:
+            out = func(*args, **(kwargs or {}))
         self._collect()
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
@@ -61,6 +67,18 @@ class PeakTensorMemory(TorchDispatchMode):
                     self.current += st.nbytes()
         self.peak = max(self.peak, self.current)
         return out
+
+
+def _python_body(func) -> Callable | None:
+    """The Python function an op made with ``torch.library.custom_op`` runs (jvpgraph's blockwise attention
+    tangent, a user's op), whose own ops a mode sees only if it runs it: ``None`` for any other op."""
+    if not isinstance(func, torch._ops.OpOverload) or func.namespace in ("aten", "prim", "prims"):
+        return None
+    try:
+        from torch._library.custom_ops import _maybe_get_opdef
+    except ImportError:  # a torch without it: such ops count as one
+        return None
+    return getattr(_maybe_get_opdef(func), "_init_fn", None)
 
 
 def peak_memory(fn: Callable[[], object]) -> int:

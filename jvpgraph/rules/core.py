@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from . import attention
 from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, current_options, defjvp, deflinear,
                        defrule)
 
@@ -786,6 +787,15 @@ def _sdpa(ts, out, q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=None, s
         k, v, tk, tv = (None if x is None else x.repeat_interleave(q.size(-3) // x.size(-3), dim=-3)
                         for x in (k, v, tk, tv))
     t_mask = (tkwargs or {}).get("attn_mask")  # a float mask (a learned bias) that carries a tangent
+    if attention.use_blockwise(q, k) and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]:
+        # long: the tangent one block of query rows at a time, never the L x S weights (the kernel's primal
+        # output, computed in O(L) memory, stays)
+        ty, t_lse = torch.ops.jvpgraph.attention_tangent(q, k, v, tq, tk, tv, t_mask, attn_mask, is_causal, scale,
+                                                         attention.block_rows(q, k, v), [True, len(out) > 1])
+        rest = [None] * (len(out) - 1)
+        if rest:
+            rest[0] = t_lse.to(out[1].dtype).reshape(out[1].shape)
+        return (ty, *rest)
     p, scale = _attention_probs(q, k, is_causal, attn_mask, scale)
     parts, t_lse = [], None
     if tq is not None or tk is not None or t_mask is not None:
