@@ -3,7 +3,7 @@ jvpgraph's blockwise tangent, its written exact rule (the L x S weights held), a
 math kernel (forward mode has no formula for the fused kernels)?
 
 One process, one run: one self-attention layer (4 heads, model width 64, batch 1, float32, CPU), for each
-sequence length L the peak tensor memory (jvpgraph.measure.PeakTensorMemory: storage created and alive at
+sequence length L (the blockwise and the exact path each forced) the peak tensor memory (jvpgraph.measure.PeakTensorMemory: storage created and alive at
 once, inputs and parameters not counted; it counts inside jvpgraph's attention op too) of the forward and of
 Jv on a new batch by each method, and the median seconds per call (jvpgraph.measure.median_times, rotating
 blocks). A method whose weights would not fit (L x L x heads x 4 bytes x ~8 > --max-weights-gb) is not run.
@@ -74,26 +74,34 @@ def measure(L: int, causal: bool, repeats: int, rounds: int, max_weights_gb: flo
     layer = Layer(causal=causal)
     x, v = torch.randn(1, L, 64), torch.randn(1, L, 64)
     fits = L * L * layer.heads * 4 * 8 <= max_weights_gb * 2 ** 30
-    blockwise = jvpgraph.trace(layer, x)
-    fns = {"jvpgraph": lambda: blockwise.jvp(x, v)}
-    fns["jvpgraph"]()
-    row = dict(L=L, causal=causal, blockwise_used="jvpgraph.attention_tangent" in blockwise.flipped.code)
-    if fits:
+    default = jvpgraph.trace(layer, x)
+    default.jvp(x, v)
+    row = dict(L=L, causal=causal, default_path="blockwise" if "jvpgraph.attention_tangent" in default.flipped.code
+               else "exact")
+
+    def forced(threshold):  # a trace emitted with the path chosen by this threshold
         saved = attention.EXACT_MAX_SCORES
-        attention.EXACT_MAX_SCORES = 1 << 62
+        attention.EXACT_MAX_SCORES = threshold
         try:
-            exact = jvpgraph.trace(lambda x: layer(x), x)
-            exact.jvp(x, v)  # traced and emitted here, with the written rule
+            t = jvpgraph.trace(lambda x: layer(x), x)
+            t.jvp(x, v)
         finally:
             attention.EXACT_MAX_SCORES = saved
+        return t
+
+    blockwise = forced(0)
+    fns = {"jvpgraph": lambda: blockwise.jvp(x, v)}
+    if fits:
+        exact = forced(1 << 62)
         fns["exact_rule"] = lambda: exact.jvp(x, v)
         fns["func_math"] = _math(lambda: torch.func.jvp(layer, (x,), (v,)))
     else:
         row["not_run"] = f"exact rule and torch.func (math): the weights alone are {L * L * 4 * 4 / MB:.0f} MB"
-    ref = fns["jvpgraph"]()[1]
+    ref = fns["jvpgraph"]()[1].detach()
     for key in ("exact_rule", "func_math"):
         if key in fns:
             row[f"{key}_rel_err_vs_jvpgraph"] = float((fns[key]()[1] - ref).norm() / ref.norm())
+    repeats = max(repeats, int(repeats * 2 ** 20 // (L * L)))  # short calls: more of them (noise)
     row["forward_peak_mb"] = peak_memory(lambda: layer(x)) / MB
     for key, fn in fns.items():
         row[f"{key}_peak_mb"] = peak_memory(fn) / MB
@@ -128,16 +136,16 @@ def write_report(rows, check, out: Path, meta: dict) -> str:
         return f"{r[k]:.2f}" if k in r else "-"
 
     lines = [f"torch {torch.__version__}, {meta['threads']} thread(s), float32, one attention layer (4 heads, width "
-             f"64, batch 1), causal={meta['causal']}; EXACT_MAX_SCORES = {attention.EXACT_MAX_SCORES} (L·S above "
-             "it: blockwise); median of "
-             f"{meta['repeats']} calls in {meta['rounds']} rotating blocks, one process", "",
-             "| L | forward MB | jvpgraph (default) ms / MB (x forward) | path | written exact rule | "
-             "torch.func.jvp, math kernel | time vs exact rule | time vs torch.func |",
+             f"64, batch 1), causal={meta['causal']}; jvpgraph takes the blockwise path above EXACT_MAX_SCORES = "
+             f"{attention.EXACT_MAX_SCORES} scores L·S; median of "
+             f"{meta['repeats']} calls (more for short L) in {meta['rounds']} rotating blocks, one process", "",
+             "| L | forward MB | jvpgraph blockwise ms / MB (x forward) | written exact rule | "
+             "torch.func.jvp, math kernel | blockwise time vs exact rule | vs torch.func | jvpgraph's choice |",
              "|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        lines.append(f"| {r['L']} | {r['forward_peak_mb']:.1f} | {cell(r, 'jvpgraph')} | "
-                     f"{'blockwise' if r['blockwise_used'] else 'exact'} | {cell(r, 'exact_rule')} | "
-                     f"{cell(r, 'func_math')} | {ratio(r, 'time_vs_exact_rule')} | {ratio(r, 'time_vs_func_math')} |")
+        lines.append(f"| {r['L']} | {r['forward_peak_mb']:.1f} | {cell(r, 'jvpgraph')} | {cell(r, 'exact_rule')} | "
+                     f"{cell(r, 'func_math')} | {ratio(r, 'time_vs_exact_rule')} | {ratio(r, 'time_vs_func_math')} | "
+                     f"{r['default_path']} |")
     lines += ["", f"float64 at L = {check['L']}: jvpgraph's Jv vs double-backward on the math kernel, relative error "
               f"{check['rel_err_vs_double_backward']:.1e}.", "",
               "MB: peak tensor storage alive at once during one call (jvpgraph.measure.PeakTensorMemory; inputs, "

@@ -77,8 +77,8 @@ def test_short_attention_keeps_the_written_exact_rule():
     f, shapes = CASES["plain"]
     primals = tuple(rn(*s) for s in shapes)
     assert "attention_tangent" not in jvpgraph.trace(f, *primals).flipped.code
-    q = rn(1, 4, 1024, 16)
-    assert attention.use_blockwise(q, q) and not attention.use_blockwise(q[..., :256, :], q[..., :256, :])
+    q = rn(1, 4, 256, 16)
+    assert attention.use_blockwise(q, q) and not attention.use_blockwise(q[..., :128, :], q[..., :128, :])
 
 
 OP_CASES = {
@@ -228,3 +228,42 @@ def test_a_second_derivative_through_the_blockwise_tangent_is_refused_clearly():
     (gq,) = torch.autograd.grad(ty.pow(2).sum(), q, create_graph=True)
     with pytest.raises(NotImplementedError, match="second derivative through Jv of a long attention"):
         torch.autograd.grad(gq.sum(), q)
+
+
+def test_sequence_lengths_on_both_sides_of_the_threshold():
+    """A symbolic sequence length: lengths below EXACT_MAX_SCORES (the written rule) and above it (blockwise)
+    through one traced layer, each equal to forward mode on the math kernel at that length."""
+    torch.manual_seed(0)
+    layer = _Layer(causal=True).double()
+    traced = jvpgraph.trace(layer, rn(2, 100, 16))
+    paths = set()
+    for L in (100, 140, 120, 200, 60, 131):
+        x, v = rn(2, L, 16), rn(2, L, 16)
+        _, jv = traced.jvp(x, v)
+        torch.testing.assert_close(jv, _math_jvp(layer, (x,), (v,))[1], rtol=1e-11, atol=1e-12)
+        paths.add("jvpgraph.attention_tangent" in traced._compiled_for((x,)).flipped.code)
+    assert paths == {True, False}, traced.explain()
+
+
+def test_compiled_jv_through_the_blockwise_op(blockwise):
+    """``trace(..., compile=True)``: torch.compile runs the emitted graph with the op (its fake shapes) and
+    gives the eager Jv; the regularizer-style gradient through it too."""
+    torch.manual_seed(0)
+    layer = _Layer().double()
+    x, v = rn(2, 41, 16), rn(2, 41, 16)
+    eager, compiled = jvpgraph.trace(layer, x), jvpgraph.trace(layer, x, compile=True)
+    _, jv = eager.jvp(x, v)
+    _, jv_c = compiled.jvp(x, v)
+    assert "jvpgraph.attention_tangent" in compiled.flipped.code
+    torch.testing.assert_close(jv_c, jv, rtol=1e-12, atol=1e-12)
+    w = layer.qkv.weight
+    (g,), (g_c,) = torch.autograd.grad(jv.pow(2).sum(), w), torch.autograd.grad(jv_c.pow(2).sum(), w)
+    torch.testing.assert_close(g_c, g, rtol=1e-10, atol=1e-12)
+
+
+def test_opcheck():
+    """PyTorch's own checks of a custom op: schema, fake kernel (shapes and strides), autograd registration,
+    AOT dispatch — for the tangent op (its backward exercised through autograd) on non-contiguous inputs."""
+    torch.manual_seed(0)
+    q, k, v, tq, tk, tv = (rn(2, 5, 3, 8).transpose(1, 2).requires_grad_() for _ in range(6))  # strided, as
+    torch.library.opcheck(attention_tangent, (q, k, v, tq, tk, tv, None, None, True, None, 2, [True, True]))
