@@ -31,6 +31,7 @@ IMG = DOCS / "img"
 API_MODULES = [
     "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.hessian", "jvpgraph.spectra", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
     "jvpgraph.testing", "jvpgraph.measure", "jvpgraph.graph", "jvpgraph.flip", "jvpgraph.rules.registry",
+    "jvpgraph.rules.attention",
     "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
     "jvpgraph.experiments.runner", "jvpgraph.experiments.robustness", "jvpgraph.experiments.plots",
 ]
@@ -128,6 +129,7 @@ def api_markdown() -> str:
         body.append(summary.replace("\n", " ") + "\n")
         for name in getattr(mod, "__all__", []):
             obj = getattr(mod, name)
+            obj = getattr(obj, "_init_fn", obj)  # an op made by torch.library.custom_op: its Python function
             if inspect.isclass(obj) or inspect.isfunction(obj):
                 kind = "class" if inspect.isclass(obj) else "def"
                 body.append(f"### `{kind} {name}{_signature(obj)}`\n")

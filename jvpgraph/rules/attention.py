@@ -11,18 +11,8 @@ where the written rule (:func:`jvpgraph.rules.core._sdpa`) holds the whole ``L �
 
 It is one op in the emitted graph, ``jvpgraph::attention_tangent``, so that the blocks are a loop at run time,
 not thousands of unrolled nodes. Its gradient (training through ``Jv``: the spectral regularizer's backward)
-is the op ``jvpgraph::attention_tangent_backward``, which recomputes each block under autograd, as flash
-attention's backward does: O(L) memory too.
-
-Example:
-    >>> import torch
-    >>> q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.double) for _ in range(3))
-    >>> tq, tk, tv = (torch.randn_like(q) for _ in range(3))
-    >>> ty, t_lse = attention_tangent(q, k, v, tq, tk, tv, None, None, False, None, 16, [True, True])
-    >>> f = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
-    >>> with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD needs the math
-    ...     ref = torch.func.jvp(f, (q, k, v), (tq, tk, tv))[1]
-    >>> torch.testing.assert_close(ty, ref)
+is the op ``jvpgraph::attention_tangent_backward``, which recomputes each block and takes the chain rule
+through it, written out, as flash attention's backward does: O(L) memory too.
 """
 
 from __future__ import annotations
@@ -43,7 +33,15 @@ EXACT_MAX_SCORES = 128 * 128
 
 def use_blockwise(q: torch.Tensor, k: torch.Tensor) -> bool:
     """Is the attention of ``q`` against ``k`` ([..., L, E], [..., S, E]) long enough for the blockwise
-    tangent (more than :data:`EXACT_MAX_SCORES` scores ``L·S`` per batch and head)?"""
+    tangent (more than :data:`EXACT_MAX_SCORES` scores ``L·S`` per batch and head)?
+
+    Example:
+        >>> import torch
+        >>> use_blockwise(torch.empty(8, 12, 197, 64), torch.empty(8, 12, 197, 64))  # a ViT-B/16's 197 tokens
+        True
+        >>> use_blockwise(torch.empty(1, 4, 64, 16), torch.empty(1, 4, 64, 16))
+        False
+    """
     return q.shape[-2] * k.shape[-2] > EXACT_MAX_SCORES
 
 
@@ -51,7 +49,14 @@ def block_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """How many query rows one block holds: its scores (``rows × S`` per batch and head; the loop holds about
     four temporaries that size) half the size of ``q`` and ``v`` together, so that the tangent's peak stays a
     small multiple of the forward's (2.6x for 4 heads of width 16, measured; twice the rows: 3.2x, and 7% faster
-    at L = 1024); at least 8 rows (fewer only add loop overhead)."""
+    at L = 1024); at least 8 rows (fewer only add loop overhead).
+
+    Example:
+        >>> import torch
+        >>> q = torch.empty(1, 4, 4096, 16)
+        >>> block_rows(q, q, q)  # 16 rows x 4096 keys per block and head
+        16
+    """
     L, S = q.shape[-2], k.shape[-2]
     return max(8, min(L, (L * (q.shape[-1] + v.shape[-1])) // (2 * max(S, 1))))
 
@@ -134,7 +139,18 @@ def attention_tangent(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, tq: Opt
     scale=scale)`` along ``(tq, tk, tv)`` (``None``: no tangent) and ``t_mask`` (the tangent of a float mask),
     ``rows`` query rows at a time; an output ``output_mask`` switches off is zeros, not computed (the emitted
     graph switches off what nothing reads). ``k``, ``v`` have ``q``'s number of heads (grouped-query attention
-    repeated by the caller). Memory: a few ``rows × S`` blocks beyond the inputs and outputs."""
+    repeated by the caller). Memory: a few ``rows × S`` blocks beyond the inputs and outputs.
+
+    Example:
+        >>> import torch
+        >>> q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.double) for _ in range(3))
+        >>> tq, tk, tv = (torch.randn_like(q) for _ in range(3))
+        >>> ty, t_lse = attention_tangent(q, k, v, tq, tk, tv, None, None, False, None, 16, [True, True])
+        >>> f = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v)
+        >>> with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD needs the math
+        ...     ref = torch.func.jvp(f, (q, k, v), (tq, tk, tv))[1]
+        >>> torch.testing.assert_close(ty, ref)
+    """
     return _run(q, k, v, tq, tk, tv, t_mask, attn_mask, is_causal, scale, rows, output_mask)
 
 
