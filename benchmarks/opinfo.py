@@ -85,10 +85,6 @@ WHY_SECOND = {
     "points (20x12x11x10): every step from 1e-3 to 1e-5 carries some point across a cell face, so finite "
     "differences do not settle (6 samples undecided, one judged 1.6e-3 off where the extrapolation looked settled). "
     "Not a located defect; the small samples pass, and grid_sampler_2d passes on all",
-    "nn.functional.embedding": "refused on the max_norm samples: F.embedding renormalizes the weight in place under "
-    "no_grad (embedding_renorm_), and jvpgraph.hvp's gradient graph asks for that op's derivative, which PyTorch "
-    "does not have; eager double-backward treats the renorm as outside autograd. Not fixed: the gradient graph "
-    "should hold the renorm constant, as eager does",
 }
 
 
