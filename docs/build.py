@@ -34,6 +34,7 @@ API_MODULES = [
     "jvpgraph.rules.attention",
     "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
     "jvpgraph.experiments.runner", "jvpgraph.experiments.robustness", "jvpgraph.experiments.plots",
+    "jvpgraph.experiments.meanflow",
 ]
 
 
