@@ -263,6 +263,7 @@ class Traced:
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
         f = _uncompiled(f)
+        _refuse_fully_sharded(f)
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size={cache_size!r}: expected a positive integer")
         if dynamic not in (None, True, False):
@@ -683,6 +684,27 @@ class Traced:
 
     def __repr__(self):
         return f"Traced({self._name}, bn={self.bn!r}, {self._n_cached()} trace(s))"
+
+
+def _refuse_fully_sharded(f) -> None:
+    """FSDP2 (``fully_shard``) shards parameters as DTensors and all-gathers them in hooks around each forward:
+    a trace substitutes the parameters, which FSDP's state does not survive (it failed deep inside FSDP, and
+    jvpgraph's eager re-run on copies then failed too and blamed the model). Refuse up front, truthfully."""
+    if not isinstance(f, nn.Module):
+        return
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch built without distributed
+        return
+    sharded = next((name or "the model itself" for name, m in f.named_modules() if isinstance(m, FSDPModule)), None)
+    if sharded is not None:
+        raise NotImplementedError(
+            f"jvpgraph cannot trace {type(f).__name__}: {sharded} is sharded with torch.distributed.fsdp.fully_shard "
+            "(FSDP2), whose hooks all-gather the parameters before each forward and free them after; a trace "
+            "substitutes the parameters, which FSDP's state does not survive. Not supported yet. What runs: "
+            "DistributedDataParallel around the model (docs/howto/distributed.md), or Jv on an unsharded copy "
+            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
+            "options=StateDictOptions(full_state_dict=True)) loaded into a plain model).")
 
 
 def _raise_if_eager_fails(f, name: str, inputs) -> None:
