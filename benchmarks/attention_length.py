@@ -26,30 +26,14 @@ import sys
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import jvpgraph
+from jvpgraph.experiments.models import SelfAttention
 from jvpgraph.measure import median_times, peak_memory
 from jvpgraph.rules import attention
 
 MB = 1 << 20
-
-
-class Layer(nn.Module):
-    """q, k, v projections, fused attention, output projection."""
-
-    def __init__(self, d: int = 64, heads: int = 4, causal: bool = False):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out(y.transpose(1, 2).reshape(B, L, d))
 
 
 def _math(fn):
@@ -71,7 +55,7 @@ def _double_backward_jv(f, x, v):
 
 def measure(L: int, causal: bool, repeats: int, rounds: int, max_weights_gb: float) -> dict:
     torch.manual_seed(0)
-    layer = Layer(causal=causal)
+    layer = SelfAttention(causal=causal)
     x, v = torch.randn(1, L, 64), torch.randn(1, L, 64)
     fits = L * L * layer.heads * 4 * 8 <= max_weights_gb * 2 ** 30
     default = jvpgraph.trace(layer, x)
@@ -116,7 +100,7 @@ def measure(L: int, causal: bool, repeats: int, rounds: int, max_weights_gb: flo
 
 def float64_check(L: int = 1024) -> dict:
     torch.manual_seed(0)
-    layer = Layer().double()
+    layer = SelfAttention().double()
     x, v = torch.randn(1, L, 64, dtype=torch.float64), torch.randn(1, L, 64, dtype=torch.float64)
     jv = jvpgraph.jvp(layer, (x,), (v,))[1]
     ref = _double_backward_jv(layer, x, v)

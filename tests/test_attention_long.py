@@ -6,11 +6,11 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import jvpgraph
+from jvpgraph.experiments.models import SelfAttention
 from jvpgraph.measure import peak_memory
 from jvpgraph.rules import attention
 from jvpgraph.rules.attention import attention_tangent
@@ -175,27 +175,12 @@ def test_fully_masked_rows_get_zero():
     assert all(torch.isfinite(g).all() for g in grads)
 
 
-class _Layer(nn.Module):
-    """One self-attention layer (4 heads) with a learned float bias over the keys."""
-
-    def __init__(self, d=16, heads=4, causal=False):
-        super().__init__()
-        self.heads, self.causal = heads, causal
-        self.qkv, self.out = nn.Linear(d, 3 * d), nn.Linear(d, d)
-
-    def forward(self, x):
-        B, L, d = x.shape
-        q, k, v = self.qkv(x).view(B, L, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
-        return self.out(y.transpose(1, 2).reshape(B, L, d))
-
-
 @pytest.mark.parametrize("causal", [False, True])
 def test_training_through_jv_of_a_long_attention(causal, blockwise):
     """The spectral regularizer's gradient ``∂θ <u, Jv>`` through the emitted graph (the blockwise op's
     backward) equals autograd through torch.func.jvp on the math kernel."""
     torch.manual_seed(0)
-    layer = _Layer(causal=causal).double()
+    layer = SelfAttention(width=16, causal=causal).double()
     x, v = rn(2, 41, 16), rn(2, 41, 16)
     traced = jvpgraph.trace(layer, x)
     assert "jvpgraph.attention_tangent" in traced.flipped.code
@@ -214,7 +199,7 @@ def test_the_attention_weights_are_never_held():
     jvpgraph.measure, which counts inside the op) stays under a quarter of the attention weights' 64 MB; the
     written rule, forced, holds more than the weights (so the check can fail)."""
     torch.manual_seed(0)
-    layer = _Layer()
+    layer = SelfAttention(width=16)
     x, v = rn(1, 2048, 16, dtype=torch.float32), rn(1, 2048, 16, dtype=torch.float32)
     weights = 4 * 2048 * 2048 * 4
     traced = jvpgraph.trace(layer, x)
@@ -240,7 +225,7 @@ def test_sequence_lengths_on_both_sides_of_the_threshold():
     """A symbolic sequence length: lengths below EXACT_MAX_SCORES (the written rule) and above it (blockwise)
     through one traced layer, each equal to forward mode on the math kernel at that length."""
     torch.manual_seed(0)
-    layer = _Layer(causal=True).double()
+    layer = SelfAttention(width=16, causal=True).double()
     traced = jvpgraph.trace(layer, rn(2, 100, 16))
     paths = set()
     for L in (100, 140, 120, 200, 60, 131):
@@ -257,7 +242,7 @@ def test_compiled_jv_through_the_blockwise_op(blockwise):
     """``trace(..., compile=True)``: torch.compile runs the emitted graph with the op (its fake shapes) and
     gives the eager Jv; the regularizer-style gradient through it too."""
     torch.manual_seed(0)
-    layer = _Layer().double()
+    layer = SelfAttention(width=16).double()
     x, v = rn(2, 41, 16), rn(2, 41, 16)
     eager, compiled = jvpgraph.trace(layer, x), jvpgraph.trace(layer, x, compile=True)
     _, jv = eager.jvp(x, v)

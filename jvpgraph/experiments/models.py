@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import torch.nn as nn
+import torch.nn.functional as F
 
-__all__ = ["LeNet", "VGG16BN", "SigmoidBNCNN", "SigmoidMLP", "MODELS", "build_model"]
+__all__ = ["LeNet", "VGG16BN", "SigmoidBNCNN", "SigmoidMLP", "SelfAttention", "MODELS", "build_model"]
 
 
 class LeNet(nn.Sequential):
@@ -85,6 +86,29 @@ class SigmoidMLP(nn.Sequential):
     def __init__(self, in_features: int = 4, hidden: int = 5, out_features: int = 3):
         super().__init__(nn.Linear(in_features, hidden), nn.Sigmoid(), nn.Linear(hidden, hidden), nn.Sigmoid(),
                          nn.Linear(hidden, out_features))
+
+
+class SelfAttention(nn.Module):
+    """One self-attention layer on ``[batch, tokens, width]``: the q, k, v projections, fused attention
+    (``F.scaled_dot_product_attention``, causal if asked), the output projection — the layer the long-sequence
+    benchmarks and tests take Jv through.
+
+    Example:
+        >>> import torch
+        >>> SelfAttention(width=16, heads=4, causal=True)(torch.randn(2, 10, 16)).shape
+        torch.Size([2, 10, 16])
+    """
+
+    def __init__(self, width: int = 64, heads: int = 4, causal: bool = False):
+        super().__init__()
+        self.heads, self.causal = heads, causal
+        self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
+
+    def forward(self, x):
+        B, L, width = x.shape
+        q, k, v = self.qkv(x).view(B, L, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal)
+        return self.out(y.transpose(1, 2).reshape(B, L, width))
 
 
 #: Models by name for the command line: factory and the input shape of one sample.
