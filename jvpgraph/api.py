@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import sys
 import time
@@ -18,6 +19,7 @@ from .flip import FlippedGraph
 from .graph import Graph
 from .guards import global_state
 from .rules import RuleError
+from . import sharded
 from .trace import BN_MODES, TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
 
 __all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp", "explain"]
@@ -263,7 +265,8 @@ class Traced:
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
         f = _uncompiled(f)
-        _refuse_fully_sharded(f)
+        # FSDP2: every call gathers the whole parameters (sharded.gathered), traces see a plain model
+        self._sharded = sharded.check(f)
         if not isinstance(cache_size, int) or cache_size < 1:
             raise ValueError(f"cache_size={cache_size!r}: expected a positive integer")
         if dynamic not in (None, True, False):
@@ -308,10 +311,11 @@ class Traced:
         return self.f if self._is_module else None
 
     # ------------------------------------------------------------------ cache
-    def _walk(self) -> tuple[list, list, list]:
+    def _walk(self) -> tuple[list, list, list, dict]:
         """One traversal of the module tree: the modules' ``(id, training)``, the parameters, and the buffers
         as ``(name, tensor)`` — in ``named_parameters``/``named_buffers``' order and de-duplication (what
-        the trace takes; all empty for a function). One walk per call instead of four: 0.15 ms of a 3 ms LeNet
+        the trace takes; all empty for a function); last, for a model sharded with FSDP2, its gathered
+        parameters by the id of what their slots hold (:func:`sharded.gathered`; else empty). One walk per call instead of four: 0.15 ms of a 3 ms LeNet
         step at batch 1."""
         flags: list = []
         params: list = []
@@ -329,13 +333,17 @@ class Traced:
                 if b is not None and id(b) not in seen_b:
                     seen_b.add(id(b))
                     buffers.append((f"{prefix}.{name}" if prefix else name, b))
-        return flags, params, buffers
+        full = {}
+        if self._sharded:  # the whole parameters, gathered once per call (a collective: every rank walks)
+            full = sharded.gathered(module)
+            params = [full.get(id(p), p) for p in params]
+        return flags, params, buffers, full
 
     def _key(self, flat_in, walk) -> tuple:
         # contiguity too: a trace at contiguous inputs turns reshape into view, which a transposed input refuses
         key = tuple((tuple(t.shape), t.dtype, t.device, t.is_contiguous()) if isinstance(t, torch.Tensor)
                     else ("const", repr(t)) for t in flat_in)
-        flags, params, _ = walk
+        flags, params = walk[0], walk[1]
         key += (tuple(flags),)
         key += (tuple((tuple(p.shape), p.dtype, p.device) for p in params),)
         return key + (_autocast_state(), global_state())
@@ -392,41 +400,43 @@ class Traced:
                     self._cache.move_to_end(k)
                     return comp
                 why = why or now
-        if why is None:
-            kind, reason = self._why_new(key)
-        else:
-            kind, reason = ("shape" if why.startswith("sizes outside") else "guard"), why
-        dims = self._dynamic_dims(key, flat_in)
-        t0 = time.perf_counter()
-        hit = None
-        if dims is not None:
-            try:
-                hit = self._trace(inputs, flat_in, dynamic=dims)
-                if not hit.graph.program.sizes_hold(flat_in):
-                    raise RuntimeError("the trace does not hold for the sizes it was made at")
-            except Exception as e:  # noqa: BLE001 - any failure: a trace at these sizes answers instead
-                self._static_only[dims] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
-                log.info("jvpgraph: %s: no trace with symbolic sizes (%s); tracing at fixed sizes", self._name,
-                         self._static_only[dims])
-                hit = None
-        if hit is not None and hit.graph.program.pinned:
-            # the forward read every symbolic size as a number (int(x.shape[0]), a C++ kernel that pins it):
-            # the trace holds for these sizes only; kept as a trace at fixed sizes, and no more symbolic ones
-            self._static_only[dims] = f"the trace pins its sizes ({hit.graph.program.size_guards()})"
-            log.info("jvpgraph: %s: %s; tracing at fixed sizes", self._name, self._static_only[dims])
+        # a sharded model traces as the plain model it computes (FSDP's hooks aside, whole parameters in)
+        with sharded.plain_view(self.module, walk[3]) if walk[3] else contextlib.nullcontext():
+            if why is None:
+                kind, reason = self._why_new(key)
+            else:
+                kind, reason = ("shape" if why.startswith("sizes outside") else "guard"), why
+            dims = self._dynamic_dims(key, flat_in)
+            t0 = time.perf_counter()
+            hit = None
+            if dims is not None:
+                try:
+                    hit = self._trace(inputs, flat_in, dynamic=dims)
+                    if not hit.graph.program.sizes_hold(flat_in):
+                        raise RuntimeError("the trace does not hold for the sizes it was made at")
+                except Exception as e:  # noqa: BLE001 - any failure: a trace at these sizes answers instead
+                    self._static_only[dims] = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:160]}"
+                    log.info("jvpgraph: %s: no trace with symbolic sizes (%s); tracing at fixed sizes", self._name,
+                             self._static_only[dims])
+                    hit = None
+            if hit is not None and hit.graph.program.pinned:
+                # the forward read every symbolic size as a number (int(x.shape[0]), a C++ kernel that pins it):
+                # the trace holds for these sizes only; kept as a trace at fixed sizes, and no more symbolic ones
+                self._static_only[dims] = f"the trace pins its sizes ({hit.graph.program.size_guards()})"
+                log.info("jvpgraph: %s: %s; tracing at fixed sizes", self._name, self._static_only[dims])
+                self._remember(key, hit, kind, reason, time.perf_counter() - t0)
+                return hit
+            if hit is not None:
+                if dims not in self._patterns:
+                    self._patterns.append(dims)
+                self._dynamic_traces[dims] += 1
+                where = "; ".join(f"input {i} dim {', '.join(map(str, d))}" for i, d in enumerate(dims) if d)
+                self._remember(_generalize(key, dims), hit, kind, f"{reason}; symbolic sizes: {where}",
+                               time.perf_counter() - t0)
+                return hit
+            hit = self._trace(inputs, flat_in)
             self._remember(key, hit, kind, reason, time.perf_counter() - t0)
             return hit
-        if hit is not None:
-            if dims not in self._patterns:
-                self._patterns.append(dims)
-            self._dynamic_traces[dims] += 1
-            where = "; ".join(f"input {i} dim {', '.join(map(str, d))}" for i, d in enumerate(dims) if d)
-            self._remember(_generalize(key, dims), hit, kind, f"{reason}; symbolic sizes: {where}",
-                           time.perf_counter() - t0)
-            return hit
-        hit = self._trace(inputs, flat_in)
-        self._remember(key, hit, kind, reason, time.perf_counter() - t0)
-        return hit
 
     def _dynamic_dims(self, key: tuple, flat_in) -> tuple[tuple[int, ...], ...] | None:
         """The dimensions to trace as symbols for a call that no cached trace answers, or ``None`` (a trace at
@@ -517,7 +527,7 @@ class Traced:
 
     def _state(self, updated: Sequence[str] = (), walk=None) -> list[torch.Tensor]:
         """Parameters and buffers as the trace takes them; the buffers named in ``updated`` as copies."""
-        _, params, buffers = walk or self._walk()
+        _, params, buffers, _ = walk or self._walk()
         if not updated:
             return [*params, *(b for _, b in buffers)]
         updated = set(updated)
@@ -684,27 +694,6 @@ class Traced:
 
     def __repr__(self):
         return f"Traced({self._name}, bn={self.bn!r}, {self._n_cached()} trace(s))"
-
-
-def _refuse_fully_sharded(f) -> None:
-    """FSDP2 (``fully_shard``) shards parameters as DTensors and all-gathers them in hooks around each forward:
-    a trace substitutes the parameters, which FSDP's state does not survive (it failed deep inside FSDP, and
-    jvpgraph's eager re-run on copies then failed too and blamed the model). Refuse up front, truthfully."""
-    if not isinstance(f, nn.Module):
-        return
-    try:
-        from torch.distributed.fsdp import FSDPModule
-    except ImportError:  # a torch built without distributed
-        return
-    sharded = next((name or "the model itself" for name, m in f.named_modules() if isinstance(m, FSDPModule)), None)
-    if sharded is not None:
-        raise NotImplementedError(
-            f"jvpgraph cannot trace {type(f).__name__}: {sharded} is sharded with torch.distributed.fsdp.fully_shard "
-            "(FSDP2), whose hooks all-gather the parameters before each forward and free them after; a trace "
-            "substitutes the parameters, which FSDP's state does not survive. Not supported yet. What runs: "
-            "DistributedDataParallel around the model (docs/howto/distributed.md), or Jv on an unsharded copy "
-            "(torch.distributed.checkpoint.state_dict.get_model_state_dict(model, "
-            "options=StateDictOptions(full_state_dict=True)) loaded into a plain model).")
 
 
 def _raise_if_eager_fails(f, name: str, inputs) -> None:

@@ -120,31 +120,59 @@ def test_sync_batchnorm_outside_a_process_group_is_batchnorm():
     assert penalty.shape == (4,) and bool(torch.isfinite(penalty).all())
 
 
-def test_a_fully_sharded_model_is_refused_with_what_runs_instead(tmp_path):
-    """FSDP2 (fully_shard) is not traced yet: jvpgraph says so up front and names what runs (it failed inside
-    FSDP before, then blamed the model). The alternative the message names — Jv on an unsharded copy from the
-    full state dict — equals the unsharded model's Jv."""
-    import copy
+def test_fsdp2_regularized_steps_meanflow_and_jv_equal_one_process(tmp_path):
+    """FSDP2 (fully_shard, two ranks, gloo): three regularized steps (the output from jvpgraph's forward, and
+    from FSDP's own forward with the penalty's gradient beside FSDP's), three MeanFlow steps on a sharded
+    TinyDiT, and each rank's Jv and spectral norms — against one process holding the whole model. The sharded
+    model is left with its shards and FSDP's hooks."""
+    import fsdp_worker
 
+    out = tmp_path / "fsdp"
+    _launch(str(HERE / "fsdp_worker.py"), str(out))
+    ranks = [torch.load(f"{out}.rank{r}") for r in (0, 1)]
+    net = ddp_worker.model()
+    ddp_worker.train(net, jvpgraph.Regularized(net, jvpgraph.SpectralRegularizer(net, n_iter=ddp_worker.N_ITER)),
+                     slice(None))
+    dit = fsdp_worker.dit()
+    fsdp_worker.meanflow_steps(dit, [0, 1])
+    for key, want_model, start in [("spectral", net, ddp_worker.model()),
+                                   ("spectral, FSDP forward", net, ddp_worker.model()),
+                                   ("meanflow", dit, fsdp_worker.dit())]:
+        start = start.state_dict()
+        for name, want in want_model.state_dict().items():
+            assert not torch.equal(want, start[name]), (key, name)  # the steps moved every parameter
+            torch.testing.assert_close(ranks[1][key][name], ranks[0][key][name], rtol=0, atol=0)
+            torch.testing.assert_close(ranks[0][key][name], want, rtol=1e-10, atol=1e-12, msg=f"{key}: {name}")
+    plain = ddp_worker.model()
+    for saved in ranks:
+        x, v, jv = saved["jvp"]
+        torch.testing.assert_close(jv, torch.func.jvp(plain, (x,), (v,))[1], rtol=1e-10, atol=1e-12)
+        assert saved["sigma"].shape == (x.shape[0],) and bool((saved["sigma"] > 0).all())
+        torch.testing.assert_close(saved["sigma"], jvpgraph.spectral_norm(plain, x).sigma, rtol=1e-10, atol=1e-12)
+        assert saved["left as it was"]
+
+
+def test_fsdp2_what_jvpgraph_does_not_support_is_refused_with_what_runs(tmp_path):
+    """A mixed-precision policy casting the parameters: jvpgraph would differentiate another function than the
+    one FSDP runs, so it refuses, naming the module; the default policy in the same process runs."""
     import torch.distributed as dist
     import torch.nn as nn
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:
         torch.manual_seed(0)
-        make = lambda: nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))  # noqa: E731
-        model = make()
-        reference = copy.deepcopy(model)
-        fully_shard(model[0])
+        model = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+        fully_shard(model[0], mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16))
         fully_shard(model)
         x, v = torch.randn(4, 6), torch.randn(4, 6)
         for call in (lambda: jvpgraph.jvp(model, (x,), (v,)), lambda: jvpgraph.spectral_norm(model, x)):
-            with pytest.raises(NotImplementedError, match="the model itself is sharded with torch.distributed.fsdp"):
+            with pytest.raises(NotImplementedError, match=r"\b0 is sharded with fully_shard and a mixed-precision"):
                 call()
-        plain = make()
-        plain.load_state_dict(get_model_state_dict(model, options=StateDictOptions(full_state_dict=True)))
-        torch.testing.assert_close(jvpgraph.jvp(plain, (x,), (v,))[1], torch.func.jvp(reference, (x,), (v,))[1])
+        plain = nn.Sequential(nn.Linear(6, 8), nn.GELU(), nn.Linear(8, 3))
+        plain.load_state_dict({k: p.full_tensor() for k, p in model.state_dict().items()})
+        fully_shard(plain[0])
+        fully_shard(plain)
+        assert jvpgraph.jvp(plain, (x,), (v,))[1].shape == (4, 3)
     finally:
         dist.destroy_process_group()
