@@ -42,7 +42,7 @@ def _untested_torch(version: str) -> str | None:
 if (_msg := _untested_torch(str(_torch.__version__))) is not None:
     _warnings.warn(_msg, stacklevel=2)  # once: at the first import
 
-from .api import Linearized, Traced, explain, jvp, linearize, trace, vjp
+from .api import Linearized, Traced, cached_trace, explain, jvp, linearize, trace, vjp
 from . import draw as _draw  # noqa: F401  (adds Graph.draw)
 from .flip import FlippedGraph
 from .graph import Graph
@@ -53,7 +53,7 @@ from .spectral import SpectralNorm, spectral_norm
 from .trace import TraceError
 from .verify import VerifyReport, verify
 
-__all__ = ["trace", "jvp", "vjp", "linearize", "explain", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
+__all__ = ["trace", "cached_trace", "jvp", "vjp", "linearize", "explain", "Traced", "Linearized", "Graph", "FlippedGraph", "TraceError",
            "RuleError", "verify", "VerifyReport", "spectral_norm", "SpectralNorm", "SpectralRegularizer",
            "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized",
            "hvp", "Curvature"]

@@ -22,7 +22,7 @@ from .rules import RuleError
 from . import sharded
 from .trace import BN_MODES, TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
 
-__all__ = ["Traced", "Linearized", "trace", "jvp", "linearize", "vjp", "explain"]
+__all__ = ["Traced", "Linearized", "trace", "cached_trace", "jvp", "linearize", "vjp", "explain"]
 
 log = logging.getLogger("jvpgraph")
 
@@ -652,9 +652,23 @@ class Traced:
             (['0.weight', '0.bias'], [(2, 3), (2,), (4, 3)])
             >>> torch.testing.assert_close(prog.gm(*values)[0], net(values[-1]))
         """
+        graph, values = self.graph_for(*inputs)
+        return graph.program, values
+
+    def graph_for(self, *inputs) -> tuple[Graph, list[torch.Tensor]]:
+        """:meth:`program`, as the :class:`Graph` built on it: the graph that answers a call on ``inputs``,
+        and its placeholders' values for that call (parameters, buffers, the flattened inputs).
+
+        Example:
+            >>> import torch, torch.nn as nn, jvpgraph
+            >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+            >>> graph, values = jvpgraph.trace(net, torch.randn(4, 3)).graph_for(torch.randn(5, 3))
+            >>> [n.name for n in graph.program.placeholders], len(values)
+            (['p__0_weight', 'p__0_bias', 'x'], 3)
+        """
         walk = self._walk()
         comp = self._compiled_for(inputs, walk)
-        return comp.graph.program, [*self._state(walk=walk), *pytree.tree_leaves(inputs)]
+        return comp.graph, [*self._state(walk=walk), *pytree.tree_leaves(inputs)]
 
     def __call__(self, *inputs):
         """The primal output only (through the recorded-forward module)."""
@@ -763,16 +777,32 @@ def _uncompiled(f):
     return getattr(f, "_torchdynamo_orig_callable", f) if not isinstance(f, nn.Module) else f
 
 
-def _traced_for(f, primals, bn, compile: bool | dict = False) -> Traced:
+def cached_trace(f: Callable, *example_inputs, bn: str = "batch", compile: bool | dict = False) -> Traced:
+    """The :class:`Traced` that :func:`jvp`, :func:`linearize`, :func:`vjp`, :func:`jvpgraph.spectral_norm` and
+    the regularizers share for the model ``f`` with these ``bn`` and ``compile`` settings: made at
+    ``example_inputs`` on the first call, then the same object (it traces again by itself when a call needs
+    it). The cache holds it weakly to the model: dropping the model frees both; it keeps no example batch. A
+    function (not a module) may close over anything and gets a new :class:`Traced` on each call.
+
+    Example:
+        >>> import torch, torch.nn as nn, jvpgraph
+        >>> net = nn.Sequential(nn.Linear(3, 2), nn.Tanh())
+        >>> x, v = torch.randn(4, 3), torch.randn(4, 3)
+        >>> _ = jvpgraph.jvp(net, (x,), (v,))
+        >>> t = jvpgraph.cached_trace(net, x)
+        >>> t is jvpgraph.cached_trace(net, torch.randn(7, 3)), len(t.history)  # the trace jvp made
+        (True, 1)
+        >>> torch.testing.assert_close(t.jv(x, v), jvpgraph.jvp(net, (x,), (v,))[1])
+    """
     f = _uncompiled(f)
     if isinstance(f, nn.Module):
         per = _MODULE_CACHE.setdefault(f, {})
         key = (bn, repr(compile))
         t = per.get(key)
         if t is None:
-            t = per[key] = Traced(f, primals, bn=bn, compile=compile, _weak=True)
+            t = per[key] = Traced(f, example_inputs, bn=bn, compile=compile, _weak=True)
         return t
-    return Traced(f, primals, bn=bn, compile=compile)  # a function may close over anything: trace it afresh
+    return Traced(f, example_inputs, bn=bn, compile=compile)  # a function may close over anything: trace it afresh
 
 
 def explain(model: nn.Module | Traced) -> str:
@@ -819,7 +849,7 @@ def jvp(f: Callable, primals, tangents, *, bn: str = "batch"):
         >>> torch.testing.assert_close(jv, ref)
     """
     primals = _as_tuple(primals)
-    return _traced_for(f, primals, bn).jvp(primals, _as_tuple(tangents))
+    return cached_trace(f, *primals, bn=bn).jvp(primals, _as_tuple(tangents))
 
 
 def linearize(f: Callable, *primals, bn: str = "batch"):
@@ -830,7 +860,7 @@ def linearize(f: Callable, *primals, bn: str = "batch"):
         >>> out, jvp_fn = jvpgraph.linearize(torch.sin, torch.tensor([0.0, 1.0]))
         >>> torch.testing.assert_close(jvp_fn(torch.ones(2)), torch.cos(torch.tensor([0.0, 1.0])))
     """
-    lin = _traced_for(f, primals, bn).linearize(*primals, vjp=False)
+    lin = cached_trace(f, *primals, bn=bn).linearize(*primals, vjp=False)
     return lin.out, lin.jvp
 
 
@@ -843,7 +873,7 @@ def vjp(f: Callable, *primals, bn: str = "batch"):
         >>> torch.testing.assert_close(vjp_fn(torch.ones(2))[0], torch.cos(torch.tensor([0.0, 1.0])))
     """
     with torch.enable_grad():
-        lin = _traced_for(f, primals, bn).linearize(*primals, vjp=True)
+        lin = cached_trace(f, *primals, bn=bn).linearize(*primals, vjp=True)
 
     def vjp_fn(*cotangents):
         g = lin.vjp(*cotangents)

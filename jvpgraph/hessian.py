@@ -278,7 +278,7 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
     single = not isinstance(primals, (tuple, list))
     primals = api._as_tuple(primals)
     tangents = api._as_tuple(tangents)
-    forward = api._traced_for(f, primals, bn)
+    forward = api.cached_trace(f, *primals, bn=bn)
     # kept on the forward trace itself (a table keyed weakly by it would hold it through its value: never freed)
     traces = getattr(forward, "_gradient_traces", None)
     if traces is None:

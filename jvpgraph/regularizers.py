@@ -40,7 +40,7 @@ class _JacobianRegularizer:
     def _forward(self, x: torch.Tensor, vjp: bool) -> "api.Linearized":
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"x must be a tensor, got {type(x).__name__}")
-        traced = api._traced_for(self.model, (x,), self.bn, self.compile)
+        traced = api.cached_trace(self.model, x, bn=self.bn, compile=self.compile)
         # one forward, recorded by autograd for the loss (and with respect to x when Jᵀu is its backward)
         lin = traced.linearize(x, vjp=vjp)
         out = lin.out

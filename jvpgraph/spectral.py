@@ -151,7 +151,7 @@ def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 100, tol: floa
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("x must be a batch tensor of shape (B, ...)")
     _check_per_sample(model, bn)
-    traced = api._traced_for(model, (x,), bn)
+    traced = api.cached_trace(model, x, bn=bn)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
         lin = traced.linearize(x, vjp=False)
         out = lin.out

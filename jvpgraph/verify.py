@@ -229,16 +229,16 @@ def suspect_ops(traced: Traced, x: torch.Tensor | tuple[torch.Tensor, ...], *, s
     from .rules.fallback import _via_flipped_vjp
 
     xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
-    comp = traced._compiled_for(xs)
-    gm = comp.graph.gm
-    active = comp.graph.active_nodes
+    graph, values = traced.graph_for(*xs)
+    gm = graph.gm
+    active = graph.active_nodes
     gen = torch.Generator(device="cpu").manual_seed(seed)
     env: dict = {}
     found = []
     tol = tol if tol is not None else tolerance(xs[0].dtype, "exact")
-    placeholders = comp.graph.program.placeholders
+    placeholders = graph.program.placeholders
     with torch.no_grad():
-        for node, val in zip(placeholders, [*traced._state(), *pytree.tree_leaves(xs)]):
+        for node, val in zip(placeholders, values):
             env[node] = val
     for node in gm.graph.nodes:
         if node.op == "get_attr":

@@ -180,7 +180,7 @@ def test_a_shortcut_skipped_under_graph_capture_needs_no_specialization():
             torch.testing.assert_close(out, ref_out)
             torch.testing.assert_close(jv, ref)
     assert not torch.compiler.is_compiling()
-    traced = jvpgraph.api._traced_for(m, (x, mask), "batch")
+    traced = jvpgraph.cached_trace(m, x, mask)
     assert all(c.graph.program.values is None for b in traced._cache.values() for c in b)
     assert len(traced.history) <= 3, traced.explain()  # batch 3, then symbolic sizes
 

@@ -375,7 +375,7 @@ def targets(rows: list[dict]) -> list[dict]:
 def _exact_penalty(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact per-sample σ as a differentiable penalty: each sample's whole Jacobian (one transposed
     pass per output, kept differentiable), its largest singular value (the paper's analytical method)."""
-    g = api._traced_for(model, (x,), "frozen")
+    g = api.cached_trace(model, x, bn="frozen")
     lin = g.linearize(x, vjp=True)
     J = jacobian_per_sample(lin, x, lin.out, create_graph=True)
     return lin.out, torch.linalg.matrix_norm(J, ord=2)
