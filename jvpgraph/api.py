@@ -20,7 +20,8 @@ from .graph import Graph
 from .guards import global_state
 from .rules import RuleError
 from . import sharded
-from .trace import BN_MODES, TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
+from .batchnorm import check_mode, holds_frozen_statistics
+from .trace import TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
 
 __all__ = ["Traced", "Linearized", "trace", "cached_trace", "jvp", "linearize", "vjp", "explain"]
 
@@ -29,19 +30,6 @@ log = logging.getLogger("jvpgraph")
 
 def _as_tuple(x) -> tuple:
     return tuple(x) if isinstance(x, (tuple, list)) else (x,)
-
-
-_BATCH_NORMS = (torch.ops.aten._native_batch_norm_legit_functional.default, torch.ops.aten.native_batch_norm.default)
-
-
-def _holds_batch_statistics(gm) -> bool:
-    """Does the graph normalize with batch statistics of a BatchNorm (train mode, running statistics)?"""
-    for n in gm.graph.nodes:
-        if n.op == "call_function" and n.target in _BATCH_NORMS:
-            training = n.args[5] if len(n.args) > 5 else n.kwargs.get("training", False)
-            if training and n.args[3] is not None:
-                return True
-    return False
 
 
 class _FasterOrder:
@@ -88,7 +76,7 @@ class _Compiled:
         self.n_out = self.flipped.n_outputs
         self.n_buf = len(self.flipped.buffer_update_names)
         # with bn="frozen", Jv holds the batch statistics constant; the forward's own backward does not
-        self.frozen_statistics = graph.program.bn == "frozen" and _holds_batch_statistics(graph.program.gm)
+        self.frozen_statistics = holds_frozen_statistics(graph.program.gm)
         self._compile = compile
         self._fns: dict[str, Callable] = {}
 
@@ -260,8 +248,7 @@ class Traced:
     def __init__(self, f: Callable, example_inputs: Sequence[Any], *, bn: str = "batch",
                  wrt: Sequence[int] | None = None, compile: bool | dict = False, cache_size: int = 8,
                  dynamic: bool | None = None, _weak: bool = False):
-        if bn not in BN_MODES:
-            raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
+        bn = check_mode(bn).value
         if not callable(f):
             raise TypeError(f"jvpgraph.trace expects an nn.Module or a function, got {type(f).__name__}")
         f = _uncompiled(f)

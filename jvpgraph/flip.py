@@ -33,7 +33,7 @@ from .graph import Graph
 from .owned import collecting, own
 from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
                     grad_enabled)
-from .rules import node_jvp, options
+from .rules import node_jvp
 from .rules.propagate import propagate
 
 __all__ = ["FlippedGraph", "FICTITIOUS", "flip"]
@@ -296,20 +296,19 @@ class FlippedGraph:
         # fresh tensors: make_fx would give one placeholder to a tensor passed twice
         with examples[-1].fake_mode if prog.dynamic is not None else contextlib.nullcontext():
             tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
-        with options(bn=prog.bn):
-            # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
-            # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's
-            # detaches are cut by `jvpgraph::constant` instead (_joint)
-            # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
-            # that the emitted graph's first call draws what an eager call would
-            with _conv_backend_unguarded(examples), forked_rng(mode == "real"), collecting():
-                gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
-                             tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
-                if _has_leftover_mutations(gm.graph):
-                    # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view
-                    # of a fresh buffer): make the emitted graph functional, so pruning and partitioning see values
-                    gm = _refunctionalize(gm, [*examples, *tangent_examples], mode)
-                own(gm.graph)  # the custom ops' state (forward-AD nodes made here, the Functions traced)
+        # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
+        # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's
+        # detaches are cut by `jvpgraph::constant` instead (_joint)
+        # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
+        # that the emitted graph's first call draws what an eager call would
+        with _conv_backend_unguarded(examples), forked_rng(mode == "real"), collecting():
+            gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
+                         tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
+            if _has_leftover_mutations(gm.graph):
+                # a fallback traced a backward formula that writes in place (as_strided's copy_ into a view
+                # of a fresh buffer): make the emitted graph functional, so pruning and partitioning see values
+                gm = _refunctionalize(gm, [*examples, *tangent_examples], mode)
+            own(gm.graph)  # the custom ops' state (forward-AD nodes made here, the Functions traced)
         names = [n.name for n in prog.placeholders]
         names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
         phs = [n for n in gm.graph.nodes if n.op == "placeholder"]

@@ -35,7 +35,8 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from . import api
 from .owned import collecting, own
 from .rules.core import attention_scores
-from .trace import BN_MODES, TracedProgram, _data_dependent
+from .batchnorm import check_mode
+from .trace import TracedProgram, _data_dependent
 
 __all__ = ["hvp", "Curvature", "gradient_module"]
 
@@ -245,12 +246,10 @@ class _GradientTraces:
 
 
 def _check_bn(bn: str) -> None:
-    if bn not in BN_MODES:
-        raise ValueError(f"bn={bn!r}: expected one of {', '.join(map(repr, BN_MODES))}")
-    if bn == "frozen":
-        raise ValueError("bn='frozen' holds the batch statistics constant in Jv only, and is no loss's Hessian: "
-                         "use bn='batch' (the Hessian of the loss the model computes in train mode) or bn='eval' "
-                         "(running statistics)")
+    check_mode(bn, allowed=("batch", "eval"),
+               why="bn='frozen' holds the batch statistics constant in Jv only, and is no loss's Hessian: use "
+                   "bn='batch' (the Hessian of the loss the model computes in train mode) or bn='eval' (running "
+                   "statistics)")
 
 
 def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):

@@ -23,7 +23,8 @@ import torch
 import torch.nn as nn
 
 from . import api
-from .spectral import _check_per_sample, normalize_per_sample, per_sample_norm
+from .batchnorm import check_per_sample
+from .spectral import normalize_per_sample, per_sample_norm
 
 __all__ = ["SpectralRegularizer", "FrobeniusRegularizer", "SpectralBoundRegularizer", "Regularized"]
 
@@ -32,6 +33,7 @@ class _JacobianRegularizer:
     def __init__(self, model: nn.Module, bn: str, update_buffers: bool, compile: bool | dict = False):
         if not isinstance(model, nn.Module):
             raise TypeError(f"{type(self).__name__} expects an nn.Module, got {type(model).__name__}")
+        check_per_sample(model, bn)  # a per-sample penalty needs a per-sample Jacobian
         self.model = model
         self.bn = bn
         self.update_buffers = update_buffers
@@ -113,8 +115,6 @@ class SpectralRegularizer(_JacobianRegularizer):
             raise ValueError(f"grad={grad!r}: expected one of {self.GRADS}")
         if n_iter < 1:
             raise ValueError(f"n_iter={n_iter}: at least one power iteration")
-        if bn not in ("frozen", "eval"):
-            _check_per_sample(model, bn)
         self.n_iter, self.penalty, self.warm_start, self.grad = n_iter, penalty, warm_start, grad
         self.generator = generator
         # warm-start vectors by dataset index: row i of _store, valid where _kept[i]

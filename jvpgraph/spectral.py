@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from . import api
+from .batchnorm import check_per_sample
 
 __all__ = ["SpectralNorm", "spectral_norm", "power_iteration", "per_sample_norm", "normalize_per_sample"]
 
@@ -108,15 +109,6 @@ def power_iteration(jvp: Callable[[torch.Tensor], torch.Tensor], vjp: Callable[[
     return sigma, normalize_per_sample(jv), v, it, converged
 
 
-def _check_per_sample(model, bn: str) -> None:
-    if bn == "batch" and isinstance(model, nn.Module) and any(
-            isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training for m in model.modules()):
-        raise ValueError(
-            "bn='batch': BatchNorm in train mode couples the samples of a batch through its statistics, so "
-            "there is no per-sample Jacobian; use bn='frozen' (statistics held constant, the paper's choice) "
-            "or bn='eval' (running statistics)")
-
-
 def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 100, tol: float = 1e-7, *, bn: str = "frozen",
                   method: str = "power", v0: torch.Tensor | None = None,
                   generator: torch.Generator | None = None) -> SpectralNorm:
@@ -150,7 +142,7 @@ def spectral_norm(model: Callable, x: torch.Tensor, n_iter: int = 100, tol: floa
         raise ValueError(f"method={method!r}: expected 'power' or 'exact'")
     if not isinstance(x, torch.Tensor) or x.dim() < 1:
         raise TypeError("x must be a batch tensor of shape (B, ...)")
-    _check_per_sample(model, bn)
+    check_per_sample(model, bn)
     traced = api.cached_trace(model, x, bn=bn)
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []), torch.no_grad():
         lin = traced.linearize(x, vjp=False)

@@ -45,6 +45,7 @@ from torch.fx.experimental.proxy_tensor import disable_proxy_modes_tracing, get_
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .batchnorm import BN_MODES, check_mode, stamp, tracing_state
 from .guards import Guards, function_roots, watch
 from .owned import OwnedTable, collecting, own
 
@@ -54,7 +55,6 @@ aten = torch.ops.aten
 
 __all__ = ["TraceError", "TracedProgram", "trace_program", "BN_MODES"]
 
-BN_MODES = ("batch", "frozen", "eval")
 
 
 class TraceError(RuntimeError):
@@ -637,43 +637,6 @@ def _eager_error(f: Callable, inputs: tuple) -> BaseException | None:
 
 
 @contextlib.contextmanager
-def tracing_state(module: nn.Module | None, bn: str, momentum_none: list[str]):
-    """What tracing may touch on the model, put back afterwards, whatever happens:
-
-    * ``bn="eval"``: BatchNorm layers in eval mode for the trace (their ``training`` flags restored);
-    * BatchNorm with ``momentum=None`` reads ``num_batches_tracked`` as a Python number, which a trace
-      cannot do; the momentum only weighs the running-statistic update (never the output or Jv), so it is
-      set to 0.1 while tracing and those layers' updates are dropped (their names go to ``momentum_none``);
-    * tensors that hooks store as plain module attributes (the legacy ``nn.utils.spectral_norm`` sets
-      ``module.weight``) would keep a fake tensor from the trace: :func:`jvpgraph.guards.watch`, around each
-      traced call, puts back every Python attribute the call wrote.
-
-    Yields ``{(id(module), attribute): the caller's value}`` for what it changed, so guards compare with the
-    caller's values, not the ones tracing set.
-    """
-    if module is None:
-        yield {}
-        return
-    mods = list(module.named_modules())
-    bns = [(n, m) for n, m in mods if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-    flags = [m.training for _, m in bns]
-    momenta = [m.momentum for _, m in bns]
-    originals: dict[tuple[int, str], Any] = {}  # what the caller's model holds where tracing set another value
-    try:
-        for name, m in bns:
-            if bn == "eval":
-                m.training = False
-            if m.momentum is None and m.training and m.track_running_stats:
-                momentum_none.append(name)
-                originals[(id(m), "momentum")] = None
-                m.momentum = 0.1
-        yield originals
-    finally:
-        for (_, m), f, mom in zip(bns, flags, momenta):
-            m.training, m.momentum = f, mom
-
-
-@contextlib.contextmanager
 def _module_hooks(module: nn.Module | None, stack: list[str]):
     """Keep ``stack`` = the qualified names of the modules whose forward is running."""
     if module is None:
@@ -1059,8 +1022,7 @@ def _trace_program_keeping_buffers(f, inputs, *, bn, specialize, dynamic) -> Tra
 
 def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize: BaseException | None = None,
                    dynamic=None) -> TracedProgram:
-    if bn not in BN_MODES:
-        raise ValueError(f"bn={bn!r}: expected one of {BN_MODES}")
+    bn = check_mode(bn).value
     module = f if isinstance(f, nn.Module) else None
     params = dict(module.named_parameters()) if module is not None else {}
     buffers = dict(module.named_buffers()) if module is not None else {}
@@ -1340,6 +1302,7 @@ def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize:
                 graph.erase_node(node)
     _renorm_keeps_autograd_history(graph)
     _warn_on_uninitialized_reads(graph, f)
+    stamp(graph, bn)  # the BatchNorm mode travels on the nodes (jvpgraph.batchnorm)
     graph.lint()
     gm.recompile()
     diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]

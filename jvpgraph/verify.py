@@ -267,6 +267,7 @@ def suspect_ops(traced: Traced, x: torch.Tensor | tuple[torch.Tensor, ...], *, s
             continue
         try:
             with torch.no_grad():
+                # without the node's stamped mode (bn="frozen"): the op's own derivative, as its backward's
                 mine = rule.fn(tangents, out, *args, **kwargs)
             theirs = _via_flipped_vjp(node.target, tangents, {}, out, args, kwargs)
         except Exception:  # noqa: BLE001 - a node whose backward cannot be differentiated is not judged

@@ -13,7 +13,7 @@ import math
 import torch
 
 from . import attention
-from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, current_options, defjvp, deflinear,
+from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, defjvp, deflinear,
                        defrule)
 
 aten = torch.ops.aten
@@ -650,7 +650,7 @@ def _scaled(t, w, rstd, shape):
 # so the flipped edge is the op's own backward kernel applied to the tangent: one fused kernel instead of
 # eight elementwise passes. Its gradient in the parameters comes from PyTorch's second-order formulas for
 # these kernels (tests/test_second_order.py checks it against central differences).
-def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
+def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps, *, bn: str = "batch"):
     y, save_mean, save_invstd = out[0], out[1], out[2]
     if not training and (ts[3] is not None or ts[4] is not None):
         raise NotImplementedError("tangents of the running statistics: use the fallback")
@@ -660,7 +660,7 @@ def _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps):
     # (as a batch of one with N*C channels and no running statistics): its statistics are per sample and
     # always differentiated, and so are those of a functional batch_norm without running statistics.
     per_sample = rm is None or x.shape[0] == 1
-    coupled = training and (current_options().bn != "frozen" or per_sample)
+    coupled = training and (bn != "frozen" or per_sample)
     if not training:
         return (_bn_eval_tangent(ts, y, x, w, rm, rv, eps, shape),) + (None,) * (len(out) - 1)
     mean, rstd = norm_stats(x, save_mean.view(shape).to(x.dtype), save_invstd.view(shape).to(x.dtype), dims)
@@ -690,15 +690,16 @@ def _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps):
     return (_bn_eval_tangent(ts, out[0], x, w, rm, rv, eps, shape),) + (None,) * (len(out) - 1)
 
 
-def _bn_native(ts, out, x, w, b, rm, rv, training, momentum, eps):
+def _bn_native(ts, out, x, w, b, rm, rv, training, momentum, eps, *, bn: str = "batch"):
     if training:
-        return _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps)
+        return _bn_functional(ts, out, x, w, b, rm, rv, training, momentum, eps, bn=bn)
     return _bn_no_training(ts, out, x, w, b, rm, rv, momentum, eps)
 
 
-defrule(aten._native_batch_norm_legit_functional, _bn_functional, "batch")
+# bn: the mode the trace stamped on the node (jvpgraph.batchnorm)
+defrule(aten._native_batch_norm_legit_functional, _bn_functional, "batch", params=("bn",))
 defrule(aten._native_batch_norm_legit_no_training, _bn_no_training, "linear")
-defrule(aten.native_batch_norm, _bn_native, "batch")
+defrule(aten.native_batch_norm, _bn_native, "batch", params=("bn",))
 
 
 def _layer_norm(ts, out, x, normalized_shape, w, b, eps):

@@ -324,8 +324,10 @@ def _aten_twin(op):
     return getattr(torch.ops.aten, op.overloadpacket.__name__, None)
 
 
-def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = None) -> tuple[Any, str]:
-    """Tangent of ``out = op(*args, **kwargs)`` given the inputs' tangents (``None`` = zero).
+def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = None,
+             params: dict | None = None) -> tuple[Any, str]:
+    """Tangent of ``out = op(*args, **kwargs)`` given the inputs' tangents (``None`` = zero); ``params``: what
+    the trace stamped on the node (BatchNorm's ``bn``), passed to a written rule that declares it.
 
     Returns ``(tangent_out, how)`` where ``how`` is the written rule's kind or one of
     :data:`FALLBACK_KINDS`.
@@ -342,9 +344,10 @@ def node_jvp(op, tangents, tkwargs, out, args, kwargs, *, rule: Rule | None = No
     reasons = []
     if rule is not None and (rule.kwarg_tangents or not _any_tangent(tkwargs)):
         try:
+            stamped = {k: params[k] for k in rule.params if params and k in params}
             if rule.kwarg_tangents:
-                return rule.fn(tangents, out, *args, tkwargs=tkwargs or {}, **kwargs), rule.kind
-            return rule.fn(tangents, out, *args, **kwargs), rule.kind
+                return rule.fn(tangents, out, *args, tkwargs=tkwargs or {}, **kwargs, **stamped), rule.kind
+            return rule.fn(tangents, out, *args, **kwargs, **stamped), rule.kind
         except NotImplementedError as e:  # the rule declined these arguments: fall back (and say why, if it did)
             if str(e):
                 reasons.append(f"written rule ({rule.kind}): {str(e).splitlines()[0]}")

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 import torch.utils._pytree as pytree
 
+from ..batchnorm import params_of
 from .registry import RuleError, WithPrimal, collapse_zeros, op_name
 
 __all__ = ["propagate", "tangents_of", "check_tangent"]
@@ -106,7 +107,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, own
     """Evaluate ``graph``'s ``call_function``/``get_attr`` nodes in order, filling ``env`` (primal values)
     and ``tenv`` (tangents, absent = zero) from the placeholders' entries already there.
 
-    ``node_jvp(op, tangents, tkwargs, out, args, kwargs) -> (tangent, how)`` gives one node's tangent
+    ``node_jvp(op, tangents, tkwargs, out, args, kwargs, params=) -> (tangent, how)`` gives one node's tangent
     (:func:`jvpgraph.rules.node_jvp`: the written rule, else the fallback chain, which walks a decomposition
     with this same function — passed in, so that this walk does not import the chain that uses it).
 
@@ -157,7 +158,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, own
         targs = targs if targs is not None else (None,) * len(node.args)
         targs = tuple(targs) + (None,) * (len(node.args) - len(targs))
         try:
-            t, kind = node_jvp(node.target, targs, tkw, out, args, kwargs)
+            t, kind = node_jvp(node.target, targs, tkw, out, args, kwargs, params=params_of(node))
         except RuleError as e:
             trace = node.meta.get("stack_trace")
             raise RuleError(f"{e}\n  at node: {node.format_node()}" + (f"\n  from:\n{trace}" if trace else "")) \

@@ -16,15 +16,12 @@ A missing rule is never a crash: :mod:`jvpgraph.rules.fallback` applies the theo
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import dataclasses
 from typing import Any, Callable, NamedTuple
 
 import torch
 
-__all__ = ["Rule", "RuleError", "RULES", "defrule", "defjvp", "deflinear", "lookup", "options", "current_options",
-           "EDGE_KINDS"]
+__all__ = ["Rule", "RuleError", "RULES", "defrule", "defjvp", "deflinear", "lookup", "EDGE_KINDS"]
 
 #: Kinds of local Jacobian, used to label edges (``jvpgraph draw``) and in reports.
 #: ``elementwise``: a diagonal Jacobian (sigmoid, GELU); ``coupled``: nonlinear and dense along some dimension
@@ -40,6 +37,7 @@ class Rule:
     kind: str
     name: str = "rule"
     kwarg_tangents: bool = False  # fn also takes ``tkwargs=`` (tangents of keyword tensor arguments)
+    params: tuple[str, ...] = ()  # fn also takes these keywords from the node's stamped parameters (``bn``)
 
 
 RULES: dict[Any, Rule] = {}
@@ -86,11 +84,14 @@ def lookup(op) -> Rule | None:
     return rule
 
 
-def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False, override: bool = False):
+def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False, params: tuple[str, ...] = (),
+            override: bool = False):
     """Register ``fn(tangents, out, *args, **kwargs)`` for ``ops``.
 
     With ``kwarg_tangents=True`` it is called with ``tkwargs=`` too: the tangents of keyword tensor arguments
     (an attention mask that depends on the input); otherwise a tangent there sends the op to the fallback.
+    ``params``: keywords ``fn`` takes from what the trace stamped on the node (``("bn",)``: BatchNorm's
+    mode, :mod:`jvpgraph.batchnorm`); an unstamped node passes none (``fn``'s defaults).
     An op that has a rule already is a ValueError unless ``override=True`` (as for :func:`defjvp` and
     :func:`deflinear`).
 
@@ -102,7 +103,7 @@ def defrule(ops, fn: Callable, kind: str, *, kwarg_tangents: bool = False, overr
         'linear'
     """
     assert kind in EDGE_KINDS, kind
-    _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents), override)
+    _register(ops, lambda op: Rule(fn, kind, "defrule", kwarg_tangents, tuple(params)), override)
 
 
 class WithPrimal(NamedTuple):
@@ -204,25 +205,3 @@ def _zeros_if_none(t, x):
     return x
 
 
-# --------------------------------------------------------------------------------------------------
-# Options seen by rules while the flipped graph is built (BatchNorm mode).
-# --------------------------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
-class Options:
-    bn: str = "batch"
-
-
-_OPTIONS: contextvars.ContextVar[Options] = contextvars.ContextVar("jvpgraph_options", default=Options())
-
-
-def current_options() -> Options:
-    return _OPTIONS.get()
-
-
-@contextlib.contextmanager
-def options(**kw):
-    token = _OPTIONS.set(dataclasses.replace(_OPTIONS.get(), **kw))
-    try:
-        yield
-    finally:
-        _OPTIONS.reset(token)
