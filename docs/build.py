@@ -31,7 +31,7 @@ IMG = DOCS / "img"
 API_MODULES = [
     "jvpgraph.api", "jvpgraph.spectral", "jvpgraph.hessian", "jvpgraph.spectra", "jvpgraph.regularizers", "jvpgraph.verify", "jvpgraph.draw",
     "jvpgraph.testing", "jvpgraph.measure", "jvpgraph.graph", "jvpgraph.flip", "jvpgraph.rules.registry",
-    "jvpgraph.rules.attention", "jvpgraph.batchnorm", "jvpgraph.sharded",
+    "jvpgraph.rules.attention", "jvpgraph.batchnorm", "jvpgraph.sharded", "jvpgraph.ops",
     "jvpgraph.experiments.data", "jvpgraph.experiments.models", "jvpgraph.experiments.train",
     "jvpgraph.experiments.runner", "jvpgraph.experiments.robustness", "jvpgraph.experiments.plots",
     "jvpgraph.experiments.meanflow",

@@ -47,7 +47,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .batchnorm import BN_MODES, check_mode, stamp, tracing_state
 from .guards import Guards, function_roots, watch
-from .owned import OwnedTable, collecting, own
+from .ops import OPAQUE, ORIG_APPLY, autograd_function, forward_only
+from .owned import collecting, own
 
 log = logging.getLogger("jvpgraph")
 
@@ -108,108 +109,13 @@ def _linear_symbolic(input, weight, bias=None):
 _TORCH_REWRITES = {torch.nn.functional.ctc_loss: _ctc_loss_tensor_lengths, _F_LINEAR: _linear_symbolic}
 
 
-# --------------------------------------------------------------------------------------------------
-# Custom autograd.Function: one opaque custom op whose backward is the Function's own.
-# --------------------------------------------------------------------------------------------------
-_ORIG_APPLY = torch.autograd.Function.__dict__["apply"]
-# key -> (the Function's class, how to rebuild its arguments from the tensors): owned by the graphs calling it
-_OPAQUE = OwnedTable("autograd.Function")
-
-
-def _orig_apply(cls, *args):
-    return _ORIG_APPLY.__get__(None, cls)(*args)
-
-
-def _flat_outputs(out) -> list[torch.Tensor]:
-    return list(out) if isinstance(out, (tuple, list)) else [out]
-
-
-def _run_opaque(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-    cls, rebuild = _OPAQUE[key]
-    with torch.no_grad():
-        outs = _flat_outputs(_orig_apply(cls, *rebuild(list(inputs))))
-    ptrs = {i.data_ptr() for i in inputs if isinstance(i, torch.Tensor) and not i.is_meta}
-    # a custom op may not return an alias of its input
-    return [o.clone() if (not o.is_meta and o.data_ptr() in ptrs) else o for o in outs]
-
-
-class _ForwardCtx:
-    """Stands in for the autograd ctx when only the structure of a Function's output is wanted."""
-
-    def __init__(self, n):
-        self.needs_input_grad = (False,) * n
-        self.saved_tensors = ()
-
-    def __getattr__(self, name):  # save_for_backward, mark_dirty, set_materialize_grads, ...
-        return lambda *a, **k: None
-
-
-def _forward_only(cls, args):
-    if cls.setup_context is not torch.autograd.Function.setup_context:
-        return cls.forward(*args)
-    return cls.forward(_ForwardCtx(len(args)), *args)
-
-
-@torch.library.custom_op("jvpgraph::autograd_function", mutates_args=())
-def autograd_function(inputs: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-    """Opaque call of a user ``torch.autograd.Function`` (registry key ``key``)."""
-    return _run_opaque(inputs, key)
-
-
-@autograd_function.register_fake
-def _(inputs, key):
-    cls, rebuild = _OPAQUE[key]
-    with torch.no_grad():
-        return [o.clone() for o in _flat_outputs(_forward_only(cls, rebuild(list(inputs))))]
-
-
-def _opaque_setup(ctx, inputs, output):
-    ctx.save_for_backward(*inputs[0])
-    ctx.key = inputs[1]
-
-
-def _opaque_backward(ctx, grads):
-    """Recompute the Function under autograd and run *its* backward on ``grads``."""
-    cls, rebuild = _OPAQUE[ctx.key]
-    inputs = list(ctx.saved_tensors)
-    with torch.enable_grad():
-        leaves = [i.detach().requires_grad_(i.is_floating_point() or i.is_complex()) for i in inputs]
-        outs = _flat_outputs(_orig_apply(cls, *rebuild(leaves)))
-        pairs = [(o, g) for o, g in zip(outs, grads) if g is not None and o.requires_grad]
-        wrt = [l for l in leaves if l.requires_grad]
-        got = iter(
-            torch.autograd.grad(
-                [o for o, _ in pairs], wrt, [g for _, g in pairs],
-                allow_unused=True, create_graph=torch.is_grad_enabled(),
-            )
-            if pairs and wrt else [None] * len(wrt)
-        )
-        res = [next(got) if l.requires_grad else None for l in leaves]
-    return [torch.zeros_like(i) if r is None else r for i, r in zip(inputs, res)], None
-
-
-autograd_function.register_autograd(_opaque_backward, setup_context=_opaque_setup)
-_OPAQUE.bind(torch.ops.jvpgraph.autograd_function.default, key_arg=1)
-
-
-@autograd_function.register_vmap
-def _opaque_vmap(info, in_dims, inputs, key):
-    """Under ``torch.vmap`` inside the traced function: the Function once per slice of the batch, outputs
-    stacked. That is vmap's definition, so it holds for any Function (the trace records one opaque node
-    per slice; a Function's own ``vmap`` staticmethod or ``generate_vmap_rule`` is not needed)."""
-    dims = in_dims[0]
-    per_slice = [autograd_function([x if d is None else x.select(d, i) for x, d in zip(inputs, dims)], key)
-                 for i in range(info.batch_size)]
-    return [torch.stack(outs) for outs in zip(*per_slice)], [0] * len(per_slice[0])
-
-
 def _is_user_function(cls) -> bool:
     mod = getattr(cls, "__module__", "") or ""
     return not (mod.startswith("torch.") or mod == "torch")
 
 
 def _inline_forward(cls, *args):
-    return _forward_only(cls, args)
+    return forward_only(cls, args)
 
 
 def _inline_checkpoint(cls, run_function, preserve_rng_state, *args):
@@ -273,7 +179,7 @@ def _opaque_autograd_functions():
     def route(cls, args, kwargs):
         inline = _INLINED.get(f"{getattr(cls, '__module__', '')}.{getattr(cls, '__qualname__', '')}")
         if not torch._C._are_functorch_transforms_active() and (inline is not None or not _is_user_function(cls)):
-            return _ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
+            return ORIG_APPLY.__get__(None, cls)(*args, **kwargs)
         if inline is not None:
             return inline(cls, *args, **kwargs)
         args = _positional(cls, args, kwargs)
@@ -290,9 +196,9 @@ def _opaque_autograd_functions():
                 items[i] = t
             return pytree.tree_unflatten(items, spec)
 
-        key = _OPAQUE.add((cls, rebuild))
+        key = OPAQUE.add((cls, rebuild))
         with disable_proxy_modes_tracing(), torch.no_grad():  # learn the output structure, record nothing
-            single = isinstance(_forward_only(cls, rebuild(tensors)), torch.Tensor)
+            single = isinstance(forward_only(cls, rebuild(tensors)), torch.Tensor)
         outs = autograd_function(tensors, key)
         return outs[0] if single else tuple(outs)
 
@@ -306,7 +212,7 @@ def _opaque_autograd_functions():
         yield
     finally:
         setattr(function_mod, hook, orig)
-        torch.autograd.Function.apply = _ORIG_APPLY
+        torch.autograd.Function.apply = ORIG_APPLY
 
 
 # --------------------------------------------------------------------------------------------------

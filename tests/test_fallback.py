@@ -442,16 +442,16 @@ def test_side_tables_are_freed_with_the_graphs_that_use_them(monkeypatch, withou
     import gc
 
     from conftest import Twice
-    from jvpgraph.trace import _OPAQUE
+    from jvpgraph.ops import FORWARD_AD_NODES, OPAQUE
 
     _only(monkeypatch, "forward-ad")
     without_rule(aten.tanh)
     f = lambda a: torch.tanh(Twice.apply(a))  # noqa: E731
     x, v = rn(3, 5, seed=0), rn(3, 5, seed=1)
     gc.collect()
-    before = len(_OPAQUE), len(fallback._FORWARD_AD_NODES)
+    before = len(OPAQUE), len(FORWARD_AD_NODES)
     traced = jvpgraph.trace(f, x)
-    assert len(_OPAQUE) > before[0] and len(fallback._FORWARD_AD_NODES) > before[1]  # both tables were used
+    assert len(OPAQUE) > before[0] and len(FORWARD_AD_NODES) > before[1]  # both tables were used
     module = copy.deepcopy(traced.flipped.module)
     del traced
     gc.collect()
@@ -459,4 +459,4 @@ def test_side_tables_are_freed_with_the_graphs_that_use_them(monkeypatch, withou
     torch.testing.assert_close(module(x, v)[1], ref[1], **F64)  # the copy owns the entries it calls
     del module
     gc.collect()
-    assert (len(_OPAQUE), len(fallback._FORWARD_AD_NODES)) == before
+    assert (len(OPAQUE), len(FORWARD_AD_NODES)) == before

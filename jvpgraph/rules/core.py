@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from ..ops import norm_stats
 from . import attention
 from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, defjvp, deflinear,
                        defrule)
@@ -536,76 +537,11 @@ defrule(aten.var.correction, lambda ts, out, x, dim=None, **k: _var_mean(ts, out
 defrule(aten.std.correction,
         lambda ts, out, x, dim=None, **k: _var_mean(ts, out, x, dim, **k)[0] / (2 * out), "coupled")
 
-# ------------------------------------------------------------------ constants for autograd
-@torch.library.custom_op("jvpgraph::constant", mutates_args=())
-def constant(x: torch.Tensor) -> torch.Tensor:
-    """``x`` as a constant for autograd (no gradient flows back through it), as an op ``make_fx`` keeps.
-
-    The emitted flipped graph uses it where the model detached a value or computed it under
-    ``torch.no_grad()``. ``aten.detach`` cannot serve: ``make_fx`` records it as ``alias`` (torch 2.14), and
-    must, because autograd's own saved tensors are detached that way while the flipped VJP is traced.
-
-    Example:
-        >>> import torch
-        >>> w = torch.ones(2, requires_grad=True)
-        >>> (constant(w * 3) * w).sum().backward()
-        >>> w.grad
-        tensor([3., 3.])
-    """
-    return x.clone()
-
-
-@constant.register_fake
-def _(x):
-    return torch.empty_like(x)
-
-
-constant.register_autograd(lambda ctx, g: None, setup_context=lambda ctx, inputs, output: None)
+# ------------------------------------------------------------------ constants for autograd (jvpgraph.ops)
 defrule(torch.ops.jvpgraph.constant, lambda tangents, out, x: None, "structural")
 
 
 # ------------------------------------------------------------------ normalization
-@torch.library.custom_op("jvpgraph::norm_stats", mutates_args=())
-def norm_stats(x: torch.Tensor, mean: torch.Tensor, rstd: torch.Tensor, dims: list[int]) -> tuple[
-        torch.Tensor, torch.Tensor]:
-    """The statistics a normalization kernel returned (``mean``, ``rstd = (var + eps)^-1/2`` of ``x`` over
-    ``dims``, shaped to broadcast against ``x``), made differentiable in ``x``.
-
-    The kernels return them as outputs autograd does not differentiate: a tangent built on them is right as a
-    value, yet its gradient with respect to the parameters (what a Jacobian penalty trains with) would miss how
-    the statistics move (measured: the spectral penalty's gradient for the weights feeding a train-mode
-    BatchNorm was off by 80-180%). Recomputing them costs a pass over ``x`` (``var_mean`` over the last
-    dimension took 4x LayerNorm itself here); this op copies the kernel's numbers and carries their gradient,
-    ``d mean = mean(dx)``, ``d rstd = -rstd³ mean((x - mean) dx)``, computed only when a backward asks.
-    """
-    return mean.clone(), rstd.clone()
-
-
-@norm_stats.register_fake
-def _(x, mean, rstd, dims):
-    return torch.empty_like(mean), torch.empty_like(rstd)
-
-
-def _norm_stats_setup(ctx, inputs, output):
-    x, _, _, dims = inputs
-    ctx.save_for_backward(x, *output)
-    ctx.dims = dims
-
-
-def _norm_stats_backward(ctx, g_mean, g_rstd):
-    x, mean, rstd = ctx.saved_tensors
-    n = 1
-    for d in ctx.dims:
-        n *= x.shape[d]
-    gx = torch.zeros_like(x)
-    if g_mean is not None:
-        gx = gx + g_mean / n
-    if g_rstd is not None:
-        gx = gx - (g_rstd * rstd * rstd * rstd / n) * (x - mean)
-    return gx, None, None, None
-
-
-norm_stats.register_autograd(_norm_stats_backward, setup_context=_norm_stats_setup)
 
 
 def _stats_tangents(t, xc, rstd, dims, keepdim):

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 import torch.utils._pytree as pytree
 
-from ..owned import OwnedTable
+from ..ops import FORWARD_AD_NODES, diffable, fill, forward_ad_node
 from .propagate import propagate
 from .registry import Rule, RuleError, lookup, op_name
 
@@ -39,10 +39,6 @@ log = logging.getLogger("jvpgraph")
 
 def _is_tensor(x):
     return isinstance(x, torch.Tensor)
-
-
-def _diffable(x):
-    return _is_tensor(x) and (x.is_floating_point() or x.is_complex())
 
 
 def _any_tangent(ts) -> bool:
@@ -96,10 +92,7 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
 
     def decomposed(*tensors):
-        items = list(flat)
-        for i, t in zip(tpos, tensors):
-            items[i] = t
-        a, k = pytree.tree_unflatten(items, spec)
+        a, k = fill(flat, spec, (tpos, tensors))
         res = fn(*a, **k)
         if res is NotImplemented:
             raise NotImplementedError("decomposition declined these arguments")
@@ -140,89 +133,22 @@ def _via_decomposition(op, tangents, tkwargs, out, args, kwargs):
 def _split(args, kwargs, tangents, tkwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
     tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
-    pos = [i for i, (x, t) in enumerate(zip(flat, tflat)) if t is not None and _diffable(x)]
+    pos = [i for i, (x, t) in enumerate(zip(flat, tflat)) if t is not None and diffable(x)]
 
     def call(op, *vals):
-        items = list(flat)
-        for i, v in zip(pos, vals):
-            items[i] = v
-        a, k = pytree.tree_unflatten(items, spec)
+        a, k = fill(flat, spec, (pos, vals))
         return op(*a, **k)
 
     return call, [flat[i] for i in pos], [tflat[i] for i in pos]
 
 
 def _float_outputs(out):
-    return [o if _diffable(o) else None for o in pytree.tree_leaves(out)]
+    return [o if diffable(o) else None for o in pytree.tree_leaves(out)]
 
 
 def _rebuild_like(out, flat_tangents):
     leaves, spec = pytree.tree_flatten(out)
     return pytree.tree_unflatten(list(flat_tangents), spec)
-
-
-# op, the (args, kwargs) spec with tensor slots, which tensor slots carry a tangent: one entry per node, owned by
-# the graphs that call it
-_FORWARD_AD_NODES = OwnedTable("forward-AD node")
-
-
-def _forward_ad_call(key, tensors, tangents):
-    op, flat, spec, tpos, dpos, _ = _FORWARD_AD_NODES[key]
-
-    def f(*d):
-        items = list(flat)
-        for i, t in zip(tpos, tensors):
-            items[i] = t
-        for i, t in zip(dpos, d):
-            items[i] = t
-        a, k = pytree.tree_unflatten(items, spec)
-        return tuple(o for o in pytree.tree_leaves(op(*a, **k)) if _diffable(o))
-
-    diff = [tensors[tpos.index(i)] for i in dpos]
-    return list(torch.func.jvp(f, tuple(diff), tuple(tangents))[1])
-
-
-@torch.library.custom_op("jvpgraph::forward_ad_node", mutates_args=())
-def forward_ad_node(tensors: list[torch.Tensor], tangents: list[torch.Tensor], key: int) -> list[torch.Tensor]:
-    """Run PyTorch's forward-AD formula of one node (registry ``key``) when the flipped graph runs."""
-    return [t.clone() for t in _forward_ad_call(key, tensors, tangents)]
-
-
-@forward_ad_node.register_fake
-def _(tensors, tangents, key):
-    shapes = _FORWARD_AD_NODES[key][5]
-    dev = tensors[0].device
-    return [torch.empty(sh, dtype=dt, device=dev) for sh, dt in shapes]
-
-
-def _forward_ad_node_setup(ctx, inputs, output):
-    tensors, tangents, key = inputs
-    ctx.n, ctx.key = len(tensors), key
-    # which inputs autograd wants a gradient for (a constant such as pinv's rtol must not be asked)
-    ctx.wanted = [t.requires_grad for t in (*tensors, *tangents)]
-    ctx.save_for_backward(*tensors, *tangents)
-
-
-def _forward_ad_node_backward(ctx, grads):
-    # the gradient of the node's tangent in its inputs (what a Jacobian penalty trains with, through an op
-    # with no rule): reverse mode over PyTorch's forward-AD formula. Without it autograd refused with
-    # "no autograd formula was registered" (linalg.pinv, angle; the second-order OpInfo sweep).
-    saved = ctx.saved_tensors
-    tensors, tangents = saved[:ctx.n], saved[ctx.n:]
-    with torch.enable_grad():
-        ts = [t.detach().requires_grad_(w and _diffable(t)) for t, w in zip(tensors, ctx.wanted)]
-        ds = [d.detach().requires_grad_(w) for d, w in zip(tangents, ctx.wanted[ctx.n:])]
-        outs = _forward_ad_call(ctx.key, ts, ds)
-        pairs = [(o, g if g is not None else torch.zeros_like(o)) for o, g in zip(outs, grads) if o.requires_grad]
-        wrt = [t for t in [*ts, *ds] if t.requires_grad]
-        got = iter(torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
-                   if pairs else [None] * len(wrt))
-    res = [next(got) if t.requires_grad else None for t in [*ts, *ds]]
-    return res[:ctx.n], res[ctx.n:], None
-
-
-forward_ad_node.register_autograd(_forward_ad_node_backward, setup_context=_forward_ad_node_setup)
-_FORWARD_AD_NODES.bind(torch.ops.jvpgraph.forward_ad_node.default, key_arg=2)
 
 
 def _check_forward_ad(op, flat, spec, tpos, dpos, tensors, tangents):
@@ -233,15 +159,11 @@ def _check_forward_ad(op, flat, spec, tpos, dpos, tensors, tangents):
     import torch.autograd.forward_ad as fwAD
 
     with fwAD.dual_level():
-        items = list(flat)
-        for i, t in zip(tpos, tensors):
-            items[i] = t
-        for i, t in zip(dpos, tangents):
-            items[i] = fwAD.make_dual(items[i], t)
-        a, k = pytree.tree_unflatten(items, spec)
+        duals = [fwAD.make_dual(tensors[tpos.index(i)], t) for i, t in zip(dpos, tangents)]
+        a, k = fill(flat, spec, (tpos, tensors), (dpos, duals))
         res = op(*a, **k)
         for o in pytree.tree_leaves(res):
-            if _diffable(o) and fwAD.unpack_dual(o).tangent is None:
+            if diffable(o) and fwAD.unpack_dual(o).tangent is None:
                 raise NotImplementedError("PyTorch's forward AD gives no tangent for this op")
 
 
@@ -251,10 +173,10 @@ def _via_forward_ad(op, tangents, tkwargs, out, args, kwargs):
     flat, spec = pytree.tree_flatten((args, kwargs))
     tflat = _aligned_tangents(args, kwargs, tangents, tkwargs)
     tpos = [i for i, x in enumerate(flat) if _is_tensor(x)]
-    dpos = [i for i in tpos if tflat[i] is not None and _diffable(flat[i])]
+    dpos = [i for i in tpos if tflat[i] is not None and diffable(flat[i])]
     shapes = [(o.shape, o.dtype) for o in _float_outputs(out) if o is not None]
     skeleton = [None if i in tpos else a for i, a in enumerate(flat)]  # tensor slots are filled at every call
-    key = _FORWARD_AD_NODES.add((op, skeleton, spec, tpos, dpos, shapes))
+    key = FORWARD_AD_NODES.add((op, skeleton, spec, tpos, dpos, shapes))
     # Does PyTorch have a forward-AD formula for this op? Ask on meta tensors now (outside the trace),
     # so a missing one is reported at emission, with the op's name, not when the graph runs.
     from torch._subclasses.fake_tensor import unset_fake_temporarily
@@ -278,7 +200,7 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
     with torch.enable_grad():
         leaves = [p.detach().requires_grad_(True) for p in primals]
         res = call(op, *leaves)
-        outs = [o for o in pytree.tree_leaves(res) if _diffable(o) and o.requires_grad]
+        outs = [o for o in pytree.tree_leaves(res) if diffable(o) and o.requires_grad]
         if not outs:
             raise NotImplementedError("autograd recorded no derivative for this op")
         # the backward is linear in w, so any w gives the same Jv; ones, not zeros, because some backwards
@@ -300,7 +222,7 @@ def _via_flipped_vjp(op, tangents, tkwargs, out, args, kwargs):
     it = iter(jv)
     flat = []
     for o in pytree.tree_leaves(res):
-        flat.append(next(it) if (_diffable(o) and o.requires_grad) else None)
+        flat.append(next(it) if (diffable(o) and o.requires_grad) else None)
     return _rebuild_like(out, flat)
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.autograd.forward_ad as fwAD
 
-from ..trace import _OPAQUE, _flat_outputs, _orig_apply
+from ..ops import OPAQUE, flat_outputs, orig_apply
 from .fallback import _via_flipped_vjp
 from .registry import defrule
 
@@ -22,12 +22,12 @@ def _defines_jvp(cls) -> bool:
 
 
 def _opaque_rule(tangents, out, inputs, key):
-    cls, rebuild = _OPAQUE[key]
+    cls, rebuild = OPAQUE[key]
     tin = tangents[0] if tangents and tangents[0] is not None else [None] * len(inputs)
     if _defines_jvp(cls):
         with fwAD.dual_level():
             duals = [x if t is None else fwAD.make_dual(x, t) for x, t in zip(inputs, tin)]
-            outs = _flat_outputs(_orig_apply(cls, *rebuild(duals)))
+            outs = flat_outputs(orig_apply(cls, *rebuild(duals)))
             return [fwAD.unpack_dual(o).tangent for o in outs]
     try:
         return _via_flipped_vjp(_OP, (tin, None), {}, out, (inputs, key), {})

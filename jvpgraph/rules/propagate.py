@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.utils._pytree as pytree
 
 from ..batchnorm import params_of
+from ..ops import constant as as_constant
 from .registry import RuleError, WithPrimal, collapse_zeros, op_name
 
 __all__ = ["propagate", "tangents_of", "check_tangent"]
@@ -113,7 +114,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, own
 
     ``active(node)`` false skips a node's tangent (pruned: off every input -> output path); ``how`` gets,
     per node name, where its local Jacobian came from; ``constant(node)`` true passes the node's value through
-    :func:`~jvpgraph.rules.core.constant` (no gradient flows back through it: what the user detached or
+    :func:`~jvpgraph.ops.constant` (no gradient flows back through it: what the user detached or
     computed under ``torch.no_grad()``).
 
     Example:
@@ -126,7 +127,6 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, own
         >>> propagate(g, env, tenv, node_jvp=node_jvp)
         >>> torch.testing.assert_close(tenv[y], torch.cos(env[x]))
     """
-    from .core import constant as as_constant
 
     declared_zero: dict[fx.Node, set[int]] = {}  # outputs PyTorch's formulas gave no tangent (see below)
     for node in graph.nodes:
