@@ -21,7 +21,7 @@ from .guards import global_state
 from .rules import RuleError
 from . import sharded
 from .batchnorm import check_mode, holds_frozen_statistics
-from .trace import TraceError, TracedProgram, _data_dependent, _eager_error, trace_program
+from .trace import TraceError, TracedProgram, _eager_error, trace_and_build
 
 __all__ = ["Traced", "Linearized", "trace", "cached_trace", "jvp", "linearize", "vjp", "explain"]
 
@@ -492,25 +492,18 @@ class Traced:
     def _trace(self, inputs, flat_in, dynamic=None) -> _Compiled:
         """A new trace at ``inputs`` (its program, graph, flip); ``dynamic``: the dimensions to keep
         symbolic (any failure raises: the caller traces at fixed sizes instead)."""
-        prog = trace_program(self.f, inputs, bn=self.bn, dynamic=dynamic)
         wrt = self.wrt
         if wrt is not None:
             for i in wrt:
                 if i >= len(flat_in) or not flat_in[i].is_floating_point():
                     raise ValueError(f"wrt={wrt}: input {i} is not a floating-point tensor input")
         try:
-            hit = _Compiled(Graph(prog, wrt), self.compile)
+            return trace_and_build(self.f, inputs, lambda prog: _Compiled(Graph(prog, wrt), self.compile),
+                                   bn=self.bn, dynamic=dynamic, final=(RuleError,))
         except RuleError:
             if dynamic is None:
                 _raise_if_eager_fails(self.f, self._name, inputs)
             raise
-        except Exception as e:  # noqa: BLE001
-            if dynamic is not None or prog.values is not None or not _data_dependent(e):
-                raise
-            # the walk of the flipped graph met a size that depends on values: trace on the values
-            prog = trace_program(self.f, inputs, bn=self.bn, specialize=e)
-            hit = _Compiled(Graph(prog, wrt), self.compile)
-        return hit
 
     def _state(self, updated: Sequence[str] = (), walk=None) -> list[torch.Tensor]:
         """Parameters and buffers as the trace takes them; the buffers named in ``updated`` as copies."""

@@ -32,7 +32,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .graph import Graph
 from .owned import collecting, own
 from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
-                    grad_enabled)
+                    grad_enabled, name_placeholders)
 from .rules import node_jvp
 from .rules.propagate import propagate
 
@@ -311,10 +311,7 @@ class FlippedGraph:
             own(gm.graph)  # the custom ops' state (forward-AD nodes made here, the Functions traced)
         names = [n.name for n in prog.placeholders]
         names += ["v" if len(self.graph.wrt) == 1 else f"v{i}" for i in self.graph.wrt]
-        phs = [n for n in gm.graph.nodes if n.op == "placeholder"]
-        for node, name in zip(phs, names):
-            node._rename(name)
-            node.target = node.name
+        name_placeholders(gm.graph, names)
         gm.graph.eliminate_dead_code(is_impure_node=_is_impure)
         _prune_output_masks(gm.graph)
         _differentiable_copies(gm.graph)

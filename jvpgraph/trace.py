@@ -715,17 +715,55 @@ def _scatters_a_permutation(user: fx.Node, empty: fx.Node) -> bool:
             and tuple(index.meta["val"].shape) == tuple(val.shape))
 
 
-def _data_dependent(e: BaseException) -> bool:
-    """Did fake tracing fail because a shape or a branch depends on tensor values?"""
-    text = type(e).__name__ + str(e)
+# --------------------------------------------------------------------------------------------------
+# What PyTorch's errors say, read in one place
+# --------------------------------------------------------------------------------------------------
+def _size_from_tensor(e: BaseException, text: str) -> bool:
     # a 0-d tensor passed as a size (torch.zeros(n, batch_sizes[0]) in nn.GRU over a PackedSequence): eager
     # reads its value; PyTorch's argument parser turns the fake tensor's refusal into this TypeError
-    size_from_tensor = isinstance(e, TypeError) and "failed to unpack" in text and "got Tensor" in text
+    return isinstance(e, TypeError) and "failed to unpack" in text and "got Tensor" in text
+
+
+def _unbacked_broadcast(e: BaseException, text: str) -> bool:
     # a size only the values know (u0: masked_select's length) meeting a fixed one in a broadcast
-    unbacked_broadcast = "broadcast" in text and re.search(r"\bof length u\d+\b", text) is not None
-    return size_from_tensor or unbacked_broadcast or any(
+    return "broadcast" in text and re.search(r"\bof length u\d+\b", text) is not None
+
+
+def _says(*phrases: str, runtime_only: bool = False) -> Callable[[BaseException, str], bool]:
+    return lambda e, text: (not runtime_only or isinstance(e, RuntimeError)) and any(p in text for p in phrases)
+
+
+#: The kinds of failure a trace meets, each with how PyTorch's error shows it (tested on ``"TypeName: message"``,
+#: first match wins). :func:`_next_attempt` reads the first three to choose the next attempt, the trace's
+#: fake→real policy reads ``data-dependent``, and :func:`_trace_error` the rest to say what to do.
+_PYTORCH_ERRORS: tuple[tuple[str, Callable[[BaseException, str], bool]], ...] = (
+    # the function writes into a parameter or an input (x.mul_(2), F.embedding's max_norm renorm)
+    ("writes-into-input", _says("leaf Variable that requires grad is being used in an in-place operation",
+                                runtime_only=True)),
+    # functionalization refused to write a traced value into a tensor computed from constants only
+    ("non-functional-write", _says(_NON_FUNCTIONAL_WRITE, runtime_only=True)),
+    # an op refuses to differentiate an input (a running statistic passed as an input, multi_margin_loss's weight)
+    ("input-not-differentiable", _says("is not differentiable with respect to argument", runtime_only=True)),
+    ("old-style-function", _says("setup_context")),
+    ("dtype-not-differentiable", _says("does not support automatic differentiation")),
+    ("data-dependent", lambda e, text: _size_from_tensor(e, text) or _unbacked_broadcast(e, text) or any(
         k in text for k in ("DataDependent", "data-dependent", "data dependent", "DynamicOutputShape",
-                            "GuardOnDataDependentSymNode"))
+                            "GuardOnDataDependentSymNode"))),
+    ("fake-only", lambda e, text: any(k in type(e).__name__ for k in ("Fake", "Unsupported", "DynamicOutputShape",
+                                                                      "DataDependent", "GuardOn"))),
+)
+
+
+def _classify(e: BaseException) -> str | None:
+    """The kind of ``e`` in :data:`_PYTORCH_ERRORS` (``None``: none of them)."""
+    text = type(e).__name__ + ": " + str(e)
+    return next((kind for kind, test in _PYTORCH_ERRORS if test(e, text)), None)
+
+
+def _data_dependent(e: BaseException) -> bool:
+    """Did fake tracing fail because a shape or a branch depends on tensor values? (Whatever else the message
+    says: this is the kind the fake→real policy acts on.)"""
+    return dict(_PYTORCH_ERRORS)["data-dependent"](e, type(e).__name__ + ": " + str(e))
 
 
 def _refunctionalize(gm: fx.GraphModule, example: list, mode: str = "fake") -> fx.GraphModule:
@@ -906,6 +944,35 @@ def trace_program(f: Callable, inputs: tuple, *, bn: str = "batch",
     return prog
 
 
+def trace_and_build(f: Callable, inputs: tuple, build: Callable[[TracedProgram], Any], *, bn: str = "batch",
+                    dynamic=None, final: tuple[type[BaseException], ...] = ()):
+    """``build(trace_program(f, inputs))``, with the fake→real policy's last step: when ``build`` (emitting the
+    flipped graph) meets a size that depends on values in a trace on fake tensors, ``f`` is traced again on
+    the real values and built again. Errors of the types in ``final`` are raised as they are.
+
+    Example:
+        >>> import torch
+        >>> f = lambda x: x[x > 0].exp()  # its output's size depends on x's values
+        >>> def build(prog):  # stands for emitting the flipped graph: it needs the output's size as a number
+        ...     out = next(n for n in prog.gm.graph.nodes if n.op == "output").args[0][0]
+        ...     return int(out.meta["val"].shape[0]), prog.values is not None
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # the warning says the trace holds for these values only
+        ...     trace_and_build(f, (torch.tensor([1.0, -2.0, 3.0]),), build)
+        (2, True)
+    """
+    prog = trace_program(f, inputs, bn=bn, dynamic=dynamic)
+    try:
+        return build(prog)
+    except final:
+        raise
+    except Exception as e:  # noqa: BLE001
+        if dynamic is not None or prog.values is not None or not _data_dependent(e):
+            raise
+        return build(trace_program(f, inputs, bn=bn, specialize=e))
+
+
 def _trace_program_keeping_buffers(f, inputs, *, bn, specialize, dynamic) -> TracedProgram:
     if isinstance(f, nn.Module):
         return _trace_program(f, inputs, bn=bn, specialize=specialize, dynamic=dynamic)
@@ -926,255 +993,255 @@ def _trace_program_keeping_buffers(f, inputs, *, bn, specialize, dynamic) -> Tra
                     b.copy_(was)
 
 
-def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize: BaseException | None = None,
-                   dynamic=None) -> TracedProgram:
-    bn = check_mode(bn).value
-    module = f if isinstance(f, nn.Module) else None
-    params = dict(module.named_parameters()) if module is not None else {}
-    buffers = dict(module.named_buffers()) if module is not None else {}
-    flat_in, in_spec = pytree.tree_flatten(inputs)
-    for i, a in enumerate(flat_in):
-        if not isinstance(a, torch.Tensor):
-            raise TypeError(
-                f"input {i} is a {type(a).__name__}; jvpgraph traces tensor inputs only. "
-                "Bind non-tensor arguments with functools.partial or a lambda."
-            )
-    P, B = len(params), len(buffers)
-    # each (module, attribute) holding a parameter or buffer, once, by its first name: a parameter shared by
-    # two modules (weight tying) has one slot in each; a module used twice has its slots once
-    slots = [] if module is None else [
-        (f"{prefix}.{name}" if prefix else name, t) for prefix, m in module.named_modules()
-        for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None]
-    out_spec_box: list = []
-    originals_box: list = []  # what tracing_state changed on the model, for the guards
-    guards_box: list = []  # the guards of the last traced call
-    module_stack: list[str] = []
+@dataclasses.dataclass(frozen=True)
+class _Attempt:
+    """How one ``make_fx`` run of the function is set up. :func:`_trace_program` starts from the first and
+    :func:`_next_attempt` turns one knob per failure, as PyTorch's error asks."""
 
-    def flat_fn(*flat):
+    mode: str = "fake"  # "fake", "symbolic" (sizes as symbols: ``dynamic=``) or "real" (on the values)
+    #: parameters and inputs cloned first: the function writes into them, and is traced as if it had cloned them
+    on_copies: bool = False
+    #: inputs require grad, so PyTorch picks differentiable kernels (not ``_embedding_bag_forward_only``)
+    inputs_require_grad: bool = True
+    #: ``torch.compiler.is_compiling()`` True, as torch.export traces (see :func:`_graph_capture`)
+    as_captured: bool = False
+    #: tensors computed from constants only made functional (see :func:`_lift_constants`)
+    lift_constants: bool = False
+
+
+def _next_attempt(a: _Attempt, e: BaseException) -> _Attempt | None:
+    """The attempt that answers ``e`` (one knob turned), or ``None``: ``e`` is the trace's answer."""
+    kind = _classify(e)
+    if kind == "non-functional-write" and not a.lift_constants:
+        return dataclasses.replace(a, lift_constants=True)
+    if kind == "input-not-differentiable" and a.inputs_require_grad:
+        # trace with inputs not requiring grad: the input's tangent goes through the op's rule, or the fallback
+        # says which op cannot take it
+        return dataclasses.replace(a, inputs_require_grad=False)
+    if kind == "writes-into-input" and not a.on_copies:
+        return dataclasses.replace(a, on_copies=True)  # what it wrote is never written back
+    return None
+
+
+class _Tracer:
+    """``make_fx`` over ``torch.func.functionalize`` of one call of ``f``, with its parameters, buffers and
+    flattened inputs as the graph's inputs; :meth:`run` is one attempt, and keeps what the run recorded
+    (the output's structure, the guards, the BatchNorm layers whose update is dropped)."""
+
+    def __init__(self, f: Callable, inputs: tuple, bn: str):
+        self.f, self.bn = f, bn
+        self.name = getattr(f, "__qualname__", type(f).__name__)
+        self.module = f if isinstance(f, nn.Module) else None
+        self.params = dict(self.module.named_parameters()) if self.module is not None else {}
+        self.buffers = dict(self.module.named_buffers()) if self.module is not None else {}
+        self.flat_in, self.in_spec = pytree.tree_flatten(inputs)
+        for i, a in enumerate(self.flat_in):
+            if not isinstance(a, torch.Tensor):
+                raise TypeError(f"input {i} is a {type(a).__name__}; jvpgraph traces tensor inputs only. "
+                                "Bind non-tensor arguments with functools.partial or a lambda.")
+        self.P, self.B = len(self.params), len(self.buffers)
+        # each (module, attribute) holding a parameter or buffer, once, by its first name: a parameter shared by
+        # two modules (weight tying) has one slot in each; a module used twice has its slots once
+        self.slots = [] if self.module is None else [
+            (f"{prefix}.{name}" if prefix else name, t) for prefix, m in self.module.named_modules()
+            for name, t in [*m._parameters.items(), *m._buffers.items()] if t is not None]
+        self.out_spec = None
+        self.originals: dict = {}  # what tracing_state changed on the model, for the guards
+        self.guards = Guards([])  # the guards of the last traced call
+        self.momentum_none: list[str] = []  # momentum=None BatchNorm layers (their update is dropped)
+        self._module_stack: list[str] = []
+        self._attempt = _Attempt()
+
+    def example(self, dynamic=None) -> list[torch.Tensor]:
+        """The graph's example inputs: parameters, buffers, inputs (fake with symbolic sizes for ``dynamic``)."""
+        example = [p.detach().requires_grad_(p.is_floating_point()) for p in self.params.values()]
+        example += [b.detach() for b in self.buffers.values()]
+        example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in self.flat_in]
+        return example if dynamic is None else _fakify_dynamic(example, self.P + self.B, dynamic)
+
+    def run(self, a: _Attempt, example: list) -> fx.GraphModule:
+        """One trace as ``a`` says, on ``example`` (inputs detached first when ``a`` asks)."""
+        n = self.P + self.B
+        if not a.inputs_require_grad:
+            example = example[:n] + [t.detach() for t in example[n:]]
+        self._attempt = a
+        self.momentum_none.clear()
+        token = _LIFT_CONSTANTS.set(a.lift_constants)
+        try:
+            with tracing_state(self.module, self.bn, self.momentum_none) as originals, \
+                    _opaque_autograd_functions(), _rng_untouched(self.f, draws=a.mode == "real"), \
+                    _conv_backend_unguarded(example), _graph_capture(a.as_captured):
+                self.originals = originals
+                return make_fx(
+                    torch.func.functionalize(self._flat_fn, remove="mutations"),
+                    decomposition_table=_DECOMPOSITIONS, tracing_mode=a.mode, _allow_non_fake_inputs=True,
+                    record_stack_traces=True,
+                    # on real values, a value read (.item(), a branch on x.sum() > 0, aten.equal in cov's
+                    # checks) becomes a constant of this trace: the trace is specialized to these values anyway
+                    _error_on_data_dependent_ops=a.mode != "real",
+                )(*example)
+        finally:
+            _LIFT_CONSTANTS.reset(token)
+
+    def run_until_answered(self, a: _Attempt, example: list) -> tuple[fx.GraphModule, _Attempt]:
+        """:meth:`run`, then again with each knob :func:`_next_attempt` turns, until a trace succeeds (returned
+        with the attempt that made it) or an error has no next attempt (raised)."""
+        written = None  # where the function wrote into its inputs
+        while True:
+            try:
+                gm = self.run(a, example)
+                break
+            except Exception as e:  # noqa: BLE001 - re-raised unless an attempt answers it
+                nxt = _next_attempt(a, e)
+                if nxt is None:
+                    raise
+                if nxt.on_copies and not a.on_copies:
+                    written = _user_frame(e)
+                a = nxt
+        if written is not None:
+            warnings.warn(f"jvpgraph: {self.name} writes in place into its parameters or inputs" +
+                          ("" if written.startswith("<unknown") else f"\n  at {written}") +
+                          "\n  jvpgraph computes on copies and does not write into what it is given (outputs and Jv "
+                          "are those of the function on its values)", stacklevel=5)
+        return gm, a
+
+    def _flat_fn(self, *flat):
         # the function runs as if called with gradients on: only torch.no_grad() blocks *inside* it are
         # constants for Jv, never the caller's mode around jvpgraph (a trace made under no_grad would be 0)
         box = [True]
         # the Python attributes the call reads become the trace's guards; what it writes is put back
-        roots = [module] if module is not None else function_roots(f)
-        with torch.enable_grad(), _RecordGradMode(box, module_stack), _SampleGradMode(box), \
-                _module_hooks(module, module_stack), \
-                watch(roots, originals_box[-1] if originals_box else {}, None if module is not None else f) as rec:
-            out = _call(*flat)
-        guards_box[:] = [rec.guards()]
+        roots = [self.module] if self.module is not None else function_roots(self.f)
+        with torch.enable_grad(), _RecordGradMode(box, self._module_stack), _SampleGradMode(box), \
+                _module_hooks(self.module, self._module_stack), \
+                watch(roots, self.originals, None if self.module is not None else self.f) as rec:
+            out = self._call(*flat)
+        self.guards = rec.guards()
         return out
 
-    copies = [False]  # trace on copies of the parameters and inputs (the function writes into them)
-
-    def _call(*flat):
-        if copies[0]:
+    def _call(self, *flat):
+        P, B = self.P, self.B
+        if self._attempt.on_copies:
             flat = [t.clone() for t in flat[:P]] + list(flat[P:P + B]) + [t.clone() for t in flat[P + B:]]
-        by_id = dict(zip((id(t) for t in [*params.values(), *buffers.values()]), flat[:P + B]))
-        state = {name: by_id[id(t)] for name, t in slots}
-        args = pytree.tree_unflatten(list(flat[P + B:]), in_spec)
-        if module is not None:
+        by_id = dict(zip((id(t) for t in [*self.params.values(), *self.buffers.values()]), flat[:P + B]))
+        state = {name: by_id[id(t)] for name, t in self.slots}
+        args = pytree.tree_unflatten(list(flat[P + B:]), self.in_spec)
+        if self.module is not None:
             # strict=False: `slots` names every (module, attribute) once, which is all there is to replace;
             # strict=True would also want the other names of a module used twice, and PyTorch's
             # reparametrization then restores that module's attributes to the traced values
-            out = torch.func.functional_call(module, state, args, strict=False, tie_weights=False)
+            out = torch.func.functional_call(self.module, state, args, strict=False, tie_weights=False)
         else:
-            out = f(*args)
+            out = self.f(*args)
         flat_out, spec = pytree.tree_flatten(out)
         for j, o in enumerate(flat_out):
             if not isinstance(o, torch.Tensor):
                 raise TypeError(_output_error(j, o, out))
-        out_spec_box.append(spec)
+        self.out_spec = spec
         return flat_out
 
-    example = [p.detach().requires_grad_(p.is_floating_point()) for p in params.values()]
-    example += [b.detach() for b in buffers.values()]
-    # inputs that carry a tangent require grad while tracing, so PyTorch picks differentiable kernels
-    # (not e.g. `_embedding_bag_forward_only` or the `_native_multi_head_attention` fast path)
-    example += [a.detach().requires_grad_(a.is_floating_point() or a.is_complex()) for a in flat_in]
-    def run_trace(example, mode):
-        try:
-            return run_trace_once(example, mode)
-        except RuntimeError as e:
-            if _NON_FUNCTIONAL_WRITE not in str(e) or _LIFT_CONSTANTS.get():
-                raise
-            momentum_none.clear()
-            token = _LIFT_CONSTANTS.set(True)  # see _lift_constants
-            try:
-                return run_trace_once(example, mode)
-            finally:
-                _LIFT_CONSTANTS.reset(token)
 
-    def run_trace_once(example, mode):
-        with tracing_state(module, bn, momentum_none) as originals, _opaque_autograd_functions(), \
-                _rng_untouched(f, draws=mode == "real"), _conv_backend_unguarded(example), \
-                _graph_capture(capture[0]):
-            originals_box[:] = [originals]
-            return make_fx(
-                torch.func.functionalize(flat_fn, remove="mutations"),
-                decomposition_table=_DECOMPOSITIONS,
-                tracing_mode=mode,
-                _allow_non_fake_inputs=True,
-                record_stack_traces=True,
-                # on real values, a value read (.item(), a branch on x.sum() > 0, aten.equal in cov's checks)
-                # becomes a constant of this trace: the trace is specialized to these values anyway
-                _error_on_data_dependent_ops=mode != "real",
-            )(*example)
+def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize: BaseException | None = None,
+                   dynamic=None) -> TracedProgram:
+    """The attempts, in order, then the post-passes.
 
-    def run_trace_retrying(example, mode):
-        try:
-            return run_trace(example, mode), example
-        except RuntimeError as e:
-            if "is not differentiable with respect to argument" not in str(e):
-                raise
-            # an input that an op refuses to differentiate (a running statistic passed as an input, the weight
-            # of multi_margin_loss): trace again with inputs not requiring grad; its tangent then goes through
-            # the op's rule, or the fallback says which op cannot take it
-            momentum_none.clear()
-            example = example[:P + B] + [a.detach() for a in example[P + B:]]
-            return run_trace(example, mode), example
-
-    momentum_none: list[str] = []
-    reads_random = False  # a trace on real values whose branches read random draws (TracedProgram.reads_random)
-    capture = [False]  # the second attempt, as torch.export traces: torch.compiler.is_compiling() is True
-    mode, values = "fake", None
-
-    def run_trace_as_captured(example, mode, first_error):
-        """After a value-dependent branch: the same trace with ``torch.compiler.is_compiling()`` True, where
-        libraries compute the same values without the branch; ``first_error`` again if that fails too."""
-        if not _data_dependent(first_error):
-            raise first_error
-        momentum_none.clear()
-        capture[0] = True
-        try:
-            out = run_trace_on_copies_if_written(example, mode)
-        except Exception:  # noqa: BLE001 - the branch is the user's own: the first error says where
-            capture[0] = False
-            momentum_none.clear()
-            raise first_error from None
-        log.info("jvpgraph: %s: traced with torch.compiler.is_compiling() True (the model branched on a tensor's "
-                 "value otherwise: %s)", getattr(f, "__qualname__", type(f).__name__),
-                 str(first_error).splitlines()[0][:120])
-        return out
-
-    def run_trace_on_copies_if_written(example, mode):
-        try:
-            return run_trace_retrying(example, mode)
-        except RuntimeError as e:
-            if "leaf Variable that requires grad is being used in an in-place operation" not in str(e):
-                raise
-            # the function writes into a parameter or an input (x.mul_(2), F.embedding's max_norm renorm):
-            # trace it on copies, as if it had cloned them first; what it wrote is never written back
-            momentum_none.clear()
-            copies[0] = True
-            out = run_trace_retrying(example, mode)
-            where = _user_frame(e)
-            warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into its "
-                          "parameters or inputs" + ("" if where.startswith("<unknown") else f"\n  at {where}") +
-                          "\n  jvpgraph computes on copies and does not write into what it is given (outputs and Jv "
-                          "are those of the function on its values)", stacklevel=4)
-            return out
-
+    1. On fake tensors (symbolic sizes with ``dynamic``), each failure PyTorch's error explains answered by the
+       next attempt (:func:`_next_attempt`).
+    2. After a branch on a tensor's value: the same, with ``torch.compiler.is_compiling()`` True, where
+       libraries compute the same values without the branch.
+    3. On the real values, where every size and value read is a number: the trace holds for these values only
+       (``TracedProgram.values``; ``Traced`` traces again when they change). Never with ``dynamic``.
+    """
+    bn = check_mode(bn).value
+    tracer = _Tracer(f, inputs, bn)
     if dynamic is not None:
         dynamic = tuple(tuple(d) for d in dynamic)
-        if len(dynamic) != len(flat_in):
-            raise ValueError(f"dynamic={dynamic}: expected one tuple of dimensions per input ({len(flat_in)})")
-        example = _fakify_dynamic(example, P + B, dynamic)
+        if len(dynamic) != len(tracer.flat_in):
+            raise ValueError(f"dynamic={dynamic}: expected one tuple of dimensions per input ({len(tracer.flat_in)})")
+    example = tracer.example(dynamic)
+    start = _Attempt(mode="fake" if dynamic is None else "symbolic")
+    values, reads_random = None, False
     try:
-        try:
-            if specialize is not None:
-                raise specialize
-            traced_as = "fake" if dynamic is None else "symbolic"
+        why_real = specialize
+        if why_real is None:
             try:
-                gm, example = run_trace_on_copies_if_written(example, traced_as)
-            except Exception as e:  # noqa: BLE001
-                gm, example = run_trace_as_captured(example, traced_as, e)
-        except Exception as e:  # noqa: BLE001
-            if dynamic is not None or not _data_dependent(e):
-                raise
-            # Sizes or branches that depend on values (a branch on nonzero's count, `if x.sum() > 0`, .item(),
-            # lstsq, cov's checks): trace again on the real values, where every size and value read is a
-            # number (on copies: the real run must not write into the caller's buffers). The graph holds for
-            # these values only: jvpgraph.trace re-traces when they change.
-            where = _user_frame(e)
-            momentum_none.clear()
-            mode = "real"
+                gm, used = tracer.run_until_answered(start, example)
+            except Exception as first:  # noqa: BLE001
+                if not _data_dependent(first):
+                    raise
+                try:
+                    gm, used = tracer.run_until_answered(dataclasses.replace(start, as_captured=True), example)
+                    log.info("jvpgraph: %s: traced with torch.compiler.is_compiling() True (the model branched on a "
+                             "tensor's value otherwise: %s)", tracer.name, str(first).splitlines()[0][:120])
+                except Exception:  # noqa: BLE001 - the branch is the user's own: the first error says where
+                    if dynamic is not None:
+                        raise first from None
+                    why_real = first
+        if why_real is not None:
+            # (on copies of the values: the real run must not write into the caller's buffers)
             example = [t.detach().clone().requires_grad_(t.requires_grad) for t in example]
-            gm, example = run_trace_on_copies_if_written(example, "real")
+            gm, used = tracer.run_until_answered(_Attempt(mode="real"), example)
             values = [t.detach() for t in example]
             reads_random = _reads_random(gm.graph)
             warnings.warn(
-                f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} branches on tensor values (or its shapes "
-                "depend on them): traced at these values, and traced again " + (
+                f"jvpgraph: {tracer.name} branches on tensor values (or its shapes depend on them): traced at "
+                "these values, and traced again " + (
                     "on every call (a value it reads depends on random numbers it draws)" if reads_random else
                     "whenever its inputs or parameters change") +
-                f"\n  at {where}\n  (PyTorch: {type(e).__name__}: {str(e).splitlines()[0][:120]})\n  Correct, "
-                "but a trace per call: make the shapes and branches depend on shapes only for one trace to serve "
-                "every batch.", stacklevel=3)
+                f"\n  at {_user_frame(why_real)}\n  (PyTorch: {type(why_real).__name__}: "
+                f"{str(why_real).splitlines()[0][:120]})\n  Correct, but a trace per call: make the shapes and "
+                "branches depend on shapes only for one trace to serve every batch.", stacklevel=3)
     except Exception as e:  # noqa: BLE001 - we re-raise with the user's line
         if dynamic is not None:
             raise  # the caller falls back to a trace at fixed sizes, which gives the error its message
-        msg = str(e).split("\n")[0]
-        data_dep = any(s in type(e).__name__ + str(e) for s in ("DataDependent", "data-dependent", "data dependent"))
-        if "leaf Variable that requires grad is being used in an in-place operation" in str(e):
-            raise TraceError(
-                f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: it writes in place into one "
-                f"of its inputs\n  at {_user_frame(e)}\n  jvpgraph needs a function that leaves its inputs "
-                "unchanged: use the out-of-place op (x * 2, not x.mul_(2)) or clone the input first."
-            ) from e
-        fake_specific = any(k in type(e).__name__ for k in ("Fake", "Unsupported", "DynamicOutputShape",
-                                                              "DataDependent", "GuardOn"))
-        if "setup_context" in str(e):
-            hint = ("An old-style torch.autograd.Function (forward(ctx, ...)) whose .apply was bound to a name "
-                    "before tracing cannot be kept opaque: call MyFunction.apply(...) directly, or give the "
-                    "Function a setup_context staticmethod (new style).")
-        elif "does not support automatic differentiation" in str(e):
-            hint = ("PyTorch's autograd cannot differentiate this op for this dtype (jvpgraph traces autograd's "
-                    "graph): compute it on real tensors (torch.view_as_real) or outside the differentiated part.")
-        elif data_dep:
-            hint = ("The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve "
-                    "other batches. Make the branch depend on shapes or flags only, or wrap the value-dependent "
-                    "part in a torch.autograd.Function (jvpgraph keeps those opaque).")
-        elif fake_specific:
-            hint = ("jvpgraph traces with make_fx over fake tensors (shapes without values); this op cannot run "
-                    "that way.")
-        elif _raised_by_jvpgraph(e):
-            hint = ""  # jvpgraph's own refusal (an output that is not a tensor): its message says what to do
-        else:
-            # say "eager too" only when it is so: run the function eagerly on copies of the inputs
-            eager = _eager_error(f, inputs)
-            if eager is not None:
-                hint = (f"It raises in eager mode too (jvpgraph ran it on copies of these inputs: "
-                        f"{type(eager).__name__}: {(str(eager).strip().splitlines() or [''])[0][:200]}): the model "
-                        "or its inputs need fixing, not the trace.")
-            else:
-                hint = (f"It runs in eager mode on these inputs (jvpgraph checked): what failed is jvpgraph's trace "
-                        f"(make_fx over torch.func.functionalize, on fake tensors), which could not follow\n  "
-                        f"{_construct(e)}\n  ")
-                if "mutating a non-functional tensor with a functional tensor" in str(e):
-                    hint += ("That code writes in place into a tensor the function does not take as an input (a "
-                             "tensor it closes over, or one computed from such a tensor only). Pass that tensor "
-                             "as an input (jvpgraph.jvp(f, (x, lengths), (v, None))) or register it as a buffer.")
-                else:
-                    hint += ("What to do: wrap the part that fails in a torch.autograd.Function with a backward "
-                             "(jvpgraph keeps it opaque and flips that backward), pass the tensors the function "
-                             "closes over as inputs, and please report this message to jvpgraph.")
-        raise TraceError(
-            f"could not trace {getattr(f, '__qualname__', type(f).__name__)}: {type(e).__name__}: {msg}\n"
-            f"  at {_user_frame(e)}" + (f"\n  {hint}" if hint else "")
-        ) from e
+        raise _trace_error(f, inputs, e) from e
+    if not used.inputs_require_grad:
+        example = example[:tracer.P + tracer.B] + [t.detach() for t in example[tracer.P + tracer.B:]]
 
-    _drop_writes_into_constants(gm.graph, f)
-    if _has_leftover_mutations(gm.graph):
-        gm = _refunctionalize(gm, example, mode)
+    # the post-passes, in order
     graph = gm.graph
-    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
-    names = [f"p_{_sanitize(k)}" for k in params] + [f"b_{_sanitize(k)}" for k in buffers]
-    names += [f"x{i}" if len(flat_in) > 1 else "x" for i in range(len(flat_in))]
-    for node, name in zip(placeholders, names):
+    _drop_writes_into_constants(graph, f)
+    if _has_leftover_mutations(graph):
+        gm = _refunctionalize(gm, example, used.mode)
+        graph = gm.graph
+    names = [f"p_{_sanitize(k)}" for k in tracer.params] + [f"b_{_sanitize(k)}" for k in tracer.buffers]
+    names += [f"x{i}" if len(tracer.flat_in) > 1 else "x" for i in range(len(tracer.flat_in))]
+    name_placeholders(graph, names)
+    updates = _take_buffer_updates(graph, tracer)
+    _drop_dead_code(graph, keep=set(updates.values()))
+    if used.on_copies:
+        _read_originals_not_copies(graph)
+    _renorm_keeps_autograd_history(graph)
+    _warn_on_uninitialized_reads(graph, f)
+    stamp(graph, bn)  # the BatchNorm mode travels on the nodes (jvpgraph.batchnorm)
+    graph.lint()
+    gm.recompile()
+    diff = [i for i, a in enumerate(tracer.flat_in) if a.is_floating_point() or a.is_complex()]
+    return TracedProgram(gm, list(tracer.params), list(tracer.buffers), len(tracer.flat_in), tracer.in_spec,
+                         tracer.out_spec, diff, updates, bn, values, tracer.guards, dynamic, reads_random=reads_random)
+
+
+# --------------------------------------------------------------------------------------------------
+# Post-passes over the traced graph
+# --------------------------------------------------------------------------------------------------
+def name_placeholders(graph: fx.Graph, names: Sequence[str]) -> None:
+    """Give the graph's placeholders ``names``, in order (the emitted code's argument names).
+
+    Example:
+        >>> g = fx.symbolic_trace(lambda a, b: a + b).graph
+        >>> name_placeholders(g, ["x", "v"])
+        >>> [n.name for n in g.nodes if n.op == "placeholder"]
+        ['x', 'v']
+    """
+    for node, name in zip([n for n in graph.nodes if n.op == "placeholder"], names):
         node._rename(name)
         node.target = node.name
 
-    # Drop `copy_` into buffers (running statistics): keep the new values aside, never write them.
-    buffer_of = {placeholders[P + i]: k for i, k in enumerate(buffers)}
+
+def _take_buffer_updates(graph: fx.Graph, tracer: _Tracer) -> dict[str, fx.Node]:
+    """Drop the ``copy_`` into buffers (running statistics) and return the new values by buffer name: kept
+    aside, never written. A write into an input is dropped with a warning."""
+    placeholders = [n for n in graph.nodes if n.op == "placeholder"]
+    buffer_of = {placeholders[tracer.P + i]: k for i, k in enumerate(tracer.buffers)}
     updates: dict[str, fx.Node] = {}
     for node in list(graph.nodes):
         if node.op == "call_function" and node.target in (aten.copy_.default,) and node.args[0] in buffer_of:
@@ -1186,32 +1253,85 @@ def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize:
             # e.g. F.batch_norm(x, running_mean, running_var, training=True) with the statistics passed as
             # inputs: the graph reads the new value internally; only the write-back to the caller's tensor is
             # dropped (jvpgraph never writes into what it is given), which changes neither outputs nor Jv
-            warnings.warn(f"jvpgraph: {getattr(f, '__qualname__', type(f).__name__)} writes in place into its "
-                          f"input {node.args[0].name}; jvpgraph does not write into its inputs (outputs and Jv "
-                          "are unaffected)", stacklevel=3)
+            warnings.warn(f"jvpgraph: {tracer.name} writes in place into its input {node.args[0].name}; jvpgraph "
+                          "does not write into its inputs (outputs and Jv are unaffected)", stacklevel=4)
             graph.erase_node(node)
-    for name in momentum_none:  # momentum=None layers: the weight of their update was a stand-in
+    for name in tracer.momentum_none:  # momentum=None layers: the weight of their update was a stand-in
         for stat in ("running_mean", "running_var", "num_batches_tracked"):
             updates.pop(f"{name}.{stat}" if name else stat, None)
-    # detach/alias of unused values and the like; random draws stay (an unused one, read only by a Python
-    # branch, still moves the generator: the draws after it must be the ones an eager call makes)
-    for node in reversed(list(graph.nodes)):
-        if node.op == "call_function" and not node.users and not draws_random(node):
-            if isinstance(node.target, torch._ops.OpOverload) and not node.target._schema.is_mutable:
-                if node not in updates.values():
-                    graph.erase_node(node)
-    if copies[0]:  # the copies were only there to be written: the functional graph reads the originals
-        for node in list(graph.nodes):
-            if node.op == "call_function" and node.target is aten.clone.default and \
-                    isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
-                node.replace_all_uses_with(node.args[0])
-                graph.erase_node(node)
-    _renorm_keeps_autograd_history(graph)
-    _warn_on_uninitialized_reads(graph, f)
-    stamp(graph, bn)  # the BatchNorm mode travels on the nodes (jvpgraph.batchnorm)
-    graph.lint()
-    gm.recompile()
-    diff = [i for i, a in enumerate(flat_in) if a.is_floating_point() or a.is_complex()]
-    return TracedProgram(gm, list(params), list(buffers), len(flat_in), in_spec, out_spec_box[-1], diff,
-                         updates, bn, values, guards_box[-1] if guards_box else Guards([]), dynamic,
-                         reads_random=reads_random)
+    return updates
+
+
+def _drop_dead_code(graph: fx.Graph, keep: set) -> None:
+    """Remove functional aten ops nothing reads (detach/alias of unused values and the like), except those in
+    ``keep``. Random draws stay: an unused one, read only by a Python branch, still moves the generator, and
+    the draws after it must be the ones an eager call makes."""
+    def impure(n: fx.Node) -> bool:
+        return not (n.op == "call_function" and isinstance(n.target, torch._ops.OpOverload)
+                    and not n.target._schema.is_mutable and not draws_random(n) and n not in keep)
+
+    graph.eliminate_dead_code(is_impure_node=impure)
+
+
+def _read_originals_not_copies(graph: fx.Graph) -> None:
+    """A trace on copies (the function writes into its inputs): the copies were only there to be written; the
+    functional graph reads the originals."""
+    for node in list(graph.nodes):
+        if node.op == "call_function" and node.target is aten.clone.default and \
+                isinstance(node.args[0], fx.Node) and node.args[0].op == "placeholder":
+            node.replace_all_uses_with(node.args[0])
+            graph.erase_node(node)
+
+
+#: What to do, by the kind of failure (:data:`_PYTORCH_ERRORS`); a kind not named here gets the eager check.
+_HINTS = {
+    "old-style-function": (
+        "An old-style torch.autograd.Function (forward(ctx, ...)) whose .apply was bound to a name before tracing "
+        "cannot be kept opaque: call MyFunction.apply(...) directly, or give the Function a setup_context "
+        "staticmethod (new style)."),
+    "dtype-not-differentiable": (
+        "PyTorch's autograd cannot differentiate this op for this dtype (jvpgraph traces autograd's graph): "
+        "compute it on real tensors (torch.view_as_real) or outside the differentiated part."),
+    "data-dependent": (
+        "The model branches on a tensor's value (or calls .item()/.tolist()), so one trace cannot serve other "
+        "batches. Make the branch depend on shapes or flags only, or wrap the value-dependent part in a "
+        "torch.autograd.Function (jvpgraph keeps those opaque)."),
+    "fake-only": (
+        "jvpgraph traces with make_fx over fake tensors (shapes without values); this op cannot run that way."),
+}
+
+
+def _trace_error(f: Callable, inputs: tuple, e: BaseException) -> TraceError:
+    """The :class:`TraceError` for a trace that failed with ``e``: the model's line, and what to do."""
+    name = getattr(f, "__qualname__", type(f).__name__)
+    kind = _classify(e)
+    if kind == "writes-into-input":
+        return TraceError(
+            f"could not trace {name}: it writes in place into one of its inputs\n  at {_user_frame(e)}\n  jvpgraph "
+            "needs a function that leaves its inputs unchanged: use the out-of-place op (x * 2, not x.mul_(2)) or "
+            "clone the input first.")
+    if kind in _HINTS:
+        hint = _HINTS[kind]
+    elif _raised_by_jvpgraph(e):
+        hint = ""  # jvpgraph's own refusal (an output that is not a tensor): its message says what to do
+    else:
+        # say "eager too" only when it is so: run the function eagerly on copies of the inputs
+        eager = _eager_error(f, inputs)
+        if eager is not None:
+            hint = (f"It raises in eager mode too (jvpgraph ran it on copies of these inputs: "
+                    f"{type(eager).__name__}: {(str(eager).strip().splitlines() or [''])[0][:200]}): the model "
+                    "or its inputs need fixing, not the trace.")
+        else:
+            hint = (f"It runs in eager mode on these inputs (jvpgraph checked): what failed is jvpgraph's trace "
+                    f"(make_fx over torch.func.functionalize, on fake tensors), which could not follow\n  "
+                    f"{_construct(e)}\n  ")
+            if kind == "non-functional-write":
+                hint += ("That code writes in place into a tensor the function does not take as an input (a "
+                         "tensor it closes over, or one computed from such a tensor only). Pass that tensor "
+                         "as an input (jvpgraph.jvp(f, (x, lengths), (v, None))) or register it as a buffer.")
+            else:
+                hint += ("What to do: wrap the part that fails in a torch.autograd.Function with a backward "
+                         "(jvpgraph keeps it opaque and flips that backward), pass the tensors the function "
+                         "closes over as inputs, and please report this message to jvpgraph.")
+    return TraceError(f"could not trace {name}: {type(e).__name__}: {str(e).split(chr(10))[0]}\n"
+                      f"  at {_user_frame(e)}" + (f"\n  {hint}" if hint else ""))
