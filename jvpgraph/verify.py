@@ -223,64 +223,58 @@ def suspect_ops(traced: Traced, x: torch.Tensor | tuple[torch.Tensor, ...], *, s
         >>> suspect_ops(jvpgraph.trace(net, torch.randn(2, 3)), torch.randn(2, 3))
         []
     """
-    import torch.fx as fx
-
     from .rules import lookup
-    from .rules.fallback import _via_flipped_vjp
+    from .rules.propagate import walk
 
     xs = tuple(x) if isinstance(x, (tuple, list)) else (x,)
     graph, values = traced.graph_for(*xs)
     gm = graph.gm
     active = graph.active_nodes
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    env: dict = {}
-    found = []
+    found: list[str] = []
     tol = tol if tol is not None else tolerance(xs[0].dtype, "exact")
-    placeholders = graph.program.placeholders
-    with torch.no_grad():
-        for node, val in zip(placeholders, values):
-            env[node] = val
-    for node in gm.graph.nodes:
-        if node.op == "get_attr":
-            env[node] = getattr(gm, node.target)
-        if node.op != "call_function":
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        with torch.no_grad():
-            out = node.target(*args, **kwargs)
-        env[node] = out
-        rule = lookup(node.target)
-        if node not in active or rule is None or rule.kind in ("structural", "opaque"):
-            continue
-
-        def rand(a):
-            if isinstance(a, fx.Node) and a in active and isinstance(env[a], torch.Tensor) \
-                    and env[a].is_floating_point():
-                return torch.randn(env[a].shape, generator=gen, dtype=env[a].dtype).to(env[a].device)
-            if isinstance(a, (list, tuple)):
-                return type(a)(rand(b) for b in a)
-            return None
-
-        tangents = tuple(rand(a) for a in node.args)
-        if all(t is None for t in pytree.tree_leaves(tangents, is_leaf=lambda z: z is None)):
-            continue
-        try:
-            with torch.no_grad():
-                # without the node's stamped mode (bn="frozen"): the op's own derivative, as its backward's
-                mine = rule.fn(tangents, out, *args, **kwargs)
-            theirs = _via_flipped_vjp(node.target, tangents, {}, out, args, kwargs)
-        except Exception:  # noqa: BLE001 - a node whose backward cannot be differentiated is not judged
-            continue
-        for a, b in zip(pytree.tree_leaves(mine, is_leaf=lambda z: z is None),
-                        pytree.tree_leaves(theirs, is_leaf=lambda z: z is None)):
-            if a is None or b is None:
+    env = dict(zip(graph.program.placeholders, (v.detach() for v in values)))
+    with torch.no_grad():  # the forward's values; the node's flipped VJP enables grad where it needs it
+        for node, args, kwargs, out in walk(gm.graph, env, owner=gm):
+            rule = lookup(node.target)
+            if node not in active or rule is None or rule.kind in ("structural", "opaque"):
                 continue
-            err = testing.max_rel_err(a, b)
-            if err > tol:
-                found.append(f"{node.target} at node {node.name}: rule vs its own backward differ, rel err {err:.1e}")
-                break
+            found += _judge(node, rule, args, kwargs, out, env, active, gen, tol)
     return found
+
+
+def _judge(node, rule, args, kwargs, out, env, active, gen, tol) -> list[str]:
+    """Random tangents through ``rule`` and through ``node``'s flipped VJP: the difference, if above ``tol``."""
+    import torch.fx as fx
+
+    from .rules.fallback import _via_flipped_vjp
+
+    def rand(a):
+        if isinstance(a, fx.Node) and a in active and isinstance(env[a], torch.Tensor) \
+                and env[a].is_floating_point():
+            return torch.randn(env[a].shape, generator=gen, dtype=env[a].dtype).to(env[a].device)
+        if isinstance(a, (list, tuple)):
+            return type(a)(rand(b) for b in a)
+        return None
+
+    tangents = tuple(rand(a) for a in node.args)
+    if all(t is None for t in pytree.tree_leaves(tangents, is_leaf=lambda z: z is None)):
+        return []
+    try:
+        with torch.no_grad():
+            # without the node's stamped mode (bn="frozen"): the op's own derivative, as its backward's
+            mine = rule.fn(tangents, out, *args, **kwargs)
+        theirs = _via_flipped_vjp(node.target, tangents, {}, out, args, kwargs)
+    except Exception:  # noqa: BLE001 - a node whose backward cannot be differentiated is not judged
+        return []
+    for a, b in zip(pytree.tree_leaves(mine, is_leaf=lambda z: z is None),
+                    pytree.tree_leaves(theirs, is_leaf=lambda z: z is None)):
+        if a is None or b is None:
+            continue
+        err = testing.max_rel_err(a, b)
+        if err > tol:
+            return [f"{node.target} at node {node.name}: rule vs its own backward differ, rel err {err:.1e}"]
+    return []
 
 
 def _reason(e: BaseException) -> str:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import operator
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import torch
 import torch.fx as fx
@@ -102,6 +102,38 @@ def _warn_declared_zero(node: fx.Node, active) -> None:
         stacklevel=3)
 
 
+def walk(graph: fx.Graph, env: dict, *, owner: Any = None,
+         constant: Callable[[fx.Node], bool] | None = None) -> Iterator[tuple[fx.Node, Any, Any, Any]]:
+    """Evaluate ``graph``'s nodes in order on the values in ``env`` (the placeholders' are there already),
+    yielding each ``call_function`` node with its evaluated ``args``, ``kwargs`` and output (also in ``env``,
+    where the caller may replace it before the walk goes on). ``get_attr`` nodes read ``owner``;
+    ``constant(node)`` true passes the node's value through :func:`~jvpgraph.ops.constant`.
+
+    The one loop over a graph's nodes: :func:`propagate` pushes tangents in it, and
+    :func:`jvpgraph.verify.suspect_ops` checks each written rule in it.
+
+    Example:
+        >>> import torch, torch.fx as fx
+        >>> g = fx.Graph(); x = g.placeholder("x")
+        >>> y = g.call_function(torch.ops.aten.mul.Tensor, (x, x)); _ = g.output(y)
+        >>> [(n.name, out) for n, args, kwargs, out in walk(g, {x: torch.tensor(3.0)})]
+        [('mul_tensor', tensor(9.))]
+    """
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            env[node] = getattr(owner, node.target)
+            continue
+        if node.op != "call_function":
+            continue
+        args = fx.node.map_arg(node.args, env.__getitem__)
+        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
+        out = node.target(*args, **kwargs)
+        if constant is not None and constant(node):
+            out = pytree.tree_map_only(torch.Tensor, as_constant, out)
+        env[node] = out
+        yield node, args, kwargs, out
+
+
 def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, owner: Any = None,
               active: Callable[[fx.Node], bool] | None = None, how: dict | None = None,
               constant: Callable[[fx.Node], bool] | None = None) -> None:
@@ -129,18 +161,7 @@ def propagate(graph: fx.Graph, env: dict, tenv: dict, *, node_jvp: Callable, own
     """
 
     declared_zero: dict[fx.Node, set[int]] = {}  # outputs PyTorch's formulas gave no tangent (see below)
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            env[node] = getattr(owner, node.target)
-            continue
-        if node.op != "call_function":
-            continue
-        args = fx.node.map_arg(node.args, env.__getitem__)
-        kwargs = fx.node.map_arg(node.kwargs, env.__getitem__)
-        out = node.target(*args, **kwargs)
-        if constant is not None and constant(node):
-            out = pytree.tree_map_only(torch.Tensor, as_constant, out)
-        env[node] = out
+    for node, args, kwargs, out in walk(graph, env, owner=owner, constant=constant):
         if active is not None and not active(node):
             continue
         if node.target is operator.getitem:
