@@ -337,7 +337,8 @@ def robustness_cmd(args) -> int:
     return 0
 
 
-def bench_cmd(args) -> int:
+def bench_cmd(args, **extra) -> int:
+    """``jvpgraph bench``; ``extra`` goes to :func:`jvpgraph.experiments.bench.run` (``checks``, ``notes``)."""
     from .experiments import bench
 
     warnings.filterwarnings("ignore", category=UserWarning, module=r"torch\.")  # inductor's compile chatter
@@ -348,7 +349,7 @@ def bench_cmd(args) -> int:
     given = dict(models=args.models, modes=args.modes, repeats=args.repeats, batches=args.batches)
     kwargs.update({k: v for k, v in given.items() if v is not None})
     try:
-        bench.run(args.out, parts=args.parts, compile=args.compile, readme=args.readme, **kwargs)
+        bench.run(args.out, parts=args.parts, compile=args.compile, readme=args.readme, **kwargs, **extra)
     except ValueError as e:
         raise SystemExit(f"jvpgraph bench: {e}") from None
     print((Path(args.out) / "bench.md").read_text())

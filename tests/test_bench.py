@@ -3,15 +3,26 @@ README section is generated from the JSON."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 import torch
 
 import jvpgraph
 from jvpgraph.cli import main
-from jvpgraph.experiments import bench
+from jvpgraph.experiments import bench, bench_report
 from jvpgraph.experiments.models import LeNet
+
+
+def _project_bench():
+    """benchmarks/bench.py: the project's targets and notes (not in the installed package)."""
+    spec = importlib.util.spec_from_file_location(
+        "project_bench", Path(__file__).resolve().parent.parent / "benchmarks" / "bench.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def test_baseline_that_cannot_run_is_reported_not_raised():
@@ -21,7 +32,8 @@ def test_baseline_that_cannot_run_is_reported_not_raised():
     assert r["methods"]["func_jvp"]["runs"] is False
     assert "forward AD" in r["methods"]["func_jvp"]["error"]
     assert r["methods"]["new"]["ok"] and r["methods"]["new"]["rel_err"] < 1e-4
-    assert [t["target"] for t in bench.targets([r])] == ["new batch vs double-backward (torch.func.jvp fails)"]
+    targets = _project_bench().targets([r])
+    assert [t["target"] for t in targets] == ["new batch vs double-backward (torch.func.jvp fails)"]
 
 
 def test_every_method_agrees_with_double_backward_in_train_mode():
@@ -47,10 +59,10 @@ def test_markdown_and_readme_section(tmp_path):
     res = bench.run(tmp_path, parts=["trace"], models=["mlp"], repeats=1, log=lambda s: None)
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["trace"][0]["model"] == "mlp" and saved["meta"]["threads"] == torch.get_num_threads()
-    md = bench.markdown(res)
+    md = bench_report.markdown(res)
     assert "| mlp |" in md and "torch.func.jvp" in md
     readme = tmp_path / "README.md"
-    readme.write_text(f"intro\n{bench.README_BEGIN}\nold\n{bench.README_END}\noutro\n")
+    readme.write_text(f"intro\n{bench_report.README_BEGIN}\nold\n{bench_report.README_END}\noutro\n")
     bench.run(tmp_path, parts=["trace"], models=["mlp"], repeats=1, readme=readme, log=lambda s: None)
     text = readme.read_text()
     assert "old" not in text and "| mlp |" in text and text.startswith("intro") and text.endswith("outro\n")
@@ -67,3 +79,29 @@ def test_cli_bench_and_bad_arguments(tmp_path, capsys):
         main(["bench", "--parts", "trace", "--models", "resnet50", "--out", str(tmp_path)])
     with pytest.raises(ValueError, match="unknown method"):
         bench.bench_model("mlp", methods=["jax"])
+
+
+def test_project_targets_and_notes_travel_with_the_results(tmp_path):
+    """benchmarks/bench.py checks the project's targets on the Jv rows it measured and puts its notes under the
+    table; the installed command has neither, and its report says nothing it did not measure."""
+    project = _project_bench()
+    args = ["--parts", "jvp", "--models", "mlp", "--modes", "eval", "--repeats", "1"]
+    assert project.main([*args, "--out", str(tmp_path / "project")]) == 0
+    saved = json.loads((tmp_path / "project" / "bench.json").read_text())
+    assert saved["targets"] == project.targets(saved["jvp"]) and saved["targets"]  # from this run's rows
+    md = (tmp_path / "project" / "bench.md").read_text()
+    assert f"Targets met: {sum(t['met'] for t in saved['targets'])}/{len(saved['targets'])}" in md
+    assert project.NOTES["jvp"][0] in md
+    assert main(["bench", *args, "--out", str(tmp_path / "plain")]) == 0
+    plain = (tmp_path / "plain" / "bench.md").read_text()
+    assert "Targets met" not in plain and project.NOTES["jvp"][0] not in plain and "| mlp | eval |" in plain
+
+
+def test_readme_section_is_the_saved_results():
+    """The README's benchmark section is what the committed benchmarks/results/bench.json renders to: no
+    figure in it was typed by hand, and none went stale without the section."""
+    root = Path(__file__).resolve().parent.parent
+    results = json.loads((root / "benchmarks" / "results" / "bench.json").read_text())
+    readme = (root / "README.md").read_text()
+    section = readme.split(bench_report.README_BEGIN + "\n", 1)[1].split(bench_report.README_END, 1)[0]
+    assert section == bench_report.markdown(results)

@@ -13,7 +13,8 @@ Three questions, each answered by one function that returns plain rows (saved as
 
 Times are medians of rotating blocks (:func:`jvpgraph.measure.median_times`) after warm-up; memory is the peak
 of tensor storage created inside one call (:class:`jvpgraph.measure.PeakTensorMemory`). This machine is shared
-and noisy: compare ratios from one run, never absolute times across runs.
+and noisy: compare ratios from one run, never absolute times across runs. :func:`run` measures and saves;
+:mod:`jvpgraph.experiments.bench_report` writes the table and the plots from what was saved.
 
 Example:
     >>> rows = jvp_table(["mlp"], modes=["eval"], batch=4, repeats=2, methods=["func_jvp", "new", "recorded"])
@@ -43,7 +44,7 @@ from . import ecosystem
 from .models import LeNet, VGG16BN
 
 __all__ = ["BENCH_MODELS", "bench_entry", "JVP_METHODS", "bench_model", "jvp_table", "batch_sweep", "trace_cost",
-           "machine", "targets", "markdown", "plot_jvp", "plot_sweep", "plot_trace"]
+           "machine", "run", "PARTS"]
 
 MB = 1 << 20
 #: float32 agreement with the double-backward reference (see benchmarks/results/zoo.md for why 1e-4)
@@ -346,31 +347,6 @@ def _train_differs(name: str) -> bool:
                for k in m.modules())
 
 
-def targets(rows: list[dict]) -> list[dict]:
-    """The issue's targets checked on :func:`jvp_table` rows: new batch ≤ 0.6x ``torch.func.jvp``, recorded
-    ≤ 0.35x, ≤ 0.5x double-backward where ``torch.func.jvp`` cannot run, peak memory ≤ ``torch.func.jvp``'s.
-
-    Example:
-        >>> row = dict(model="m", mode="eval", methods=dict(func_jvp=dict(runs=True)),
-        ...            ratios=dict(new_vs_func_jvp=0.5, recorded_vs_func_jvp=0.3, memory_new_vs_func_jvp=0.9))
-        >>> [t["met"] for t in targets([row])]
-        [True, True, True]
-    """
-    out = []
-    for r in rows:
-        q = r["ratios"]
-        func_runs = r["methods"].get("func_jvp", {}).get("runs", False)
-        checks = ([("new batch vs torch.func.jvp", q.get("new_vs_func_jvp"), 0.6),
-                   ("recorded vs torch.func.jvp", q.get("recorded_vs_func_jvp"), 0.35),
-                   ("peak memory vs torch.func.jvp", q.get("memory_new_vs_func_jvp"), 1.0)] if func_runs else
-                  [("new batch vs double-backward (torch.func.jvp fails)", q.get("new_vs_double_backward"), 0.5)])
-        for what, value, limit in checks:
-            if value is not None:
-                out.append(dict(model=r["model"], mode=r["mode"], target=what, value=value, limit=limit,
-                                met=value <= limit))
-    return out
-
-
 # ------------------------------------------------------------------ Figure 5 (left)
 def _exact_penalty(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """The exact per-sample σ as a differentiable penalty: each sample's whole Jacobian (one transposed
@@ -503,196 +479,20 @@ def trace_cost(models: Iterable[str] | None = None, repeats: int = 10,
     return rows
 
 
-# ------------------------------------------------------------------ reports
-_BASELINE_NAMES = {"func_jvp": "torch.func.jvp", "double_backward": "double-backward"}
-
-
-def _fmt(x, spec=".2f"):
-    return "-" if x is None else format(x, spec)
-
-
-def markdown(results: dict) -> str:
-    """The README section from a saved ``jvpgraph bench`` JSON (all figures come from the file).
-
-    Example:
-        >>> print(markdown(dict(meta=dict(torch="2", threads=2, cpus=2, processor="x", date="d"))).splitlines()[0])
-        Measured on x, 2 CPU(s), 2 thread(s), torch 2, d. Ratios are medians from one run.
-    """
-    meta = results["meta"]
-    lines = [f"Measured on {meta.get('processor')}, {meta.get('cpus')} CPU(s), {meta.get('threads')} thread(s), "
-             f"torch {meta.get('torch')}, {meta.get('date')}. Ratios are medians from one run.", ""]
-    if "jvp" in results:
-        cols = [("new", "new batch"), ("recorded", "recorded forward"), ("compiled", "new, compiled"),
-                ("compiled_recorded", "recorded, compiled"), ("func_jvp", "torch.func.jvp"),
-                ("func_linearize", "func.linearize build+apply"), ("func_linearize_apply", "func.linearize apply"),
-                ("forward_ad", "forward_ad"), ("double_backward", "double-backward"), ("forward", "forward pass")]
-        cols = [(k, h) for k, h in cols if any(k in r["methods"] for r in results["jvp"])]
-        lines += ["**Jv** — each method's median time as a multiple of `torch.func.jvp`'s (of double-backward's, "
-                  "marked †, where `torch.func.jvp` fails); memory: peak tensor memory of jvpgraph's new-batch Jv "
-                  "against the same baseline; error: the largest relative error against double-backward of any "
-                  "eager method, and of the compiled ones (see below):", "",
-                  "| model | mode | batch | " + " | ".join(h for _, h in cols) + " | memory | error | compiled error |",
-                  "|---" * (len(cols) + 6) + "|"]
-        for r in results["jvp"]:
-            m = r["methods"]
-            base = "func_jvp" if m.get("func_jvp", {}).get("runs") else "double_backward"
-
-            def rel(k, m=m, base=base):
-                e = m.get(k)
-                if e is None:
-                    return "-"
-                if not e.get("runs"):
-                    return "fails"
-                return _fmt(e["time_s"] / m[base]["time_s"]) + "x"
-
-            mem = r["ratios"].get(f"memory_new_vs_{base}")
-            err = max((e.get("rel_err", 0) for k, e in m.items() if e.get("runs") and not k.startswith("compiled")),
-                      default=0)
-            cerr = max((e.get("rel_err", 0) for k, e in m.items() if e.get("runs") and k.startswith("compiled")),
-                       default=None)
-            lines.append(f"| {r['model']} | {r['mode']}{'' if base == 'func_jvp' else ' †'} | {r['batch']} | "
-                         + " | ".join(rel(k) for k, _ in cols) + f" | {_fmt(mem)}x | {err:.0e} | "
-                         + ("-" if cerr is None else f"{cerr:.0e}") + " |")
-        if any(k.startswith("compiled") for r in results["jvp"] for k in r["methods"]):
-            lines += ["", "Compiled error: in float32 with BatchNorm in train mode, inductor's BatchNorm rounds "
-                      "differently from eager (1e-5 relative on VGG16-BN's output), enough to flip ReLU masks and "
-                      "max-pool choices between near-equal values, so the compiled Jv is the Jv at a point 1e-5 "
-                      "away: Jv of a ReLU network is discontinuous there. In float64 the compiled Jv of VGG16-BN "
-                      "in train mode agrees with eager to 2e-14 (tests/test_compile.py checks compiled = eager on "
-                      "a sigmoid+BatchNorm CNN)."]
-        fails = {(k, e["error"]) for r in results["jvp"] for k, e in r["methods"].items() if not e.get("runs")}
-        if fails:
-            lines += ["", "Where a baseline fails (its error):", ""]
-            for r in results["jvp"]:
-                for k, e in r["methods"].items():
-                    if not e.get("runs"):
-                        lines.append(f"- {r['model']} {r['mode']}, {k}: `{e['error'][:150]}`")
-        if "targets" in results:
-            met = [t for t in results["targets"] if t["met"]]
-            lines += ["", f"Targets met: {len(met)}/{len(results['targets'])}."]
-            for t in results["targets"]:
-                if not t["met"]:
-                    lines.append(f"- not met: {t['model']} {t['mode']}, {t['target']}: {t['value']:.2f}x "
-                                 f"(target ≤ {t['limit']})")
-    if "sweep" in results:
-        s = results["sweep"]
-        lines += ["", f"**Figure 5 (left)**, LeNet with {s['num_classes']} outputs, seconds per training step:", "",
-                  "| batch | " + " | ".join(s["times_s"]) + " | Spectral / Frobenius | exact / Spectral |",
-                  "|---" * (len(s["times_s"]) + 3) + "|"]
-        for i, b in enumerate(s["batches"]):
-            cells = [_fmt(s["times_s"][k][i], ".4f") for k in s["times_s"]]
-            sf = s["ratios"].get("spectral_vs_frobenius", [None] * (i + 1))[i]
-            es = s["ratios"].get("exact_vs_spectral", [None] * (i + 1))[i]
-            lines.append(f"| {b} | " + " | ".join(cells) + f" | {_fmt(sf)} | {_fmt(es, '.0f')} |")
-    for s in results.get("sweep_outputs", []):
-        lines += ["", f"With {s['num_classes']} outputs: exact σ costs "
-                  + ", ".join(f"{_fmt(e, '.0f')}x (batch {b})" for b, e in
-                              zip(s["batches"], s["ratios"].get("exact_vs_spectral", [])) if e is not None)
-                  + " the Spectral step."]
-    if "trace" in results:
-        lines += ["", "**Trace cost** (one-off, train mode; paid back after this many Jv calls against the fastest "
-                  "route that needs no trace):", "",
-                  "| model | trace + flip + emit s | partition s | = new-batch Jv calls | against | paid back after |",
-                  "|---|---|---|---|---|---|"]
-        for r in results["trace"]:
-            lines.append(f"| {r['model']} | {r['trace_s']:.2f} | {r['partition_s']:.2f} | "
-                         f"{r['trace_in_new_calls']:.0f} | {_BASELINE_NAMES.get(r['baseline'], r['baseline'])} | "
-                         f"{_fmt(r['calls_to_amortize'], '.0f')} calls |")
-    return "\n".join(lines) + "\n"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_jvp(rows: list[dict], path) -> None:
-    """Bar chart: each method's time per model/mode, as a multiple of ``torch.func.jvp`` (or double-backward
-    where it fails); failing baselines marked."""
-    plt = _plt()
-    keys = [k for k in JVP_METHODS if k != "forward" and any(k in r["methods"] for r in rows)]
-    fig, ax = plt.subplots(figsize=(max(6, 1.4 * len(rows)) + 2, 4))
-    width = 0.8 / max(1, len(keys))
-    for j, k in enumerate(keys):
-        xs, ys = [], []
-        for i, r in enumerate(rows):
-            m = r["methods"]
-            base = "func_jvp" if m.get("func_jvp", {}).get("runs") else "double_backward"
-            e = m.get(k)
-            if e and e.get("runs") and "time_s" in e:
-                xs.append(i + j * width)
-                ys.append(e["time_s"] / m[base]["time_s"])
-            elif e:  # cannot run: a red x at the bottom of its slot
-                ax.text(i + j * width, 0.03, "x", ha="center", color="red", fontsize=9,
-                        transform=ax.get_xaxis_transform())
-        ax.bar(xs, ys, width, label=k)
-    ax.axhline(1.0, color="gray", lw=0.8)
-    ax.set_yscale("log")
-    ax.set_xticks([i + 0.4 - width / 2 for i in range(len(rows))])
-    ax.set_xticklabels([f"{r['model']}\n{r['mode']}" for r in rows], fontsize=8)
-    ax.set_ylabel("time / torch.func.jvp\n(/ double-backward where it fails)")
-    ax.set_title("Jv against autograd (x = cannot run)")
-    ax.legend(fontsize=7, ncol=1, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_sweep(sweeps: list[dict], path) -> None:
-    """Figure 5 (left): seconds per batch against batch size, log-log, one panel per output width."""
-    plt = _plt()
-    fig, axes = plt.subplots(1, len(sweeps), figsize=(5.2 * len(sweeps), 3.9), squeeze=False)
-    names = dict(forward="forward pass", plain="plain step", spectral="Spectral", spectral_bound="Spectral-Bound",
-                 frobenius="Frobenius", exact="exact σ (full Jacobian)")
-    for ax, s in zip(axes[0], sweeps):
-        for k, ts in s["times_s"].items():
-            pts = [(b, t) for b, t in zip(s["batches"], ts) if t is not None]
-            if pts:
-                ax.loglog(*zip(*pts), "o-", ms=3, label=names.get(k, k))
-        ax.set_xlabel("batch size")
-        ax.set_ylabel("seconds per batch")
-        ax.set_title(f"LeNet, {s['num_classes']} outputs (CPU)")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_trace(rows: list[dict], path, steps: int = 200) -> None:
-    """Cumulative time over training steps: jvpgraph (trace once, then new-batch Jv) against double-backward."""
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    for r in rows:
-        n = range(steps + 1)
-        line, = ax.plot(n, [r["trace_s"] + r["partition_s"] + k * r["new_s"] for k in n], label=f"{r['model']}")
-        ax.plot(n, [k * r["baseline_s"] for k in n], ls="--", color=line.get_color())
-    ax.set_xlabel("Jv calls")
-    ax.set_ylabel("cumulative seconds")
-    ax.set_title("jvpgraph: trace once (solid) vs torch.func.jvp\nor double-backward where it fails (dashed)",
-                 fontsize=9)
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 # ------------------------------------------------------------------ the whole suite
 PARTS = ("jvp", "sweep", "trace")
-README_BEGIN = "<!-- bench:begin (generated by `jvpgraph bench --readme`) -->"
-README_END = "<!-- bench:end -->"
 
 
 def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
         modes: Iterable[str] = ("eval", "train"), repeats: int = 20, batches=(1, 2, 4, 8, 16, 32, 64, 128, 256),
-        compile: bool = False, readme=None, log: Callable[[str], None] = print) -> dict:
-    """Run the suite, write ``out/bench.json``, the plots and ``out/bench.md``; return the results.
+        compile: bool = False, readme=None, checks: Callable[[list[dict]], list[dict]] | None = None,
+        notes: dict[str, list[str]] | None = None, log: Callable[[str], None] = print) -> dict:
+    """Run the suite, write ``out/bench.json``, then the report (:func:`jvpgraph.experiments.bench_report.
+    write_report`: ``bench.md``, the plots, ``readme``'s generated section); return the results.
 
-    ``readme``: a README whose section between the ``bench:begin``/``bench:end`` markers is replaced by
-    ``bench.md`` (the committed README section is generated, never typed).
+    ``checks(rows)``: targets to check on the :func:`jvp_table` rows (``[dict(model, mode, target, value, limit,
+    met)]``), saved as ``results["targets"]``; ``notes``: prose per part to print under its table, saved as
+    ``results["notes"]``. jvpgraph has neither: ``benchmarks/bench.py`` passes the project's.
 
     Example:
         >>> import tempfile, pathlib
@@ -703,6 +503,8 @@ def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
     """
     import json
     from pathlib import Path
+
+    from .bench_report import write_report
 
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -718,6 +520,8 @@ def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
     path = out / "bench.json"
     results = json.loads(path.read_text()) if path.exists() else {}
     results["meta"] = machine()
+    if notes is not None:
+        results["notes"] = notes
 
     def save():
         path.write_text(json.dumps(results, indent=1))
@@ -727,28 +531,16 @@ def run(out, parts: Iterable[str] = PARTS, models: Iterable[str] | None = None,
         t0 = time.perf_counter()
         results["jvp"] = jvp_table(models, modes, repeats=repeats, methods=methods,
                                    progress=lambda s: log(f"jvp: {s} ({time.perf_counter() - t0:.0f} s)"))
-        results["targets"] = targets(results["jvp"])
+        results["targets"] = checks(results["jvp"]) if checks is not None else []
         save()
-        plot_jvp(results["jvp"], out / "jvp.png")
     if "sweep" in parts:
         results["sweep"] = batch_sweep(batches, 10, max(3, repeats // 2), progress=lambda s: log(f"sweep: {s}"))
         wide = [b for b in batches if b <= 64]
         results["sweep_outputs"] = [batch_sweep(wide, 1000, max(3, repeats // 4), exact_max_s=20.0,
                                                 progress=lambda s: log(f"sweep, 1000 outputs: {s}"))]
         save()
-        plot_sweep([results["sweep"], *results["sweep_outputs"]], out / "figure5_left.png")
     if "trace" in parts:
         results["trace"] = trace_cost(models, repeats, progress=lambda s: log(f"trace: {s}"))
-        save()
-        plot_trace(results["trace"], out / "trace_amortization.png")
-    md = markdown(results)
-    (out / "bench.md").write_text(md)
-    if readme is not None:
-        readme = Path(readme)
-        text = readme.read_text()
-        if README_BEGIN not in text or README_END not in text:
-            raise ValueError(f"{readme} has no {README_BEGIN} ... {README_END} section to replace")
-        head, rest = text.split(README_BEGIN, 1)
-        _, tail = rest.split(README_END, 1)
-        readme.write_text(head + README_BEGIN + "\n" + md + README_END + tail)
+    save()
+    write_report(out, results, readme)
     return results
