@@ -1102,7 +1102,7 @@ class _Tracer:
             warnings.warn(f"jvpgraph: {self.name} writes in place into its parameters or inputs" +
                           ("" if written.startswith("<unknown") else f"\n  at {written}") +
                           "\n  jvpgraph computes on copies and does not write into what it is given (outputs and Jv "
-                          "are those of the function on its values)", stacklevel=5)
+                          "are those of the function on its values)", stacklevel=4)
         return gm, a
 
     def _flat_fn(self, *flat):
@@ -1201,7 +1201,7 @@ def _trace_program(f: Callable, inputs: tuple, *, bn: str = "batch", specialize:
     graph = gm.graph
     _drop_writes_into_constants(graph, f)
     if _has_leftover_mutations(graph):
-        gm = _refunctionalize(gm, example, used.mode)
+        gm = _refunctionalize(gm, example, "real" if used.mode == "real" else "fake")
         graph = gm.graph
     names = [f"p_{_sanitize(k)}" for k in tracer.params] + [f"b_{_sanitize(k)}" for k in tracer.buffers]
     names += [f"x{i}" if len(tracer.flat_in) > 1 else "x" for i in range(len(tracer.flat_in))]
