@@ -89,13 +89,18 @@ def check(f) -> bool:
             "DistributedDataParallel (docs/howto/distributed.md), or an unsharded copy of the model.")
     for name, m, pgs in groups:
         for pg in pgs:
-            policy = getattr(pg, "mp_policy", None)
-            if policy is not None and (getattr(policy, "output_dtype", None) is not None or any(
-                    getattr(policy, "param_dtype", None) not in (None, fp.sharded_param.dtype) for fp in pg.fsdp_params)):
-                raise NotImplementedError(
-                    f"{what}: {name} is sharded with fully_shard and a mixed-precision policy ({policy}); jvpgraph "
-                    "gathers the parameters in their own dtype and would differentiate another function than the "
-                    f"one FSDP runs. {runs}")
+            # The policy sits on the group (torch 2.14), on the state (2.15) and on each parameter (both).
+            held = [getattr(pg, "mp_policy", None), getattr(m._get_fsdp_state(), "_mp_policy", None)]
+            held += [getattr(fp, "mp_policy", None) for fp in pg.fsdp_params]
+            for policy in (p for p in held if p is not None):
+                if (getattr(policy, "output_dtype", None) is not None
+                        or getattr(policy, "param_dtype_override_fn", None) is not None
+                        or any(getattr(policy, "param_dtype", None) not in (None, fp.sharded_param.dtype)
+                               for fp in pg.fsdp_params)):
+                    raise NotImplementedError(
+                        f"{what}: {name} is sharded with fully_shard and a mixed-precision policy ({policy}); "
+                        "jvpgraph gathers the parameters in their own dtype and would differentiate another function "
+                        f"than the one FSDP runs. {runs}")
             if getattr(pg, "gradient_divide_factor", None) is not None:
                 raise NotImplementedError(
                     f"{what}: {name} is sharded with fully_shard and a custom gradient divide factor; "
