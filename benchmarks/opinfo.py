@@ -70,9 +70,6 @@ WHY_SECOND = {
     "nn.functional.ctc_loss": "refused: PyTorch has no derivative for aten::_ctc_loss_backward, which the Jv rule "
     "calls (the alignment posteriors): autograd through the Jv graph raises PyTorch's 'derivative for "
     "aten::_ctc_loss_backward is not implemented'; a rule would need a differentiable forward-backward recursion",
-    "_segment_reduce.lengths": "refused: the Jv rule calls aten::_segment_reduce_backward, which has no derivative "
-    "in PyTorch ('derivative for aten::_segment_reduce_backward is not implemented')",
-    "_segment_reduce.offsets": "as _segment_reduce.lengths",
     "scatter": "refused on the samples with scatter's deprecated reduce='add'/'multiply': PyTorch has no derivative "
     "for aten::scatter with reduce at all (eager backward raises the same 'derivative for aten::scatter is not "
     "implemented'); the other samples pass",
@@ -92,7 +89,7 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None,
                  order: int = 1, max_samples: int = 0) -> str:
     out.parent.mkdir(parents=True, exist_ok=True)
     if order == 2:
-        return write_second_order_report(rows, out, final, max_samples)
+        return write_second_order_report(rows, out, final, max_samples, updated)
     judged = [r for r in rows if r["status"] != "skip"]
     no_fwd = [r for r in judged if not r.get("forward_ad")]
     passed = sum(r["status"] == "pass" for r in judged)
@@ -131,13 +128,15 @@ def _tables(rows, why: dict, not_passing: tuple, why_len: int, detail_len: int) 
     return md
 
 
-def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0) -> str:
+def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0,
+                              updated: list[str] | None = None) -> str:
     judged = [r for r in rows if r["status"] in ("pass", "fail", "error")]
     passed = sum(r["status"] == "pass" for r in judged)
     undecided = [r for r in rows if r["status"] == "undecided"]
     summary = dict(order=2, dtype="float64", entries=len(rows), judged=len(judged), passed=passed,
                    undecided=len(undecided), skipped=len(rows) - len(judged) - len(undecided),
-                   torch=torch.__version__, complete=final, max_samples=max_samples)  # 0: every sample
+                   torch=torch.__version__, complete=final, max_samples=max_samples,  # 0: every sample
+                   updated_after_sweep=updated or [])
     out.with_suffix(".json").write_text(json.dumps(dict(summary=summary, rows=rows), indent=2))
     head = (("" if final else "(partial run: stopped before the end) ") +
             f"Second-order OpInfo sweep, float64, CPU, torch {torch.__version__}: {passed}/{len(judged)} judged "
@@ -154,6 +153,8 @@ def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0
           "and 1e-5 where a kink or a jump lies within the step; inputs along which `f` jumps at `x` (a ±1 target) "
           "are not moved. `jvpgraph.testing.check_opinfo_sample_second_order`; the entries are those the "
           "first-order sweep (benchmarks/results/opinfo.md) passes.", ""]
+    if updated:
+        md += [f"Entries re-run after the full sweep (rules added since): {', '.join(updated)}.", ""]
     md += _tables(rows, WHY_SECOND, ("fail", "error", "undecided"), 200, 160)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return head
@@ -232,7 +233,8 @@ def main(argv=None) -> int:
         fresh = {(r["op"], r.get("variant", "")): r for r in rows}
         merged = [fresh.pop((r["op"], r.get("variant", "")), r) for r in old["rows"]] + list(fresh.values())
         updated = sorted(set(old["summary"].get("updated_after_sweep", [])) | {r["op"] for r in rows})
-        print(write_report(merged, Path(args.out), final=True, updated=updated, dtype=args.dtype))
+        print(write_report(merged, Path(args.out), final=True, updated=updated, dtype=args.dtype, order=args.order,
+                           max_samples=old["summary"].get("max_samples", args.max_samples)))
         return 0
     print(write_report(rows, Path(args.out), final=True, dtype=args.dtype, order=args.order,
                        max_samples=args.max_samples))

@@ -300,6 +300,12 @@ class _Skip(Exception):
     """A sample with nothing to judge (its message says why)."""
 
 
+def _identical(a, b) -> bool:
+    """The same values, NaN where the other has NaN (``torch.equal`` calls a NaN output different from itself:
+    a deterministic op whose output holds NaN, a mean over an empty segment, was taken for a random one)."""
+    return a.shape == b.shape and bool(torch.isclose(a, b, rtol=0, atol=0, equal_nan=True).all())
+
+
 def _opinfo_function(op, sample, seed: int):
     """``(f, xs, vs, out, random)`` for one OpInfo sample: ``f`` of its floating-point and complex tensor
     arguments, those arguments, random tangents for them, ``f``'s value, and whether two evaluations under
@@ -328,7 +334,7 @@ def _opinfo_function(op, sample, seed: int):
             torch.manual_seed(seed)
             out = f(*xs)
             torch.manual_seed(seed + 1)
-            random = any(not torch.equal(a, b) for a, b in zip(_float_leaves(out), _float_leaves(f(*xs))))
+            random = any(not _identical(a, b) for a, b in zip(_float_leaves(out), _float_leaves(f(*xs))))
     except Exception as e:  # noqa: BLE001
         raise _Skip(f"the sample itself fails: {type(e).__name__}") from None
     if not _float_leaves(out):
@@ -355,9 +361,9 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
         # matters (dropout_p = 0) the comparison stands; else no evaluation pairs the same draws.
         torch.manual_seed(seed + 1)
         again = traced.jvp(xs, vs)[0]
-        if any(not torch.equal(a, b) for a, b in zip(_float_leaves(got), _float_leaves(again))):
+        if any(not _identical(a, b) for a, b in zip(_float_leaves(got), _float_leaves(again))):
             return "skip", "random: the op reseeds the RNG inside the call (OpInfo's wrapper_set_seed)"
-    if random and any(not torch.equal(a, b) for a, b in zip(_float_leaves(got), _float_leaves(out))):
+    if random and any(not _identical(a, b) for a, b in zip(_float_leaves(got), _float_leaves(out))):
         # a random op (attention dropout) whose graph draws its numbers in another order than eager: no
         # reference sees the same mask, so nothing can be compared (tests/test_rules.py checks such ops on
         # the mask jvpgraph drew)
@@ -367,7 +373,7 @@ def _check_opinfo_sample(op, sample, seed: int) -> tuple[str, str]:
     def run_reference(jvp_fn):
         torch.manual_seed(seed)
         primal, tangent = jvp_fn(f, xs, vs)
-        if random and any(not torch.equal(a, b) for a, b in zip(_float_leaves(primal), _float_leaves(out))):
+        if random and any(not _identical(a, b) for a, b in zip(_float_leaves(primal), _float_leaves(out))):
             raise RuntimeError("draws other random numbers than eager under the same seed")
         return _float_leaves(tangent)
 

@@ -116,3 +116,24 @@ def test_opinfo_entry_second_order(name):
     assert judged, f"{name}: no sample could be judged: {results}"
     bad = [r for r in judged if r[0] != "pass"]
     assert not bad, f"{name}: {len(bad)}/{len(judged)} samples fail: {bad[:3]}"
+
+
+@pytest.mark.skipif(not _hvp_works(), reason="torch < 2.14: jvpgraph refuses Hv (wrong there)")
+@pytest.mark.parametrize("variant", ["lengths", "offsets"])
+@pytest.mark.parametrize("reduce", ["prod", "mean"])
+def test_segment_reduce_second_order_with_zeros(variant, reduce):
+    """The derivatives of segment_reduce's Jv, and Hv through its backward kernel, where segments hold one, two
+    and three zeros, an empty segment and (unsafe) an element in none: OpInfo's samples hold no zeros, and prod's
+    'product of the others' is where a zero's own derivative can be lost."""
+    from torch.testing._internal.opinfo.core import SampleInput
+
+    op = _entry(f"_segment_reduce.{variant}")
+    g = torch.Generator().manual_seed(0)
+    data = torch.randn(11, 2, dtype=torch.float64, generator=g) + 2
+    data[[1, 3, 4, 6, 7, 8], 0] = 0.0  # segments of column 0: one zero, two zeros, three zeros, none, empty
+    lengths = torch.tensor([3, 2, 4, 0, 1])
+    seg = dict(lengths=lengths) if variant == "lengths" else dict(offsets=torch.cat([torch.zeros(1, dtype=torch.long),
+                                                                                     lengths.cumsum(0)]))
+    results = [check_opinfo_sample_second_order(op, SampleInput(data, args=(reduce,), kwargs=dict(
+        axis=0, unsafe=True, initial=initial, **seg)), seed=k) for k, initial in enumerate((None, 2.0))]
+    assert all(r[0] == "pass" for r in results), results

@@ -959,20 +959,111 @@ defrule([aten._ctc_loss.default, aten._ctc_loss.Tensor], _ctc_loss, "batch")
 
 
 # ------------------------------------------------------------------ segment_reduce (no forward AD in PyTorch)
+# Every element of `data` feeds exactly one segment, so J has one nonzero per column, w (Jᵀ1: 1 for sum, 1/n
+# for mean, the tie share for max/min, the product of the others for prod), and J t sums w * t over each
+# segment. w is written in differentiable ops, as PyTorch's _segment_reduce_backward computes it: that kernel
+# has no derivative, and a rule calling it gave a Jv graph autograd could not differentiate (second order).
+class _Segments:
+    """The segments of ``segment_reduce(data, ..., lengths= | offsets=, axis=)``: ``at(y)`` spreads a tensor
+    of the output's shape onto the elements (each gets its segment's value), ``sum(x)`` sums the elements of
+    each segment (the output's shape)."""
+
+    def __init__(self, data, lengths, offsets, axis, unsafe=False):
+        self.kw = dict(lengths=lengths, offsets=offsets, axis=axis, unsafe=unsafe)
+        if offsets is None:
+            ends = lengths.cumsum(-1)
+            offsets = torch.cat([torch.zeros_like(ends[..., :1]), ends], -1)
+        n, segments = data.shape[axis], offsets.shape[-1] - 1
+        pos = torch.arange(n, device=data.device, dtype=offsets.dtype).expand(*offsets.shape[:-1], n)
+        ids = torch.searchsorted(offsets[..., 1:].contiguous(), pos.contiguous(), right=True)
+        inside = (pos >= offsets[..., :1]) & (pos < offsets[..., -1:])  # (unsafe=True: the rest is in none)
+        ids = ids.clamp(0, max(segments - 1, 0))  # an element outside every segment: sum() leaves it out
+        shape = ids.shape + (1,) * (data.dim() - axis - 1)
+        self.ids = ids.reshape(shape).expand(data.shape)
+        self.inside = inside.reshape(shape).expand(data.shape)
+        self.axis = axis
+
+    def at(self, y):
+        return torch.gather(y, self.axis, self.ids)
+
+    def sum(self, x):
+        return aten.segment_reduce(x, "sum", **self.kw)
+
+
+def _segment_parts(seg, out, data, reduce, initial):
+    """Jᵀ1 of segment_reduce per element, and for prod what its derivative needs (see _segment_weight_tangent)."""
+    if reduce == "sum":
+        return torch.ones_like(data), None
+    if reduce == "mean":  # (sum + initial) / n: 1/n whatever the initial value
+        return 1 / seg.at(seg.sum(torch.ones_like(data))).clamp(min=1), None
+    if reduce in ("max", "min"):  # the tie share (a NaN is the extremum it gives)
+        at_out = seg.at(out)
+        hit = (data == at_out) | (data.isnan() & at_out.isnan())
+        share = 1 / seg.at(seg.sum(hit.to(data.dtype))).clamp(min=1)
+        return torch.where(hit, share, torch.zeros_like(data)), None
+    if reduce != "prod":
+        raise NotImplementedError(f"segment_reduce with reduce={reduce!r}")
+    # A nonzero element: out / x. A zero: the product of the others, written so that its derivative is right
+    # too: the nonzero elements' product (times the initial value) times the other zeros' product, which is
+    # 1 without other zeros, the other zero itself with one (value 0, derivative 1), 0 with more.
+    zero = data == 0
+    ones = torch.where(zero, torch.ones_like(data), data)
+    nonzero_prod = aten.segment_reduce(ones, "prod", initial=initial, **seg.kw)
+    zero_vals = torch.where(zero, data, torch.zeros_like(data))
+    other_zeros = seg.at(seg.sum(zero.to(data.dtype))) - 1
+    others = seg.at(seg.sum(zero_vals)) - zero_vals
+    z = torch.where(other_zeros == 0, torch.ones_like(data), torch.where(other_zeros == 1, others,
+                                                                            torch.zeros_like(data)))
+    w = torch.where(zero, seg.at(nonzero_prod) * z, seg.at(out) / ones)
+    return w, (zero, ones, nonzero_prod, other_zeros, z)
+
+
+def _segment_weight_tangent(seg, parts, out, data, t_out, t_data):
+    """The tangent of prod's Jᵀ1 (``_segment_parts``) for tangents of the output and the data (None: zero)."""
+    zero, ones, nonzero_prod, other_zeros, z = parts
+    t_out = torch.zeros_like(out) if t_out is None else t_out
+    if t_data is None:
+        return torch.where(zero, torch.zeros_like(data), seg.at(t_out) / ones)
+    nothing = torch.zeros_like(data)
+    t_prod = nonzero_prod * seg.sum(torch.where(zero, nothing, t_data / ones))
+    t_zero_vals = torch.where(zero, t_data, nothing)
+    t_z = torch.where(other_zeros == 1, seg.at(seg.sum(t_zero_vals)) - t_zero_vals, nothing)
+    return torch.where(zero, seg.at(t_prod) * z + seg.at(nonzero_prod) * t_z,
+                       seg.at(t_out) / ones - seg.at(out) * t_data / (ones * ones))
+
+
 def _segment_reduce(ts, out, data, reduce, *, lengths=None, indices=None, offsets=None, axis=0, unsafe=False,
                     initial=None):
-    # Every element of `data` feeds exactly one segment, so J has one nonzero per column: the backward with
-    # grad = 1 gives all of them at once (Jᵀ1: 1 for sum, 1/n for mean, the tie share for max/min, the product
-    # of the others for prod), and J t sums Jᵀ1 * t over each segment.
     if indices is not None:
         raise NotImplementedError("segment_reduce with indices")
-    weight = aten._segment_reduce_backward(torch.ones_like(out), out, data, reduce, lengths=lengths,
-                                           offsets=offsets, axis=axis, initial=initial)
-    return aten.segment_reduce(weight * ts[0], "sum", lengths=lengths, offsets=offsets, axis=axis,
-                               unsafe=unsafe, initial=0 if initial is not None else None)
+    if ts[0] is None:
+        return None
+    seg = _Segments(data, lengths, offsets, axis, unsafe)
+    w, _ = _segment_parts(seg, out, data, reduce, initial)
+    return seg.sum(w * ts[0])
 
 
 defrule(aten.segment_reduce, _segment_reduce, "linear")
+
+
+def _segment_reduce_backward(ts, out, grad, output, data, reduce, *, lengths=None, offsets=None, axis=0,
+                             initial=None):
+    # grad spread onto the elements times Jᵀ1: linear in grad; in output and data piecewise constant for sum,
+    # mean, max and min (a mask, the counts), and for prod the tangent of Jᵀ1 (it appears in the gradient's
+    # graph, jvpgraph.hvp; PyTorch gives the kernel no derivative).
+    t_grad, t_out, t_data = ts[0], ts[1], ts[2]
+    kw = dict(lengths=lengths, offsets=offsets, axis=axis, initial=initial)
+    t = None if t_grad is None else aten._segment_reduce_backward(t_grad, output, data, reduce, **kw)
+    if reduce != "prod" or (t_out is None and t_data is None):
+        return t
+    seg = _Segments(data, lengths, offsets, axis, unsafe=True)  # the kernel does not check the lengths
+    _, parts = _segment_parts(seg, output, data, reduce, initial)
+    dw = seg.at(grad) * _segment_weight_tangent(seg, parts, output, data, t_out, t_data)
+    dw = torch.where(seg.inside, dw, torch.zeros_like(dw))  # the kernel gives an element in no segment 0
+    return dw if t is None else t + dw
+
+
+defrule(aten._segment_reduce_backward.default, _segment_reduce_backward, "coupled")
 
 
 # ------------------------------------------------------------------ torchvision's detection ops
