@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import gc
 import json
 import sys
@@ -102,17 +103,19 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
     try:
         curv = jvpgraph.Curvature(model, loss_fn)
         t0 = time.perf_counter()
-        hv = _seeded(lambda: curv.hvp(v, x, y))()
+        hv = _seeded(functools.partial(curv.hvp, v, x, y))()
         row["first_hvp_s"] = time.perf_counter() - t0  # tracing, the gradient's graph, flipping it, one pass
         t0 = time.perf_counter()
-        hv2 = _seeded(lambda: curv.hvp(v, x, y))()
+        hv2 = _seeded(functools.partial(curv.hvp, v, x, y))()
         row["hvp_s"] = time.perf_counter() - t0
         row["repeatable"] = testing.max_rel_err(_flat(hv2), _flat(hv)) == 0
+        del hv2  # the largest models (600M parameters) hold a few copies of them at once: no more than needed
     except Exception as e:  # noqa: BLE001
         return {**row, "ok": False, "error": f"jvpgraph: {type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
     row["state_unchanged"] = not before.changes(model)
     del curv
     mine = _flat(hv)
+    del hv
     twin = copy.deepcopy(model)  # the references' own copy (train mode moves its running statistics)
     if twice_differentiable(twin):
         row["reference_note"] = "hardsigmoid written as relu6(x + 3) / 6 (its backward has no derivative)"
@@ -143,6 +146,7 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
             flat = _flat(ref, names)
             row[f"{key}_finite"] = bool(torch.isfinite(flat).all())
             row[f"{key}_rel_err"] = testing.max_rel_err(mine, flat)
+            del ref, flat
         except Exception as e:  # noqa: BLE001 - a reference that cannot run is a result, not a crash
             row[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
         gc.collect()

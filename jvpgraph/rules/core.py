@@ -970,6 +970,7 @@ class _Segments:
 
     def __init__(self, data, lengths, offsets, axis, unsafe=False):
         self.kw = dict(lengths=lengths, offsets=offsets, axis=axis, unsafe=unsafe)
+        axis = axis % data.dim()
         if offsets is None:
             ends = lengths.cumsum(-1)
             offsets = torch.cat([torch.zeros_like(ends[..., :1]), ends], -1)
