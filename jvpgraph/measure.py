@@ -3,7 +3,8 @@
 ``torch.cuda.max_memory_allocated`` exists only for CUDA; on the CPU the process RSS is noisy and never goes
 down. :class:`PeakTensorMemory` instead watches every aten op while a block runs and keeps the running total
 of bytes held by the tensor storages created inside it (views share their base's storage and are counted
-once; storages that existed before — parameters, inputs — are not counted). Its ``peak`` is the largest
+once; storages that existed before — parameters, inputs, and views or detaches of them made inside — are not
+counted). Its ``peak`` is the largest
 that total got: the working memory of the block, comparable between two ways of computing the same thing.
 
 Example:
@@ -58,11 +59,15 @@ class PeakTensorMemory(TorchDispatchMode):
         else:
             out = func(*args, **(kwargs or {}))
         self._collect()
+        # an output on an argument's storage (a view, detach, an in-place op) holds nothing new: counted with
+        # its base if the base was made inside, not at all if it was made before (a parameter's detach)
+        given = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs))
+                 if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         for t in pytree.tree_leaves(out):
             if isinstance(t, torch.Tensor) and t.layout == torch.strided:
                 st = t.untyped_storage()
                 key = st._cdata
-                if key not in self._live and st.nbytes() > 0:
+                if key not in self._live and key not in given and st.nbytes() > 0:
                     self._live[key] = (StorageWeakRef(st), st.nbytes())
                     self.current += st.nbytes()
         self.peak = max(self.peak, self.current)

@@ -18,6 +18,15 @@ def test_views_count_once_and_inputs_not_at_all():
     assert m.peak == MB
 
 
+def test_views_and_detaches_of_outside_tensors_are_not_counted():
+    w = torch.zeros(MB // 4, requires_grad=True)  # 1 MiB, made outside: a parameter
+    with PeakTensorMemory() as m:
+        d = w.detach()          # shares w's storage
+        _ = d.view(-1, 4)[1:]   # a view of that
+        _ = d * 2               # 1 MiB: the only new storage
+    assert m.peak == MB
+
+
 def test_freed_storage_lowers_the_running_total():
     with PeakTensorMemory() as m:
         for _ in range(5):
