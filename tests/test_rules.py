@@ -804,3 +804,43 @@ def test_lstsq_every_output_matches_finite_differences(driver, a_shape, b_shape)
     w = torch.randn_like(A)
     eps = 1e-5
     torch.testing.assert_close((g * w).sum(), (s(A + eps * w) - s(A - eps * w)) / (2 * eps), rtol=1e-6, atol=1e-8)
+
+
+@torch.library.custom_op("jvpgraph_test::softclip", mutates_args=())
+def _softclip(x: torch.Tensor) -> torch.Tensor:
+    return 2 * torch.tanh(x)
+
+
+@_softclip.register_fake
+def _(x):
+    return torch.empty_like(x)
+
+
+def _softclip_setup(ctx, inputs, output):
+    ctx.save_for_backward(output)
+
+
+_softclip.register_autograd(lambda ctx, g: g * (2 - ctx.saved_tensors[0] ** 2 / 2), setup_context=_softclip_setup)
+
+
+@pytest.mark.parametrize("detach", [False, True])
+def test_a_written_rules_own_derivative_is_the_second_derivative(detach):
+    """Autograd through the emitted graph differentiates a written rule whole: the gradient of ⟨u, Jv⟩ is the
+XX, and a ``.detach()`` in the rule is
+    traced as an alias (docs/howto/verify-custom-op.md), so it does not hold ``out`` constant."""
+    from jvpgraph.rules import RULES, defjvp
+
+    op = torch.ops.jvpgraph_test.softclip.default
+    hold = (lambda o: o.detach()) if detach else (lambda o: o)
+    defjvp(op, lambda t, out, x: (2 - hold(out) * hold(out) / 2) * t)
+    try:
+        torch.manual_seed(0)
+        x = torch.randn(4, 5, dtype=torch.float64, requires_grad=True)
+        v, u = torch.randn(4, 5, dtype=torch.float64), torch.randn(4, 5, dtype=torch.float64)
+        _, jv = jvpgraph.jvp(_softclip, (x,), (v,))
+        torch.testing.assert_close(jv, 2 * (1 - torch.tanh(x) ** 2) * v)
+        got = torch.autograd.grad((u * jv).sum(), x)[0]
+        th = torch.tanh(x.detach())
+        torch.testing.assert_close(got, u * v * (-4 * th * (1 - th ** 2)), rtol=1e-12, atol=1e-14)
+    finally:
+        RULES.pop(op)

@@ -133,6 +133,9 @@ def defjvp(ops, *edges: Callable | None, kind: str = "elementwise", override: bo
     """Register one local-Jacobian function per positional argument (``None``: no tangent flows).
 
     ``edges[i](t_i, out, *args, **kwargs)`` returns arg ``i``'s contribution to the output tangent.
+    Write it in differentiable ops of ``out`` and the arguments: autograd through the emitted graph (a Jacobian
+    penalty's gradient, :func:`jvpgraph.hvp`) differentiates everything a rule computes, and a ``.detach()``
+    in a rule is traced as an alias, so it holds nothing constant.
 
     Example:
         >>> import torch
