@@ -47,11 +47,17 @@ aten = torch.ops.aten
 class _AboveAutograd(fx.Interpreter):
     """Runs a traced program for autograd to record, with the ops of :data:`_WITHOUT_SECOND_DERIVATIVE`
     (fused attention, cdist, ...) replaced by their math: their backward ops have no derivative of their own,
-    the math's ops all do. Everything else is called as traced."""
+    the math's ops all do; and views as reshapes, since the math's outputs need not have the kernels' strides.
+    Everything else is called as traced."""
 
     def call_function(self, target, args, kwargs):
         if target in _WITHOUT_SECOND_DERIVATIVE:
             return _WITHOUT_SECOND_DERIVATIVE[target](*args, **kwargs)
+        if target is aten.view.default:
+            # a view traced on a fused kernel's output layout (the CPU flash kernel's [B, H, L, D] output is laid
+            # out as [B, L, H, D], so timm's transpose(1, 2).reshape was a view) may not be one on the math's
+            # output: reshape is the same view where the strides allow it and a copy where they do not
+            return aten.reshape.default(*args, **kwargs)
         return super().call_function(target, args, kwargs)
 
 
@@ -311,8 +317,31 @@ class _Loss(nn.Module):
         self.loss_fn = loss_fn
 
     def forward(self, inputs, targets):
-        out = self.model(*inputs) if isinstance(inputs, (tuple, list)) else self.model(inputs)
-        return self.loss_fn(out, targets)
+        return self.loss_fn(_call(self.model, inputs), targets)
+
+
+def _call(model: nn.Module, inputs):
+    """``model`` on a batch's inputs: a tensor, a tuple of positional tensors, or a dict of keyword tensors."""
+    if isinstance(inputs, dict):
+        return model(**inputs)
+    return model(*inputs) if isinstance(inputs, (tuple, list)) else model(inputs)
+
+
+def _check_inputs(model: nn.Module, inputs) -> None:
+    """The model's inputs as :class:`Curvature` takes them, checked before any tracing."""
+    if isinstance(inputs, torch.Tensor):
+        return
+    if not isinstance(inputs, (tuple, list, dict)):
+        raise TypeError(f"inputs is a {type(inputs).__name__}: pass a tensor, a tuple of the model's positional "
+                        "tensors, or a dict of its keyword tensors (called as model(**inputs))")
+    items = inputs.items() if isinstance(inputs, dict) else enumerate(inputs)
+    for key, value in items:
+        if not isinstance(value, torch.Tensor):
+            where = f"inputs[{key!r}]"
+            raise TypeError(f"{where} is a {type(value).__name__}; Curvature passes tensors to "
+                            f"{type(model).__name__} only. Pass the inputs as a dict of keyword tensors, called as "
+                            "model(**inputs), leaving out those that are None (e.g. dict(input_ids=x, "
+                            "decoder_input_ids=d)); bind other arguments in a wrapper module")
 
 
 class _OutputLoss(nn.Module):
@@ -344,7 +373,8 @@ class Curvature:
     ``v`` is a dict ``{name: tensor}`` (the names of ``model.named_parameters()``), a tuple in that order, or
     one flat vector (their concatenation); results come back in the same form. ``params`` restricts the
     products to some parameters (names); by default every parameter with ``requires_grad``. ``inputs`` is a
-    tensor or a tuple of the model's positional inputs. Neither the model's parameters, buffers, ``training``
+    tensor, a tuple of the model's positional inputs, or a dict of its keyword inputs (``model(**inputs)``, as
+    a Hugging Face batch is passed: ``curv.hvp(v, dict(input_ids=x, decoder_input_ids=d), labels)``). Neither the model's parameters, buffers, ``training``
     flags nor the caller's random generator are changed.
 
     Example:
@@ -439,6 +469,7 @@ class Curvature:
         """``(loss, ∇L, H v)``; with ``gradient=False`` only ``H v``, from the flipped graph pruned to it (the
         primal gradients' last kernels left out: ~10% of the time on a convolutional network)."""
         vs, back = self._split(v)
+        _check_inputs(self.model, inputs)
         batch = (inputs, targets)
         if self._hessian is None:
             self._hessian = _GradientTraces(api.Traced(self._loss, batch, bn=self.bn), self._wrt)
@@ -499,7 +530,8 @@ class Curvature:
             >>> torch.testing.assert_close(v @ curv.ggnvp(v, x, y), 2 / 16 * jv.pow(2).sum(), rtol=1e-4, atol=1e-6)
         """
         vs, back = self._split(v)
-        inputs_t = inputs if isinstance(inputs, (tuple, list)) else (inputs,)
+        _check_inputs(self.model, inputs)
+        inputs_t = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)  # a dict: one argument
         if self._output is None:
             self._output = api.Traced(_ParamsAsInputs(self.model, self.names), (*self._param_values(), *inputs_t),
                                       bn=self.bn, wrt=list(range(len(self.names))))
@@ -638,4 +670,6 @@ class _ParamsAsInputs(nn.Module):
 
     def forward(self, *args: Any):
         ps, inputs = args[:len(self.names)], args[len(self.names):]
+        if len(inputs) == 1 and isinstance(inputs[0], dict):  # keyword inputs
+            return torch.func.functional_call(self.model, dict(zip(self.names, ps)), (), inputs[0], strict=False)
         return torch.func.functional_call(self.model, dict(zip(self.names, ps)), inputs, strict=False)

@@ -185,6 +185,79 @@ def test_vit_hvp_through_fused_attention_equals_the_math_kernel():
     assert _rel(hv, ref) < 1e-10
 
 
+class _TimmStyleAttention(nn.Module):
+    """Attention written as timm and Hugging Face write it: F.scaled_dot_product_attention (the CPU flash kernel in
+    the trace), then ``transpose(1, 2).reshape(B, N, C)``, a view of the kernel's output layout only."""
+
+    def __init__(self, dim=8, heads=2):
+        super().__init__()
+        self.heads = heads
+        self.qkv, self.proj, self.head = nn.Linear(dim, 3 * dim), nn.Linear(dim, dim), nn.Linear(dim, 3)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4).unbind(0)
+        o = F.scaled_dot_product_attention(q, k, v)
+        return self.head(self.proj(o.transpose(1, 2).reshape(B, N, C)).mean(1))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, D])
+def test_hvp_through_attention_reshaped_as_timm_does(dtype):
+    """timm's ViTs, DeiT and MobileViT failed here ('Cannot view a tensor with shape [2, 197, 192] and strides
+    (192, 384, 1)'): the gradient's graph runs fused attention as its math, whose output is laid out otherwise."""
+    torch.manual_seed(0)
+    net = _TimmStyleAttention().to(dtype)
+    x, y = torch.randn(2, 5, 8, dtype=dtype), torch.randint(0, 3, (2,))
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    hv = jvpgraph.Curvature(net, F.cross_entropy).hvp(v, x, y)
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _double_backward_hvp(net, F.cross_entropy, x, y, v)
+    assert _rel(hv, ref) < (1e-10 if dtype == D else 1e-5)
+
+
+class _KeywordModel(nn.Module):
+    """Called as Hugging Face models are, with keyword tensors and optional ones left out."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb, self.out = nn.Embedding(10, 6), nn.Linear(6, 3)
+
+    def forward(self, input_ids=None, attention_mask=None, scale=None):
+        h = torch.tanh(self.emb(input_ids))
+        if attention_mask is not None:
+            h = h * attention_mask[..., None]
+        if scale is not None:
+            h = h * scale
+        return self.out(h.sum(1))
+
+
+def test_keyword_inputs_as_a_dict():
+    """``inputs`` may be a dict of keyword tensors (``model(**inputs)``): Hv and Gv against double backward and
+    the dense Gauss-Newton product; a None among positional inputs is refused with the dict's spelling."""
+    torch.manual_seed(0)
+    net = _KeywordModel().to(D)
+    ids, mask = torch.randint(0, 10, (4, 5)), torch.rand(4, 5, dtype=D)
+    y = torch.randint(0, 3, (4,))
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    curv = jvpgraph.Curvature(net, F.cross_entropy)
+    hv = curv.hvp(v, dict(input_ids=ids, attention_mask=mask), y)
+    m = copy.deepcopy(net)
+    ps = list(m.parameters())
+    g = torch.autograd.grad(F.cross_entropy(m(input_ids=ids, attention_mask=mask), y), ps, create_graph=True)
+    ref = torch.autograd.grad(g, ps, v)
+    assert _rel(hv, ref) < 1e-10
+    # G v = Jᵀ H_L J v, J by torch.func over the keyword call
+    names = [n for n, _ in net.named_parameters()]
+    logits = lambda *p: torch.func.functional_call(net, dict(zip(names, p)), (), dict(  # noqa: E731
+        input_ids=ids, attention_mask=mask))
+    out, jv = torch.func.jvp(logits, tuple(net.parameters()), v)
+    hl = torch.func.jvp(lambda o: torch.func.grad(lambda o: F.cross_entropy(o, y))(o), (out,), (jv,))[1]
+    gv_ref = torch.func.vjp(logits, *net.parameters())[1](hl)
+    assert _rel(curv.ggnvp(v, dict(input_ids=ids, attention_mask=mask), y), gv_ref) < 1e-10
+    with pytest.raises(TypeError, match=r"inputs\[1\] is a NoneType.*dict of keyword tensors.*model\(\*\*inputs\)"):
+        curv.hvp(v, (ids, None, torch.tensor(2.0, dtype=D)), y)
+
+
 def test_finite_differences_of_the_gradient_agree():
     net = _mlp().train()
     x, y = torch.randn(7, 4, dtype=D), torch.randint(0, 3, (7,))
