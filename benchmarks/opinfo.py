@@ -105,7 +105,7 @@ def write_report(rows, out: Path, final: bool, updated: list[str] | None = None,
             f"{summary['without_forward_ad_passed']}/{summary['without_forward_ad']}")
     md = [head, ""]
     if updated:
-        md += [f"Entries re-run after the full sweep (rules added since): {', '.join(updated)}.", ""]
+        md += [f"Entries re-run after the full sweep (a rule or the checker changed since): {', '.join(updated)}.", ""]
     md += _tables(rows, WHY if dtype == "float64" else WHY_COMPLEX, ("fail", "error"), 160, 120)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return head
@@ -154,7 +154,7 @@ def write_second_order_report(rows, out: Path, final: bool, max_samples: int = 0
           "are not moved. `jvpgraph.testing.check_opinfo_sample_second_order`; the entries are those the "
           "first-order sweep (benchmarks/results/opinfo.md) passes.", ""]
     if updated:
-        md += [f"Entries re-run after the full sweep (rules added since): {', '.join(updated)}.", ""]
+        md += [f"Entries re-run after the full sweep (a rule or the checker changed since): {', '.join(updated)}.", ""]
     md += _tables(rows, WHY_SECOND, ("fail", "error", "undecided"), 200, 160)
     out.with_suffix(".md").write_text("\n".join(md) + "\n")
     return head

@@ -137,3 +137,16 @@ def test_segment_reduce_second_order_with_zeros(variant, reduce):
     results = [check_opinfo_sample_second_order(op, SampleInput(data, args=(reduce,), kwargs=dict(
         axis=0, unsafe=True, initial=initial, **seg)), seed=k) for k, initial in enumerate((None, 2.0))]
     assert all(r[0] == "pass" for r in results), results
+
+
+def test_unpool_samples_with_repeated_indices_are_not_judged():
+    """max_unpool2d with two values sent to one place keeps either write, differently from call to call on the
+    CPU (no derivative there): such samples are skipped with that reason, the others judged (and pass)."""
+    from torch.testing._internal.opinfo.core import SampleInput
+
+    op = next(o for o in op_db if o.name == "nn.functional.max_unpool2d" and o.variant_test_name == "")
+    x = torch.tensor([[[[4.0, 7.0, 7.0]]]], dtype=torch.float64)
+    kw = dict(kernel_size=3, stride=2, output_size=(3, 6))
+    status, why = check_opinfo_sample(op, SampleInput(x, args=(torch.tensor([[[[0, 1, 1]]]]),), kwargs=kw))
+    assert status == "skip" and "duplicate indices" in why
+    assert check_opinfo_sample(op, SampleInput(x, args=(torch.tensor([[[[0, 1, 5]]]]),), kwargs=kw))[0] == "pass"
