@@ -258,6 +258,24 @@ def test_keyword_inputs_as_a_dict():
         curv.hvp(v, (ids, None, torch.tensor(2.0, dtype=D)), y)
 
 
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_hvp_through_strided_dilated_convolutions_equals_double_backward(mode):
+    """The convolution_backward rule's tangents where stride, padding and dilation leave a remainder (a strided
+    3x3, a padded dilated 3x3, a 1x1 strided unevenly), with BatchNorm between."""
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 24, 3, stride=2, padding=1), nn.BatchNorm2d(24), nn.GELU(),
+                        nn.Conv2d(24, 32, 3, padding=2, dilation=2), nn.BatchNorm2d(32), nn.Tanh(),
+                        nn.Conv2d(32, 16, 1, stride=(2, 1)), nn.Flatten(), nn.LazyLinear(3)).to(D)
+    x, y = torch.randn(2, 3, 7, 7, dtype=D), torch.randint(0, 3, (2,))
+    net(x)
+    net.train(mode == "train")
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    hv = jvpgraph.Curvature(net, F.cross_entropy).hvp(v, x, y)
+    ref = _double_backward_hvp(net, F.cross_entropy, x, y, v)
+    assert all(ref[i].abs().max() > 1e-3 for i in (0, 4, 8))  # each convolution's weight has curvature
+    assert _rel(hv, ref) < 1e-10
+
+
 def test_finite_differences_of_the_gradient_agree():
     net = _mlp().train()
     x, y = torch.randn(7, 4, dtype=D), torch.randint(0, 3, (7,))
