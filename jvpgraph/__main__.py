@@ -1,5 +1,5 @@
 """``python -m jvpgraph ...`` (and ``torchrun --nproc_per_node 2 -m jvpgraph train ...``): the command line."""
 
-from .cli import main
+from .cli import console
 
-raise SystemExit(main())
+console()

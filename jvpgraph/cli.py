@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["main", "build_parser", "demo", "build_model", "load_factory", "input_shape", "input_shapes", "parse_shape",
-           "reinit_zero_layers"]
+__all__ = ["main", "console", "build_parser", "demo", "build_model", "load_factory", "input_shape", "input_shapes",
+           "parse_shape", "reinit_zero_layers"]
 
 
 def demo(batch: int = 8, seed: int = 0, show_code: int = 14, out=sys.stdout, **kwargs) -> int:
@@ -303,7 +303,12 @@ def train_cmd(args) -> int:
     finally:
         if group:
             torch.distributed.destroy_process_group()
+            global _LEFT_A_GLOO_GROUP
+            _LEFT_A_GLOO_GROUP = True
     return 0
+
+
+_LEFT_A_GLOO_GROUP = False  # set by train_cmd once it destroyed the group it joined (see console)
 
 
 def _join_launcher() -> bool:
@@ -784,5 +789,43 @@ def main(argv=None) -> int:
     return 2
 
 
+def console(argv=None) -> None:
+    """The ``jvpgraph`` console script and ``python -m jvpgraph``: :func:`main`, then the process's exit with
+    its code.
+
+    After ``jvpgraph train`` under ``torchrun`` the process flushes its output and ends with ``os._exit``,
+    skipping the interpreter's shutdown: in PyTorch 2.14 a gloo worker thread can still be dropping its last
+    reference to a finished collective when the interpreter shuts down, and the process then aborts
+    ("terminate called without an active exception", exit -6) after the run completed and wrote its results
+    (pytorch#190489; here about one two-rank run in 30 aborted so, with or without jvpgraph in the step).
+
+    Example:
+        >>> try:
+        ...     console(["no-such-command"])
+        ... except SystemExit as e:
+        ...     print(e.code)
+        2
+    """
+    code = main(argv)
+    if _LEFT_A_GLOO_GROUP:
+        _exit_skipping_shutdown(code)
+    raise SystemExit(code)
+
+
+def _exit_skipping_shutdown(code: int = 0) -> None:
+    """End the process now with ``code`` after flushing ``sys.stdout``, ``sys.stderr`` and ``logging``:
+    ``os._exit``, which runs no interpreter shutdown (no atexit handlers, no finalizers; see :func:`console`)."""
+    import logging
+    import os
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (AttributeError, OSError, ValueError):  # closed or replaced streams: nothing left to flush
+            pass
+    os._exit(int(code) if isinstance(code, int) else 1)
+
+
 if __name__ == "__main__":
-    raise SystemExit(main())
+    console()

@@ -14,6 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import jvpgraph
+from jvpgraph.cli import _exit_skipping_shutdown
 
 STEPS, GLOBAL_BATCH, LAM, N_ITER = 3, 8, 0.5, 2
 
@@ -65,3 +66,4 @@ def main(out: str, bn: bool) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1], bn="--bn" in sys.argv)
+    _exit_skipping_shutdown(0)  # PyTorch 2.14's gloo threads can abort the shutdown (jvpgraph.cli.console)

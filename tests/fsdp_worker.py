@@ -17,6 +17,7 @@ from torch.distributed.tensor import DTensor
 
 import ddp_worker
 import jvpgraph
+from jvpgraph.cli import _exit_skipping_shutdown
 from jvpgraph.experiments.meanflow import TinyDiT, meanflow_loss
 
 MEANFLOW_STEPS, MEANFLOW_BATCH = 3, 4  # per rank
@@ -103,3 +104,4 @@ def main(out: str) -> None:
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    _exit_skipping_shutdown(0)  # PyTorch 2.14's gloo threads can abort the shutdown (jvpgraph.cli.console)
