@@ -487,7 +487,7 @@ class Traced:
                 f"{seconds:.2f} s per trace). Every answer is still from a trace made for the call, but each costs "
                 + ("a trace: keep the value fixed between calls" if kind == "guard" else
                    "a trace: use a fixed batch size (e.g. drop_last=True) or pad the inputs")
-                + f". jvpgraph.explain(...) lists the traces and why each was made.", stacklevel=4)
+                + ". jvpgraph.explain(...) lists the traces and why each was made.", stacklevel=4)
 
     def _trace(self, inputs, flat_in, dynamic=None) -> _Compiled:
         """A new trace at ``inputs`` (its program, graph, flip); ``dynamic``: the dimensions to keep

@@ -212,13 +212,20 @@ def _constant_boundary(graph: fx.Graph) -> set[fx.Node]:
     return cut
 
 
-def _placeholder_examples(gm: fx.GraphModule) -> list[torch.Tensor]:
-    out = []
-    for n in gm.graph.nodes:
-        if n.op == "placeholder":
-            v = n.meta["val"]
-            out.append(torch.empty_strided(tuple(v.shape), tuple(v.stride()), dtype=v.dtype, device=v.device))
-    return out
+def _placeholder_examples(gm: fx.GraphModule):
+    """Fake tensors shaped as ``gm``'s placeholders, and their fake mode (``make_fx`` traces in it): no
+    storage, where real examples would hold a copy of every parameter (and the tangents another) during the
+    first call's flip."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+
+    fake = FakeTensorMode(allow_fallback_kernels=True, allow_non_fake_inputs=True, shape_env=ShapeEnv(),
+                          static_shapes=True)
+    with fake:
+        out = [torch.empty_strided(tuple(n.meta["val"].shape), tuple(n.meta["val"].stride()),
+                                   dtype=n.meta["val"].dtype, device=n.meta["val"].device)
+               for n in gm.graph.nodes if n.op == "placeholder"]
+    return out, fake
 
 
 class FlippedGraph:
@@ -288,13 +295,17 @@ class FlippedGraph:
         # assumes about them joins the trace's size guards)
         inputs = prog.input_nodes
         n_front = len(prog.placeholders)
+        fake = contextlib.nullcontext()
         if prog.dynamic is not None:
             mode, examples = "symbolic", [n.meta["val"] for n in prog.placeholders]
+            fake = examples[-1].fake_mode
+        elif prog.values is None:
+            mode = "fake"
+            examples, fake = _placeholder_examples(prog.gm)
         else:
-            mode = "fake" if prog.values is None else "real"
-            examples = _placeholder_examples(prog.gm) if prog.values is None else [t.clone() for t in prog.values]
+            mode, examples = "real", [t.clone() for t in prog.values]
         # fresh tensors: make_fx would give one placeholder to a tensor passed twice
-        with examples[-1].fake_mode if prog.dynamic is not None else contextlib.nullcontext():
+        with fake:
             tangent_examples = [torch.zeros_like(examples[n_front - len(inputs) + i]) for i in self.graph.wrt]
         # detach recorded as alias, as torch 2.14's make_fx does by default (older ones keep detach, which
         # cut the flipped VJP's dependence on the parameters through autograd's saved tensors); the user's

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 import torch.utils._pytree as pytree
+from torch._subclasses.fake_tensor import is_fake
 from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -33,7 +34,8 @@ __all__ = ["PeakTensorMemory", "peak_memory", "timeit", "median_times"]
 
 
 class PeakTensorMemory(TorchDispatchMode):
-    """Context manager: ``peak`` (bytes) of the storages created inside the block and alive at once.
+    """Context manager: ``peak`` (bytes) of the storages created inside the block and alive at once (real
+    ones: the fake tensors of a trace made inside the block hold no memory and are not counted).
 
     It sees the ops autograd runs in a backward pass, those that ``torch.func`` transforms lower to, and those
     inside ops written in Python with ``torch.library.custom_op``; it adds Python overhead to each op, so time
@@ -64,7 +66,8 @@ class PeakTensorMemory(TorchDispatchMode):
         given = {t.untyped_storage()._cdata for t in pytree.tree_leaves((args, kwargs))
                  if isinstance(t, torch.Tensor) and t.layout == torch.strided}
         for t in pytree.tree_leaves(out):
-            if isinstance(t, torch.Tensor) and t.layout == torch.strided:
+            # a fake or meta tensor (a trace made inside the block, make_fx's and torch.func's) holds no memory
+            if isinstance(t, torch.Tensor) and t.layout == torch.strided and not t.is_meta and not is_fake(t):
                 st = t.untyped_storage()
                 key = st._cdata
                 if key not in self._live and key not in given and st.nbytes() > 0:

@@ -45,6 +45,23 @@ def test_backward_pass_memory_is_seen():
     assert both > fwd  # the gradient (256x256) and the saved activations
 
 
+def test_fake_tensors_of_a_trace_made_inside_are_not_counted():
+    """make_fx on fake tensors inside the block allocates nothing real: the meter counted each fake tensor's
+    nominal storage (a Hessian-vector product's first call, which traces, read 8.7x its parameters' size)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    x = torch.randn(MB // 4)
+
+    def f(a):
+        return (a * 2).exp() + 1  # 3 MiB of intermediates if run for real
+
+    assert peak_memory(lambda: make_fx(f, tracing_mode="fake")(x)) < MB
+    with FakeTensorMode():
+        assert peak_memory(lambda: f(torch.empty(MB // 4))) == 0
+    assert peak_memory(lambda: f(x)) >= 2 * MB  # the same function run for real is counted
+
+
 def test_timeit_is_a_median():
     calls = []
     assert timeit(lambda: calls.append(1), repeat=5, warmup=2) >= 0

@@ -48,8 +48,9 @@ def use_blockwise(q: torch.Tensor, k: torch.Tensor) -> bool:
 def block_rows(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
     """How many query rows one block holds: its scores (``rows × S`` per batch and head; the loop holds about
     four temporaries that size) half the size of ``q`` and ``v`` together, so that the tangent's peak stays a
-    small multiple of the forward's (2.6x for 4 heads of width 16, measured; twice the rows: 3.2x, and 7% faster
-    at L = 1024); at least 8 rows (fewer only add loop overhead).
+    small multiple of the forward's (2.8x at every L up to 16384 for one 4-head layer,
+    benchmarks/results/attention_length.md; twice the rows measured 3.2x and 7% faster at L = 1024 with the
+    meter before its 2026-12-05 fix); at least 8 rows (fewer only add loop overhead).
 
     Example:
         >>> import torch
