@@ -277,6 +277,7 @@ def draw_cmd(args) -> int:
 
 
 def train_cmd(args) -> int:
+    global _LEFT_A_GLOO_GROUP
     from .experiments.runner import GRIDS, run_experiment
 
     lams, lrs, bss = args.lam, args.lr, args.batch_size
@@ -303,7 +304,6 @@ def train_cmd(args) -> int:
     finally:
         if group:
             torch.distributed.destroy_process_group()
-            global _LEFT_A_GLOO_GROUP
             _LEFT_A_GLOO_GROUP = True
     return 0
 
