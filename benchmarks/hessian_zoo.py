@@ -78,7 +78,8 @@ def twice_differentiable(model: torch.nn.Module) -> int:
     return len(swaps)
 
 
-def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params_m: float | None = None) -> dict:
+def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params_m: float | None = None,
+            func: bool = True) -> dict:
     size = SIZES.get(name, 64)
     dname = str(dtype).removeprefix("torch.")
     torch.manual_seed(0)
@@ -108,7 +109,7 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
         t0 = time.perf_counter()
         hv2 = _seeded(functools.partial(curv.hvp, v, x, y))()
         row["hvp_s"] = time.perf_counter() - t0
-        row["repeatable"] = testing.max_rel_err(_flat(hv2), _flat(hv)) == 0
+        row["repeatable"] = all(torch.equal(hv2[n], hv[n]) for n in hv)  # bit for bit, no flat copies
         del hv2  # the largest models (600M parameters) hold a few copies of them at once: no more than needed
     except Exception as e:  # noqa: BLE001
         return {**row, "ok": False, "error": f"jvpgraph: {type(e).__name__}: {str(e).splitlines()[0]}"[:300]}
@@ -137,7 +138,9 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
             return loss_fn(torch.func.functional_call(twin, (p, buffers), (x,)), y)
         return torch.func.jvp(torch.func.grad(loss_of), ({n: tparams[n].detach() for n in names},), (v,))[1]
 
-    for key, fn in (("double_backward", double_backward), ("func", func_fwd_over_rev)):
+    if not func:
+        row["func"] = "not run (--no-func: the largest models hold too much beside it)"
+    for key, fn in (("double_backward", double_backward), ("func", func_fwd_over_rev))[:2 if func else 1]:
         try:
             t0 = time.perf_counter()
             ref = _seeded(fn)()
@@ -187,6 +190,8 @@ def write_report(rows, out: Path, final: bool) -> str:
 
     def ref(r, key):
         if r.get(key) != "runs":
+            if str(r.get(key, "")).startswith("not run"):
+                return "not run"
             return f"fails: {r[key][:60]}" if key in r else "-"
         return f"runs, {r[key + '_rel_err']:.1e} from jvpgraph"
 
@@ -221,7 +226,10 @@ def write_report(rows, out: Path, final: bool) -> str:
                         f"tolerance of the reference (largest error {worst:.1e}; double-backward runs on "
                         f"{sum(r.get('double_backward') == 'runs' for r in judged)}, finite on "
                         f"{sum(_db_finite(r) for r in judged)}), torch.func forward-over-reverse"
-                        f" runs on {sum(r.get('func') == 'runs' for r in judged)}/{len(judged)}; model state "
+                        f" runs on {sum(r.get('func') == 'runs' for r in judged)}/{len(judged)}"
+                        + (f" (not run on {nf}: --no-func)" if (nf := sum(str(r.get('func', '')).startswith('not run')
+                                                                       for r in judged)) else "")
+                        + "; model state "
                         f"unchanged on {sum(bool(r.get('state_unchanged')) for r in judged)}/{len(judged)}"
                         + (f"; {len(rs) - len(judged)} skipped (size)" if len(rs) > len(judged) else ""))
     order = torchvision.models.list_models(module=torchvision.models)
@@ -249,6 +257,8 @@ def main(argv=None) -> int:
     ap.add_argument("--max-params", type=float, default=None,
                     help="skip models with more million parameters (run the largest alone: they need ~20 GB)")
     ap.add_argument("--skip-models", nargs="+", default=[], help="models to leave out of this run")
+    ap.add_argument("--no-func", action="store_true",
+                    help="leave torch.func's forward-over-reverse out (memory: for the largest models)")
     ap.add_argument("--merge", nargs="+", help="JSON files of parts to merge into --out (no models run)")
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
@@ -277,12 +287,13 @@ def main(argv=None) -> int:
     for i, (name, dtype) in enumerate(jobs):
         for mode in args.modes:
             t0 = time.perf_counter()
-            row = run_one(name, mode, dtype, args.max_params)
+            row = run_one(name, mode, dtype, args.max_params, func=not args.no_func)
             rows.append(row)
             status = {True: "ok  ", False: "FAIL", None: "skip"}[row.get("ok")]
             err = f"rel err {row['max_rel_err']:.1e}" if "max_rel_err" in row else row.get("error", "")[:60]
             print(f"[{i + 1}/{len(jobs)}] {status} {name:22s} {mode:5s} {row['dtype']:7s} {err:40s} "
-                  f"func {'runs' if row.get('func') == 'runs' else 'fails'}  ({time.perf_counter() - t0:.1f} s)",
+                  f"func {'runs' if row.get('func') == 'runs' else 'not run' if args.no_func else 'fails'}  "
+                  f"({time.perf_counter() - t0:.1f} s)",
                   flush=True)
             write_report(rows, Path(args.out), final=False)
             gc.collect()
