@@ -222,7 +222,7 @@ def write_report(rows, out: Path, final: bool) -> str:
             res = f"FAIL: {r.get('error', '')[:80]}"
         t = f"{r['hvp_s']:.2f} ({r['first_hvp_s']:.1f})" if "hvp_s" in r else "-"
         lines.append(f"| {r['model']} | {r['mode']} | {r['dtype']} | {res} | {ref(r, 'func')} | {t} | "
-                     f"{r.get('double_backward_s', float('nan')):.2f} | {r.get('func_s', float('nan')):.2f} |")
+                     f"{r.get('double_backward_s', float('nan')):.2f} | {'-' if 'func_s' not in r else format(r['func_s'], '.2f')} |")
     head = [f"torchvision {torchvision.__version__}, torch {torch.__version__}, batch 2, cross-entropy, "
             f"tolerance float32 {TOL['float32']}, float64 {TOL['float64']}", "",
             "Reference: the double-backward HVP (math attention kernel; MobileNetV3's hardsigmoid written as "
