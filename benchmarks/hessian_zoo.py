@@ -147,7 +147,7 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
             row[f"{key}_s"] = time.perf_counter() - t0
             row[key] = "runs"
             row[f"{key}_finite"] = all(bool(torch.isfinite(ref[n]).all()) for n in names)
-            row[f"{key}_rel_err"] = _max_rel_err(mine, ref, names)
+            row[f"{key}_rel_err"] = testing.max_rel_err([mine[n] for n in names], [ref[n] for n in names])
             del ref
         except Exception as e:  # noqa: BLE001 - a reference that cannot run is a result, not a crash
             row[key] = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"[:200]
@@ -172,27 +172,6 @@ def run_one(name: str, mode: str, dtype: torch.dtype = torch.float32, max_params
 def _db_finite(r) -> bool:
     """Whether double-backward's Hv was finite (rows written before the flag: a finite error says so)."""
     return bool(r.get("double_backward_finite", r.get("double_backward_rel_err", float("inf")) < float("inf")))
-
-
-def _max_rel_err(a: dict, b: dict, names) -> float:
-    """:func:`jvpgraph.testing.max_rel_err` of the two Hv's concatenated, one parameter at a time: the largest
-    error over the finite entries of all, over the largest reference entry of all; a non-finite entry that
-    differs makes it infinite."""
-    err = scale = 0.0
-    for n in names:
-        x, y = a[n].detach().double(), b[n].detach().double()
-        finite = torch.isfinite(x) & torch.isfinite(y)
-        if bool((~finite & ~((x == y) | (torch.isnan(x) & torch.isnan(y)))).any()):
-            return float("inf")
-        if bool(finite.any()):
-            err = max(err, (x[finite] - y[finite]).abs().max().item())
-            scale = max(scale, y[finite].abs().max().item())
-    return err / scale if scale > 0 else err
-
-
-def _flat(d, names=None):
-    names = names or list(d)
-    return torch.cat([d[n].detach().reshape(-1) for n in names])
 
 
 def write_report(rows, out: Path, final: bool) -> str:
