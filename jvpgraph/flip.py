@@ -32,7 +32,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 from .graph import Graph
 from .owned import collecting, own
 from .trace import (_conv_backend_unguarded, _has_leftover_mutations, _refunctionalize, draws_random, forked_rng,
-                    grad_enabled, name_placeholders)
+                    grad_enabled, name_placeholders, observers_hidden)
 from .rules import node_jvp
 from .rules.propagate import propagate
 
@@ -312,7 +312,8 @@ class FlippedGraph:
         # detaches are cut by `jvpgraph::constant` instead (_joint)
         # on real values make_fx runs the graph, random ops too: on a fork of the caller's generator, so
         # that the emitted graph's first call draws what an eager call would
-        with _conv_backend_unguarded(examples), forked_rng(mode == "real"), collecting():
+        with _conv_backend_unguarded(examples), forked_rng(mode == "real"), observers_hidden(mode), \
+                collecting():
             gm = make_fx(lambda *flat: self._joint(*flat), decomposition_table=_DETACH_AS_ALIAS,
                          tracing_mode=mode, _allow_non_fake_inputs=True)(*examples, *tangent_examples)
             if _has_leftover_mutations(gm.graph):

@@ -49,6 +49,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn as nn
+from torch.utils.module_tracker import ModuleTracker
 
 __all__ = ["Guards", "watch", "global_state", "function_roots"]
 
@@ -547,9 +548,16 @@ def function_roots(f) -> list[nn.Module]:
 def global_state() -> tuple:
     """Process-wide settings a trace depends on: the default dtype and device (factory calls inside a
     forward), deterministic algorithms, and the global module hooks (computed on every call: kept cheap)."""
-    hooks = tuple(tuple(d.keys()) for d in _GLOBAL_HOOKS)
+    hooks = tuple(tuple(k for k, h in d.items() if not _observes(h)) for d in _GLOBAL_HOOKS)
     device = _default_device() if _default_device is not None else None
     return (torch.get_default_dtype(), device, torch.are_deterministic_algorithms_enabled(), hooks)
+
+
+def _observes(hook) -> bool:
+    """A global module hook of ``torch.utils.module_tracker.ModuleTracker`` (``FlopCounterMode`` installs one
+    per ``with`` block): it records which module runs and returns nothing, so a trace made without it holds
+    with it. Any other hook may change what a forward computes, and keys the trace."""
+    return isinstance(getattr(hook, "__self__", None), ModuleTracker)
 
 
 _GLOBAL_HOOKS = tuple(getattr(nn.modules.module, name, {}) for name in

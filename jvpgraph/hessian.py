@@ -36,7 +36,7 @@ from . import api
 from .owned import collecting, own
 from .rules.core import attention_scores
 from .batchnorm import check_mode
-from .trace import TracedProgram, _data_dependent
+from .trace import TracedProgram, _data_dependent, observers_hidden
 
 __all__ = ["hvp", "Curvature", "gradient_module"]
 
@@ -166,7 +166,8 @@ def gradient_module(prog: TracedProgram, values: Sequence[torch.Tensor], wrt: Se
     with torch.random.fork_rng(devices=[]), collecting():
         try:
             try:
-                gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
+                with observers_hidden(mode):
+                    gm = make_fx(grad_fn, tracing_mode=mode, _allow_non_fake_inputs=True)(*example)
             except Exception as e:  # noqa: BLE001
                 if mode != "fake" or not _data_dependent(e):
                     raise

@@ -475,3 +475,28 @@ def test_soak_600_calls_fresh_models_and_a_value_specialized_one():
     now = len(OPAQUE), len(FORWARD_AD_NODES)
     assert now[0] - tables[0] <= 8 and now[1] - tables[1] <= 8, (tables, now)  # at most the cached traces
     assert grew < 25, f"RSS grew {grew:.1f} MB over 550 calls"
+
+
+def test_a_global_module_hook_keys_the_trace_but_flop_counters_module_tracker_does_not():
+    """A hook registered for every module may change what a forward computes: a new trace answers while it
+    is there (compared with torch.func.jvp with the hook in place). FlopCounterMode's module tracker only
+    records which module runs: a block of it makes no new trace (it used to, once per ``with``)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(3, 4), nn.Tanh()).double()
+    x, v = torch.randn(2, 3, dtype=D), torch.randn(2, 3, dtype=D)
+    traced = jvpgraph.cached_trace(net, x)
+    before = traced.jvp((x,), (v,))[1]
+    hook = nn.modules.module.register_module_forward_hook(lambda m, i, o: o * 2 if isinstance(m, nn.Tanh) else None)
+    try:
+        torch.testing.assert_close(traced.jvp((x,), (v,))[1], torch.func.jvp(net, (x,), (v,))[1], **TOL)
+        torch.testing.assert_close(traced.jvp((x,), (v,))[1], 2 * before, **TOL)
+    finally:
+        hook.remove()
+    torch.testing.assert_close(traced.jvp((x,), (v,))[1], before, **TOL)
+    n = len(traced.history)
+    for _ in range(2):
+        with FlopCounterMode(display=False):
+            torch.testing.assert_close(traced.jvp((x,), (v,))[1], before, **TOL)
+    assert len(traced.history) == n
