@@ -7,10 +7,12 @@ HVP (``autograd.grad(grad, params, v)`` with ``create_graph=True``; math attenti
 ``torch.func.jvp(torch.func.grad(loss))`` where it runs; the three interleaved in rotating blocks
 (jvpgraph.measure.median_times), and the peak tensor memory of one call of each. The targets (issue 19):
 jvpgraph ≤ 0.7x double-backward on ResNet-18 in train mode and a torchvision ViT, ≤ 1.0x torch.func where it
-runs, peak memory ≤ double-backward's. Writes benchmarks/results/hessian_speed.json and .md.
+runs, peak memory ≤ double-backward's. The FLOPs each call does (FlopCounterMode) bound what the time ratio
+can be. Writes benchmarks/results/hessian_speed.json and .md.
 
     python benchmarks/hessian_speed.py                 # resnet18 train/eval, vit_b_16 train/eval
     python benchmarks/hessian_speed.py resnet18 --modes train --repeats 3
+    python benchmarks/hessian_speed.py vit_b_16 --size 224 --batch 2 --out benchmarks/results/hessian_speed_vit224
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 import torchvision
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).parent))
 from hessian_zoo import _init_heads, loss_fn  # noqa: E402
@@ -40,8 +43,8 @@ TARGETS = {"double_backward": 0.7, "func": 1.0}
 SIZES = {"resnet18": 64, "vit_b_16": 32}
 
 
-def measure(name: str, mode: str, batch: int, repeats: int, rounds: int) -> dict:
-    size = SIZES.get(name, 64)
+def measure(name: str, mode: str, batch: int, repeats: int, rounds: int, size: int = 0) -> dict:
+    size = size or SIZES.get(name, 64)
     torch.manual_seed(0)
     model = build_model(name, size).train(mode == "train")
     _init_heads(model)
@@ -85,12 +88,16 @@ def measure(name: str, mode: str, batch: int, repeats: int, rounds: int) -> dict
             row[f"{key}_rel_err_vs_jvpgraph"] = testing.max_rel_err(ref, flat)
     for key, fn in fns.items():
         row[f"{key}_peak_mb"] = peak_memory(fn) / MB
+        with FlopCounterMode(display=False) as flops:
+            fn()
+        row[f"{key}_gflop"] = flops.get_total_flops() / 1e9
     for key, t in median_times(fns, repeats=repeats, rounds=rounds, warmup=1).items():
         row[f"{key}_s"] = t
     for key in TARGETS:
         if f"{key}_s" in row and "jvpgraph_s" in row:
             row[f"time_vs_{key}"] = row["jvpgraph_s"] / row[f"{key}_s"]
             row[f"memory_vs_{key}"] = row["jvpgraph_peak_mb"] / row[f"{key}_peak_mb"]
+            row[f"flop_vs_{key}"] = row["jvpgraph_gflop"] / row[f"{key}_gflop"]
     return row
 
 
@@ -99,9 +106,10 @@ def write_report(rows, out: Path, meta: dict) -> str:
     out.with_suffix(".json").write_text(json.dumps(dict(meta=meta, rows=rows), indent=2))
     lines = [f"torch {torch.__version__}, torchvision {torchvision.__version__}, {meta['threads']} thread(s), float32;"
              f" median of {meta['repeats']} calls in {meta['rounds']} rotating blocks (one warm-up call each), one process", "",
-             "| model | mode | batch | jvpgraph s / MB | double-backward s / MB | torch.func s / MB | "
-             "time vs double-backward (target ≤ 0.7) | time vs torch.func (≤ 1.0) | memory vs double-backward (≤ 1) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| model | mode | size | batch | jvpgraph s / MB | double-backward s / MB | torch.func s / MB | "
+             "time vs double-backward (target ≤ 0.7) | FLOPs vs double-backward | time vs torch.func (≤ 1.0) | "
+             "memory vs double-backward (≤ 1) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def cell(r, k):
         return f"{r[k + '_s']:.3f} / {r[k + '_peak_mb']:.0f}" if k + "_s" in r else \
@@ -113,13 +121,16 @@ def write_report(rows, out: Path, meta: dict) -> str:
         return f"{r[k]:.2f}" + ("" if r[k] <= target else " (misses)")
 
     for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['batch']} | {cell(r, 'jvpgraph')} | "
+        lines.append(f"| {r['model']} | {r['mode']} | {r['size']} | {r['batch']} | {cell(r, 'jvpgraph')} | "
                      f"{cell(r, 'double_backward')} | {cell(r, 'func')} | "
-                     f"{ratio(r, 'time_vs_double_backward', 0.7)} | {ratio(r, 'time_vs_func', 1.0)} | "
+                     f"{ratio(r, 'time_vs_double_backward', 0.7)} | {ratio(r, 'flop_vs_double_backward', 2)} | "
+                     f"{ratio(r, 'time_vs_func', 1.0)} | "
                      f"{ratio(r, 'memory_vs_double_backward', 1.0)} |")
     lines += ["", "Peak MB: tensor storage alive at once during one call (jvpgraph.measure.PeakTensorMemory; "
               "parameters, v and inputs not counted). jvpgraph's Hv is timed on a trace made before timing (a new "
-              "batch of the same shape is one pass); its first call (tracing) is not in these numbers."]
+              "batch of the same shape is one pass); its first call (tracing) is not in these numbers. FLOPs: "
+              "torch.utils.flop_counter.FlopCounterMode over one call (matmuls and convolutions, forward and "
+              "backward kernels): on work bound by arithmetic the time ratio cannot go much below the FLOP ratio."]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     return "\n".join(lines)
 
@@ -129,6 +140,7 @@ def main(argv=None) -> int:
     ap.add_argument("models", nargs="*", default=["resnet18", "vit_b_16"])
     ap.add_argument("--modes", nargs="+", default=["train", "eval"])
     ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--size", type=int, default=0, help=f"image side (default per model: {SIZES}, else 64)")
     ap.add_argument("--repeats", type=int, default=6)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0)
@@ -142,7 +154,7 @@ def main(argv=None) -> int:
     rows = []
     for name in args.models:
         for mode in args.modes:
-            rows.append(measure(name, mode, args.batch, args.repeats, args.rounds))
+            rows.append(measure(name, mode, args.batch, args.repeats, args.rounds, args.size))
             print({k: (float(f"{v:.3g}") if isinstance(v, float) else v) for k, v in rows[-1].items()}, flush=True)
             write_report(rows, Path(args.out), meta)
     print(write_report(rows, Path(args.out), meta))
