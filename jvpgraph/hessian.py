@@ -23,6 +23,7 @@ call and shared by the gradient and ``Hv``).
 
 from __future__ import annotations
 
+import inspect
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -310,15 +311,39 @@ def hvp(f: Callable, primals, tangents, *, bn: str = "batch"):
 # ------------------------------------------------------------------ the parameter-space form
 class _Loss(nn.Module):
     """``loss_fn(model(*inputs), targets)`` as one module (its parameters are the model's, prefixed
-    ``model.``)."""
+    ``model.``); ``loss_fn(model(*inputs))`` without targets."""
 
     def __init__(self, model: nn.Module, loss_fn: Callable):
         super().__init__()
         self.model = model
         self.loss_fn = loss_fn
 
-    def forward(self, inputs, targets):
-        return self.loss_fn(_call(self.model, inputs), targets)
+    def forward(self, inputs, *targets):
+        return self.loss_fn(_call(self.model, inputs), *targets)
+
+
+def _check_targets(loss_fn: Callable, targets) -> None:
+    """``targets=None`` calls ``loss_fn(output)``: said before tracing when ``loss_fn`` needs more."""
+    if targets is not None:
+        return
+    try:
+        sig = inspect.signature(loss_fn)
+    except (TypeError, ValueError):
+        return  # no signature to read (a C function): the call itself says
+    try:
+        sig.bind(None)
+    except TypeError:
+        name = getattr(loss_fn, "__name__", type(loss_fn).__name__)
+        needs = [p.name for p in sig.parameters.values() if p.default is p.empty and p.kind in (
+            p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+        raise TypeError(f"targets is None, so loss_fn is called on the model's output alone, but {name} needs "
+                        f"({', '.join(needs)}): pass the targets (curv.hvp(v, inputs, targets)), or a loss_fn of the "
+                        "output alone (lambda out: out.loss for a model that computes its loss)") from None
+
+
+def _batch(inputs, targets) -> tuple:
+    """The arguments of :class:`_Loss` (and :class:`_OutputLoss` after the output): no targets when ``None``."""
+    return (inputs,) if targets is None else (inputs, targets)
 
 
 def _call(model: nn.Module, inputs):
@@ -352,8 +377,8 @@ class _OutputLoss(nn.Module):
         super().__init__()
         self.loss_fn = loss_fn
 
-    def forward(self, out, targets):
-        return self.loss_fn(out, targets)
+    def forward(self, out, *targets):
+        return self.loss_fn(out, *targets)
 
 
 class Curvature:
@@ -375,8 +400,12 @@ class Curvature:
     one flat vector (their concatenation); results come back in the same form. ``params`` restricts the
     products to some parameters (names); by default every parameter with ``requires_grad``. ``inputs`` is a
     tensor, a tuple of the model's positional inputs, or a dict of its keyword inputs (``model(**inputs)``, as
-    a Hugging Face batch is passed: ``curv.hvp(v, dict(input_ids=x, decoder_input_ids=d), labels)``). Neither the model's parameters, buffers, ``training``
-    flags nor the caller's random generator are changed.
+    a Hugging Face batch is passed: ``curv.hvp(v, dict(input_ids=x, decoder_input_ids=d), labels)``).
+    ``targets=None`` (the default) calls ``loss_fn(output)`` alone: a loss the model computes itself, as a
+    Hugging Face model given ``labels`` does (``Curvature(model, lambda out: out.loss).hvp(v, batch)``). A
+    ``torch.compile``'d model is traced through its original module (``_orig_mod``; the names stay the
+    compiled model's). Neither the model's parameters, buffers, ``training`` flags nor the caller's random
+    generator are changed.
 
     Example:
         >>> import torch, torch.nn as nn, jvpgraph
@@ -404,6 +433,9 @@ class Curvature:
         self.model = model
         self.loss_fn = loss_fn
         self.bn = bn
+        # torch.compile's wrapper: its original module is traced (make_fx cannot trace Dynamo's frame); the
+        # parameters keep the names the caller sees ("_orig_mod." first)
+        self._plain = api._uncompiled(model)
         named = dict(model.named_parameters())
         if params is None:
             self.names = [n for n, p in named.items() if p.requires_grad]
@@ -416,7 +448,9 @@ class Curvature:
             self.names = [n for n in named if n in set(params)]
         if not self.names:
             raise ValueError(f"{type(model).__name__} has no parameter to take the curvature in (none requires grad)")
-        self._loss = _Loss(model, loss_fn)
+        plain_name = {id(p): n for n, p in self._plain.named_parameters()}
+        self._plain_names = [plain_name[id(named[n])] for n in self.names]
+        self._loss = _Loss(self._plain, loss_fn)
         self._hessian: _GradientTraces | None = None
         self._output: api.Traced | None = None  # model(inputs) with its parameters as tangent carriers
         self._output_loss = _OutputLoss(loss_fn)
@@ -463,15 +497,16 @@ class Curvature:
 
     def _wrt(self, prog: TracedProgram) -> list[int]:
         index = {n: i for i, n in enumerate(prog.param_names)}
-        return [index[f"model.{n}"] for n in self.names]
+        return [index[f"model.{n}"] for n in self._plain_names]
 
     # -------------------------------------------------------------- products
-    def _grad_and_hvp(self, v, inputs, targets, *, gradient: bool = True):
+    def _grad_and_hvp(self, v, inputs, targets=None, *, gradient: bool = True):
         """``(loss, ∇L, H v)``; with ``gradient=False`` only ``H v``, from the flipped graph pruned to it (the
         primal gradients' last kernels left out: ~10% of the time on a convolutional network)."""
         vs, back = self._split(v)
         _check_inputs(self.model, inputs)
-        batch = (inputs, targets)
+        _check_targets(self.loss_fn, targets)
+        batch = _batch(inputs, targets)
         if self._hessian is None:
             self._hessian = _GradientTraces(api.Traced(self._loss, batch, bn=self.bn), self._wrt)
         traced, values, wrt, _ = self._hessian(batch)
@@ -482,7 +517,7 @@ class Curvature:
         out, tan = traced.jvp(primals, tangents)
         return out[0], back(list(out[1:])), back(list(tan[1:]))
 
-    def hvp(self, v, inputs, targets):
+    def hvp(self, v, inputs, targets=None):
         """``H v``: the Hessian of the loss in the parameters times ``v`` (same form as ``v``).
 
         Example:
@@ -497,7 +532,7 @@ class Curvature:
         """
         return self._grad_and_hvp(v, inputs, targets, gradient=False)
 
-    def grad_and_hvp(self, v, inputs, targets):
+    def grad_and_hvp(self, v, inputs, targets=None):
         """``(loss, ∇L, H v)`` from one pass (the gradient and ``v`` in the same form).
 
         Example:
@@ -510,7 +545,7 @@ class Curvature:
         """
         return self._grad_and_hvp(v, inputs, targets)
 
-    def ggnvp(self, v, inputs, targets):
+    def ggnvp(self, v, inputs, targets=None):
         """``G v = Jᵀ H_L J v``: the generalized Gauss-Newton matrix times ``v`` (same form as ``v``).
 
         ``J`` is the Jacobian of the model's output in the parameters, ``H_L`` the Hessian of ``loss_fn`` in
@@ -532,10 +567,11 @@ class Curvature:
         """
         vs, back = self._split(v)
         _check_inputs(self.model, inputs)
+        _check_targets(self.loss_fn, targets)
         inputs_t = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)  # a dict: one argument
         if self._output is None:
-            self._output = api.Traced(_ParamsAsInputs(self.model, self.names), (*self._param_values(), *inputs_t),
-                                      bn=self.bn, wrt=list(range(len(self.names))))
+            self._output = api.Traced(_ParamsAsInputs(self._plain, self._plain_names),
+                                      (*self._param_values(), *inputs_t), bn=self.bn, wrt=list(range(len(self.names))))
         with torch.enable_grad():
             ps = [p.detach().requires_grad_(True) for p in self._param_values()]
             lin = self._output.linearize(*ps, *inputs_t, vjp=True)
@@ -546,7 +582,8 @@ class Curvature:
                                  "input to be one tensor (wrap the model to return it)")
             (out,) = outs
             jv = pytree.tree_leaves(jv)[0]
-            _, hjv = hvp(self._output_loss, (out.detach(), targets), (jv, None), bn="batch")
+            primals = _batch(out.detach(), targets)
+            _, hjv = hvp(self._output_loss, primals, (jv, None)[:len(primals)], bn="batch")
             g = lin.vjp(hjv)
         g = g if isinstance(g, tuple) else (g,)
         return back([t.detach() for t in g[:len(self.names)]])
@@ -556,7 +593,7 @@ class Curvature:
         return [named[n].detach() for n in self.names]
 
     # -------------------------------------------------------------- operators and spectra
-    def operator(self, inputs, targets, kind: str = "hessian"):
+    def operator(self, inputs, targets=None, kind: str = "hessian"):
         """A ``scipy.sparse.linalg.LinearOperator`` of ``H`` (``kind="hessian"``) or ``G`` (``"ggn"``) on the
         flattened parameters (float64 NumPy vectors in and out; the products run in the parameters' dtype).
 
@@ -582,7 +619,7 @@ class Curvature:
 
         return LinearOperator((self.dim, self.dim), matvec=matvec, rmatvec=matvec, dtype=np.float64)
 
-    def matvec(self, inputs, targets, kind: str = "hessian") -> Callable[[torch.Tensor], torch.Tensor]:
+    def matvec(self, inputs, targets=None, kind: str = "hessian") -> Callable[[torch.Tensor], torch.Tensor]:
         """``v ↦ H v`` (or ``G v``) on flat vectors, for the batch ``(inputs, targets)``.
 
         Example:
@@ -602,7 +639,7 @@ class Curvature:
 
         return mv
 
-    def eigenvalues(self, inputs, targets, k: int = 1, *, kind: str = "hessian", iters: int | None = None,
+    def eigenvalues(self, inputs, targets=None, k: int = 1, *, kind: str = "hessian", iters: int | None = None,
                     tol: float = 1e-6, seed: int = 0):
         """The ``k`` largest eigenvalues of ``H`` (or ``G``) by Lanczos: :func:`jvpgraph.spectra.lanczos`.
 
@@ -619,7 +656,7 @@ class Curvature:
         return lanczos(self.matvec(inputs, targets, kind), self.dim, k=k, iters=iters, tol=tol, seed=seed,
                        dtype=dtype, device=self._param_values()[0].device)
 
-    def trace(self, inputs, targets, *, kind: str = "hessian", samples: int = 100, seed: int = 0):
+    def trace(self, inputs, targets=None, *, kind: str = "hessian", samples: int = 100, seed: int = 0):
         """Hutchinson's estimate of ``tr H`` (or ``tr G``) with its standard error:
         :func:`jvpgraph.spectra.hutchinson`.
 
@@ -638,7 +675,7 @@ class Curvature:
         return hutchinson(self.matvec(inputs, targets, kind), self.dim, samples=samples, seed=seed, dtype=p.dtype,
                           device=p.device)
 
-    def density(self, inputs, targets, *, kind: str = "hessian", iters: int = 40, probes: int = 4, seed: int = 0):
+    def density(self, inputs, targets=None, *, kind: str = "hessian", iters: int = 40, probes: int = 4, seed: int = 0):
         """The spectral density of ``H`` (or ``G``) by stochastic Lanczos quadrature:
         :func:`jvpgraph.spectra.slq`.
 

@@ -258,6 +258,68 @@ def test_keyword_inputs_as_a_dict():
         curv.hvp(v, (ids, None, torch.tensor(2.0, dtype=D)), y)
 
 
+class _LossInside(nn.Module):
+    """Computes its own loss when given labels, as a Hugging Face model does (``model(**batch).loss``)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(4, 6), nn.BatchNorm1d(6), nn.GELU(), nn.Linear(6, 3))
+
+    def forward(self, x, labels):
+        logits = self.body(x)
+        return dict(logits=logits, loss=F.cross_entropy(logits, labels))
+
+
+def test_a_loss_the_model_computes_itself_needs_no_targets():
+    """``targets=None`` calls ``loss_fn(output)`` alone: Hv of the loss a model computes from its ``labels``
+    against double backward in train mode, and Gv of a loss of the output alone against ``Jᵀ H_L J v`` by
+    torch.func; a ``loss_fn`` that needs targets is told to take them before anything is traced."""
+    torch.manual_seed(0)
+    net = _LossInside().to(D).train()
+    batch = dict(x=torch.randn(8, 4, dtype=D), labels=torch.randint(0, 3, (8,)))
+    v = {n: torch.randn_like(p) for n, p in net.named_parameters()}
+    m = copy.deepcopy(net)
+    hv = jvpgraph.Curvature(net, lambda out: out["loss"]).hvp(v, batch)
+    ps = dict(m.named_parameters())
+    g = torch.autograd.grad(m(**batch)["loss"], list(ps.values()), create_graph=True)
+    ref = torch.autograd.grad(g, list(ps.values()), [v[n] for n in ps])
+    assert _rel([hv[n] for n in ps], ref) < 1e-10
+    torch.testing.assert_close(dict(net.named_buffers()), dict(_LossInside().to(D).named_buffers()))  # untouched
+
+    mlp = _mlp().train()
+    x = torch.randn(6, 4, dtype=D)
+    entropy = lambda out: -(out.softmax(-1) * out.log_softmax(-1)).sum(-1).mean()  # noqa: E731 - no targets
+    vt = tuple(torch.randn_like(p) for p in mlp.parameters())
+    names = [n for n, _ in mlp.named_parameters()]
+    logits = lambda *p: torch.func.functional_call(mlp, dict(zip(names, p)), (x,))  # noqa: E731
+    out, jv = torch.func.jvp(logits, tuple(mlp.parameters()), vt)
+    hl = torch.func.jvp(torch.func.grad(entropy), (out,), (jv,))[1]
+    gv_ref = torch.func.vjp(logits, *mlp.parameters())[1](hl)
+    assert _rel(jvpgraph.Curvature(mlp, entropy).ggnvp(vt, x), gv_ref) < 1e-10
+
+    with pytest.raises(TypeError, match=r"targets is None, so loss_fn is called on the model's output alone, but "
+                                        r"cross_entropy needs \(input, target\): pass the targets"):
+        jvpgraph.Curvature(mlp, F.cross_entropy).hvp(vt, x)
+
+
+def test_a_compiled_model_is_traced_through_its_original_module():
+    """``torch.compile(model)``: make_fx cannot trace Dynamo's frame, so Curvature traces ``_orig_mod``; Hv and
+    Gv keep the compiled model's parameter names and equal double backward on the original."""
+    net = _mlp().train()
+    compiled = torch.compile(net)
+    x, y = torch.randn(6, 4, dtype=D), torch.randint(0, 3, (6,))
+    v = {n: torch.randn_like(p) for n, p in compiled.named_parameters()}
+    curv = jvpgraph.Curvature(compiled, F.cross_entropy)
+    hv = curv.hvp(v, x, y)
+    assert sorted(hv) == sorted(v) and all(n.startswith("_orig_mod.") for n in hv)
+    plain = [n for n, _ in net.named_parameters()]
+    ref = _double_backward_hvp(net, F.cross_entropy, x, y, [v["_orig_mod." + n] for n in plain])
+    assert _rel([hv["_orig_mod." + n] for n in plain], ref) < 1e-10
+    gv = curv.ggnvp(v, x, y)
+    gv_plain = jvpgraph.Curvature(net, F.cross_entropy).ggnvp({n: v["_orig_mod." + n] for n in plain}, x, y)
+    assert _rel([gv["_orig_mod." + n] for n in plain], [gv_plain[n] for n in plain]) < 1e-12
+
+
 @pytest.mark.parametrize("mode", ["train", "eval"])
 def test_hvp_through_strided_dilated_convolutions_equals_double_backward(mode):
     """The convolution_backward rule's tangents where stride, padding and dilation leave a remainder (a strided
