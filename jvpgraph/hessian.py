@@ -24,6 +24,7 @@ call and shared by the gradient and ``Hv``).
 from __future__ import annotations
 
 import inspect
+import operator
 import weakref
 from typing import Any, Callable, Sequence
 
@@ -35,6 +36,7 @@ from torch.fx.experimental.proxy_tensor import make_fx
 
 from . import api
 from .owned import collecting, own
+from .rules import attention
 from .rules.core import attention_scores
 from .batchnorm import check_mode
 from .trace import TracedProgram, _data_dependent, observers_hidden
@@ -51,7 +53,15 @@ class _AboveAutograd(fx.Interpreter):
     the math's ops all do; and views as reshapes, since the math's outputs need not have the kernels' strides.
     Everything else is called as traced."""
 
+    def run_node(self, n):
+        self._node = n
+        return super().run_node(n)
+
     def call_function(self, target, args, kwargs):
+        if target is aten._scaled_dot_product_flash_attention_for_cpu.default and _long_attention(self._node, args,
+                                                                                                   kwargs):
+            return _LongAttention.apply(*args[:3], kwargs.get("attn_mask"), args[4] if len(args) > 4 else
+                                        kwargs.get("is_causal", False), kwargs.get("scale"))
         if target in _WITHOUT_SECOND_DERIVATIVE:
             return _WITHOUT_SECOND_DERIVATIVE[target](*args, **kwargs)
         if target is aten.view.default:
@@ -78,6 +88,45 @@ def _flash_attention_math(q, k, v, dropout_p=0.0, is_causal=False, *, attn_mask=
     if k.shape[-3] != q.shape[-3]:  # grouped-query attention: each key head serves several query heads
         k = k.repeat_interleave(q.shape[-3] // k.shape[-3], dim=-3)
     return out[0], attention_scores(q, k, is_causal, attn_mask, scale)[0].logsumexp(-1)
+
+
+def _long_attention(node: fx.Node, args, kwargs) -> bool:
+    """Does the CPU flash kernel's call keep its kernel in the gradient's graph (:class:`_LongAttention`) rather
+    than its math? When the attention has more than ``attention.HESSIAN_MIN_SCORES`` scores per batch and head,
+    no dropout, grouped heads or mask that carries a gradient, and nothing reads its ``logsumexp``."""
+    q, k, v = args[:3]
+    dropout = args[3] if len(args) > 3 else kwargs.get("dropout_p", 0.0)
+    mask = kwargs.get("attn_mask")
+    return (dropout == 0 and q.shape[:-2] == k.shape[:-2] == v.shape[:-2]
+            and q.shape[-2] * k.shape[-2] > attention.HESSIAN_MIN_SCORES
+            and (mask is None or not mask.requires_grad)
+            and all(u.target is operator.getitem and (u.args[1] == 0 or not u.users) for u in node.users))
+
+
+class _LongAttention(torch.autograd.Function):
+    """The CPU flash kernel (O(L) memory) with its backward recorded as ``jvpgraph::attention_backward``, whose
+    tangent has a blockwise rule: the Hessian's gradient graph of a long attention, flipped without ever holding
+    the L × S weights (the math's graph holds them several times per layer)."""
+
+    @staticmethod
+    def forward(q, k, v, attn_mask, is_causal, scale):
+        out, lse = aten._scaled_dot_product_flash_attention_for_cpu.default(q, k, v, 0.0, is_causal,
+                                                                            attn_mask=attn_mask, scale=scale)
+        return out, lse
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        q, k, v, attn_mask, is_causal, scale = inputs
+        ctx.save_for_backward(q, k, v, *output, *(() if attn_mask is None else (attn_mask,)))
+        ctx.is_causal, ctx.scale = is_causal, scale
+        ctx.mark_non_differentiable(output[1])  # nothing reads it (_long_attention)
+
+    @staticmethod
+    def backward(ctx, g, _g_lse):
+        q, k, v, out, lse, *mask = ctx.saved_tensors
+        dq, dk, dv = torch.ops.jvpgraph.attention_backward(g.contiguous(), q, k, v, out, lse, mask[0] if mask else None,
+                                                           ctx.is_causal, ctx.scale)
+        return dq, dk, dv, None, None, None
 
 
 def _copy(dst, src, non_blocking=False):

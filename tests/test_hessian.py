@@ -215,6 +215,80 @@ def test_hvp_through_attention_reshaped_as_timm_does(dtype):
     assert _rel(hv, ref) < (1e-10 if dtype == D else 1e-5)
 
 
+class _AttentionBlock(nn.Module):
+    """A pre-norm attention block with a residual, as language models write it (timm's reshape of the kernel's
+    output included)."""
+
+    def __init__(self, dim=32, heads=4, causal=True, mask=None):
+        super().__init__()
+        self.heads, self.causal, self.mask = heads, causal, mask
+        self.norm, self.qkv, self.proj = nn.LayerNorm(dim), nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        q, k, v = self.qkv(self.norm(x)).view(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        o = F.scaled_dot_product_attention(q, k, v, is_causal=self.causal, attn_mask=self.mask)
+        return x + self.proj(o.transpose(1, 2).reshape(B, N, C))
+
+
+def _sequence_loss(out, y):
+    return (out - y).pow(2).mean() + 1e-3 * out.tanh().sum()
+
+
+@pytest.mark.parametrize("mask", ["causal", "none", "padding", "float"])
+def test_long_attention_hvp_equals_double_backward_of_the_math_kernel(mask, monkeypatch):
+    """Above attention.HESSIAN_MIN_SCORES scores per head the gradient's graph keeps the flash kernel, its backward
+    recorded as ``jvpgraph::attention_backward``, and flipping it takes that op's blockwise tangent (lowered here
+    to take L = 200: 25 blocks of 8 query rows): Hv against double backward through the math kernel in float64."""
+    from jvpgraph import hessian
+    from jvpgraph.rules import attention
+
+    monkeypatch.setattr(attention, "HESSIAN_MIN_SCORES", 0)
+    routed = []
+    apply = hessian._LongAttention.apply
+    monkeypatch.setattr(hessian._LongAttention, "apply", lambda *a: routed.append(1) or apply(*a))
+    torch.manual_seed(0)
+    L = 200
+    attn_mask = None
+    if mask == "padding":
+        attn_mask = torch.ones(2, 1, L, L, dtype=torch.bool)
+        attn_mask[0, ..., 150:] = False  # the first sequence's last 50 keys are padding
+    elif mask == "float":
+        attn_mask = torch.randn(1, 4, L, L, dtype=D)  # a fixed additive bias
+    net = _AttentionBlock(causal=mask == "causal", mask=attn_mask).to(D)
+    x, y = torch.randn(2, L, 32, dtype=D), torch.randn(2, L, 32, dtype=D)
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    hv = jvpgraph.Curvature(net, _sequence_loss).hvp(v, x, y)
+    assert routed  # the blockwise route, not the math's
+    with sdpa_kernel(SDPBackend.MATH):
+        ref = _double_backward_hvp(net, _sequence_loss, x, y, v)
+    assert _rel(hv, ref) < 1e-10
+
+
+def test_long_attention_hvp_holds_no_attention_matrix():
+    """The gradient's graph of a long attention held the L x S weights several times (math's), and so did its
+    flip: Hv at L = 1024 peaked at 114 MiB for one 4-head layer. Now less than one 4 x L x L matrix (16 MiB),
+    where double backward (the math kernel: flash has no double backward) holds several."""
+    from jvpgraph.measure import peak_memory
+
+    torch.manual_seed(0)
+    L = 1024
+    net = _AttentionBlock(dim=64, heads=4)
+    x, y = torch.randn(1, L, 64), torch.randn(1, L, 64)
+    v = tuple(torch.randn_like(p) for p in net.parameters())
+    curv = jvpgraph.Curvature(net, _sequence_loss)
+    hv = curv.hvp(v, x, y)
+    one_matrix = 4 * L * L * 4  # heads x L x L float32
+
+    def double_backward():
+        with sdpa_kernel(SDPBackend.MATH):
+            return _double_backward_hvp(net, _sequence_loss, x, y, v)
+
+    assert peak_memory(lambda: curv.hvp(v, x, y)) < one_matrix / 2
+    assert peak_memory(double_backward) > 2 * one_matrix
+    assert _rel(hv, double_backward()) < 1e-4
+
+
 class _KeywordModel(nn.Module):
     """Called as Hugging Face models are, with keyword tensors and optional ones left out."""
 

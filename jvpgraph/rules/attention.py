@@ -22,13 +22,22 @@ from typing import Optional
 
 import torch
 
-__all__ = ["attention_tangent", "block_rows", "use_blockwise", "EXACT_MAX_SCORES"]
+__all__ = ["attention_tangent", "attention_backward", "attention_backward_tangent", "block_rows", "use_blockwise",
+           "EXACT_MAX_SCORES", "HESSIAN_MIN_SCORES"]
 
 #: The written rule holds the ``L × S`` attention weights several times (per batch and head: its memory over the
 #: forward's grows as ``S / E``, whatever the batch); up to this many scores ``L·S`` it is kept, above it the
 #: tangent goes blockwise. From ``benchmarks/attention_length.py`` (both paths forced, one run, one thread):
 #: blockwise 1.00x the exact rule's time at L = 128, 0.85x at 256, 0.54x at 1024, 0.29x at 4096.
 EXACT_MAX_SCORES = 128 * 128
+
+
+#: A Hessian's gradient graph keeps the flash kernel of an attention with more scores ``L·S`` than this per batch
+#: and head (its backward recorded as :func:`attention_backward`, flipped blockwise); shorter ones go through
+#: attention's math, whose graph holds the weights. From ``benchmarks/hessian_length.py`` (one 4-head layer, Hv
+#: over its parameters, both routes forced, one run): blockwise 1.85x the math's time at L = 256, 1.11x at 512,
+#: 0.56x at 768 and 1024, 0.23x at 4096, with 0.19x, 0.10x, 0.06x, 0.05x, 0.01x its memory.
+HESSIAN_MIN_SCORES = 512 * 512
 
 
 def use_blockwise(q: torch.Tensor, k: torch.Tensor) -> bool:
@@ -310,5 +319,155 @@ def _no_double_backward(ctx, *grads):
 attention_tangent_backward.register_autograd(_no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+# -------------------------------------------------------------------------------- second order
+# The Hessian's gradient graph (jvpgraph/hessian.py) records a long attention's backward as one op,
+# ``jvpgraph::attention_backward`` (the CPU flash kernel's backward: O(L) memory), and flipping that graph
+# takes its tangent, ``jvpgraph::attention_backward_tangent``, blockwise over the queries like the forward's.
+# With s = σ q kᵀ (+ mask), p = softmax(s), dp = g vᵀ, D = rowsum(p ⊙ dp), dS = p ⊙ (dp − D), the backward is
+#     dq = σ dS k,   dk = σ dSᵀ q,   dv = pᵀ g
+# and along (tq, tk, tv, tg), with ṡ = σ (tq kᵀ + q tkᵀ), ṗ = p ⊙ (ṡ − rowsum(p ⊙ ṡ)), ḋp = tg vᵀ + g tvᵀ,
+#     ḊS = ṗ ⊙ (dp − D) + p ⊙ (ḋp − rowsum(ṗ ⊙ dp + p ⊙ ḋp))
+#     d(dq) = σ (ḊS k + dS tk),   d(dk) = σ (ḊSᵀ q + dSᵀ tq),   d(dv) = ṗᵀ g + pᵀ tg.
+# Every term is a block of query rows against all keys: a few rows × S blocks at a time, never L × S.
+
+
+@torch.library.custom_op("jvpgraph::attention_backward", mutates_args=())
+def attention_backward(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+                       lse: torch.Tensor, attn_mask: Optional[torch.Tensor], is_causal: bool,
+                       scale: Optional[float]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients in ``(q, k, v)`` of ``scaled_dot_product_attention``'s output, given its gradient ``g``
+    (``out``, ``lse``: the CPU flash kernel's outputs): that kernel's backward, in O(L) memory, as one op of the
+    Hessian's gradient graph, whose tangent is :func:`attention_backward_tangent` (the kernel has no
+    derivative of its own). Contiguous outputs.
+
+    Example:
+        >>> import torch
+        >>> q, k, v = (torch.randn(1, 2, 64, 8, dtype=torch.double, requires_grad=True) for _ in range(3))
+        >>> out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=True)[:2]
+        >>> g = torch.randn_like(out)
+        >>> ref = torch.autograd.grad(out, (q, k, v), g)
+        >>> for a, b in zip(attention_backward(g, q, k, v, out, lse, None, True, None), ref):
+        ...     torch.testing.assert_close(a, b)
+    """
+    grads = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
+        g, q, k, v, out, lse, 0.0, is_causal, attn_mask=attn_mask, scale=scale)
+    return tuple(t.contiguous() for t in grads[:3])
+
+
+@attention_backward.register_fake
+def _(g, q, k, v, out, lse, attn_mask, is_causal, scale):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+def _no_third_order(ctx, *grads):
+    raise NotImplementedError(
+        "jvpgraph: a long attention's backward (jvpgraph::attention_backward, in a Hessian's gradient graph) has "
+        "no derivative of its own: Hv is its tangent, not a third derivative. Differentiate Hv no further, or "
+        f"shorten the sequence below {EXACT_MAX_SCORES} scores (L x S per batch and head).")
+
+
+attention_backward.register_autograd(_no_third_order, setup_context=lambda ctx, inputs, output: None)
+
+
+def _run_backward_tangent(g, q, k, v, tg, tq, tk, tv, attn_mask, is_causal, scale, rows):
+    L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
+    lead = q.shape[:-2]
+    scale = 1.0 / math.sqrt(E) if scale is None else scale
+
+    def flat(t, n, factor=None):
+        if t is None:
+            return None
+        t = t.reshape(-1, n, t.shape[-1])
+        return t * factor if factor is not None else t
+
+    qs, tqs = flat(q, L, scale), flat(tq, L, scale)
+    kf, tkf = flat(k, S), flat(tk, S)
+    vt, tvt = flat(v, S).transpose(1, 2), None if tv is None else flat(tv, S).transpose(1, 2)
+    gf, tgf = flat(g, L), flat(tg, L)
+    B = qs.shape[0]
+    t_dq, t_dk, t_dv = q.new_zeros((B, L, E)), q.new_zeros((B, S, E)), q.new_zeros((B, S, Ev))
+    for i0, i1 in _blocks(L, rows):
+        s1 = min(S, i1) if is_causal else S
+        qb, gb = qs[:, i0:i1], gf[:, i0:i1]
+        kb = kf[:, :s1]
+        s = torch.bmm(qb, kb.transpose(1, 2))
+        if is_causal:
+            s.masked_fill_(_later(i0, i1, s1, q.device), float("-inf"))
+        if attn_mask is not None:
+            m = _mask_rows(attn_mask, lead, L, S, i0, i1, s1).reshape(B, i1 - i0, s1)
+            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
+        p = torch.ops.aten._safe_softmax(s, -1) if attn_mask is not None else torch.softmax(s, -1)
+        del s
+        dp = torch.bmm(gb, vt[..., :s1])
+        d_s = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p ⊙ (dp − rowsum(p ⊙ dp))
+        t_p = None
+        if tqs is not None or tkf is not None:
+            t_s = None if tqs is None else torch.bmm(tqs[:, i0:i1], kb.transpose(1, 2))
+            if tkf is not None:
+                t_s = torch.bmm(qb, tkf[:, :s1].transpose(1, 2)) if t_s is None else \
+                    t_s.baddbmm_(qb, tkf[:, :s1].transpose(1, 2))
+            t_p = torch.ops.aten._softmax_backward_data(t_s, p, -1, p.dtype)  # p ⊙ (ṡ − rowsum(p ⊙ ṡ))
+            del t_s
+        t_dp = None if tgf is None else torch.bmm(tgf[:, i0:i1], vt[..., :s1])
+        if tvt is not None:
+            t_dp = torch.bmm(gb, tvt[..., :s1]) if t_dp is None else t_dp.baddbmm_(gb, tvt[..., :s1])
+        t_ds = None
+        if t_dp is not None:
+            t_ds = torch.ops.aten._softmax_backward_data(t_dp, p, -1, p.dtype)  # p ⊙ (ḋp − rowsum(p ⊙ ḋp))
+        if t_p is not None:
+            # ṗ ⊙ (dp − D) − p ⊙ rowsum(ṗ ⊙ dp): the rest of ḊS (D = rowsum(p ⊙ dp))
+            D = (p * dp).sum(-1, keepdim=True)
+            rest = t_p * (dp - D)
+            rest.sub_(p * (t_p * dp).sum(-1, keepdim=True))
+            t_ds = rest if t_ds is None else t_ds.add_(rest)
+        if t_ds is not None:
+            t_dq[:, i0:i1] = torch.bmm(t_ds, kb) * scale
+            t_dk[:, :s1].baddbmm_(t_ds.transpose(1, 2), qb)
+        if tkf is not None:
+            t_dq[:, i0:i1].baddbmm_(d_s, tkf[:, :s1], alpha=scale)
+        if tqs is not None:
+            t_dk[:, :s1].baddbmm_(d_s.transpose(1, 2), tqs[:, i0:i1])
+        if t_p is not None:
+            t_dv[:, :s1].baddbmm_(t_p.transpose(1, 2), gb)
+        if tgf is not None:
+            t_dv[:, :s1].baddbmm_(p.transpose(1, 2), tgf[:, i0:i1])
+    return t_dq.view(q.shape), t_dk.view(k.shape), t_dv.view(v.shape)
+
+
+@torch.library.custom_op("jvpgraph::attention_backward_tangent", mutates_args=())
+def attention_backward_tangent(g: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                               tg: Optional[torch.Tensor], tq: Optional[torch.Tensor], tk: Optional[torch.Tensor],
+                               tv: Optional[torch.Tensor], attn_mask: Optional[torch.Tensor], is_causal: bool,
+                               scale: Optional[float], rows: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The tangent of :func:`attention_backward`'s ``(dq, dk, dv)`` along ``(tg, tq, tk, tv)`` (``None``: no
+    tangent; the mask is constant), ``rows`` query rows at a time: what flipping a Hessian's gradient graph
+    needs of a long attention, holding a few ``rows × S`` blocks (the formulas above). ``k``, ``v`` have
+    ``q``'s heads.
+
+    Example:
+        >>> import torch
+        >>> q, k, v, g = (torch.randn(1, 2, 64, 8, dtype=torch.double) for _ in range(4))
+        >>> tq, tk, tv, tg = (torch.randn_like(q) for _ in range(4))
+        >>> ours = attention_backward_tangent(g, q, k, v, tg, tq, tk, tv, None, True, None, 16)
+        >>> attend = lambda q, k, v: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        >>> grads = lambda q, k, v, g: torch.func.vjp(attend, q, k, v)[1](g)  # the backward, differentiable
+        >>> with torch.nn.attention.sdpa_kernel(torch.nn.attention.SDPBackend.MATH):  # forward AD needs the math
+        ...     ref = torch.func.jvp(grads, (q, k, v, g), (tq, tk, tv, tg))[1]
+        >>> for a, b in zip(ours, ref):
+        ...     torch.testing.assert_close(a, b)
+    """
+    return _run_backward_tangent(g, q, k, v, tg, tq, tk, tv, attn_mask, is_causal, scale, rows)
+
+
+@attention_backward_tangent.register_fake
+def _(g, q, k, v, tg, tq, tk, tv, attn_mask, is_causal, scale, rows):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
+
+
+attention_backward_tangent.register_autograd(_no_third_order, setup_context=lambda ctx, inputs, output: None)
+
+
 # doctest does not look inside custom-op objects: their examples run from here (``--doctest-modules``)
-__test__ = {"attention_tangent": getattr(attention_tangent, "_init_fn", attention_tangent).__doc__}
+__test__ = {name: getattr(op, "_init_fn", op).__doc__ for name, op in (
+    ("attention_tangent", attention_tangent), ("attention_backward", attention_backward),
+    ("attention_backward_tangent", attention_backward_tangent))}

@@ -14,7 +14,7 @@ import torch
 
 from ..ops import norm_stats
 from . import attention
-from .registry import (NAMESPACE_RULES, WithPrimal, _zeros_if_none, add_tangents, defjvp, deflinear,
+from .registry import (NAMESPACE_RULES, RuleError, WithPrimal, _zeros_if_none, add_tangents, defjvp, deflinear,
                        defrule)
 
 aten = torch.ops.aten
@@ -766,6 +766,22 @@ def _like(y, ref):
 
 
 defrule(aten._scaled_dot_product_flash_attention_for_cpu, _sdpa, "bilinear", kwarg_tangents=True)
+
+
+def _sdpa_backward(ts, out, g, q, k, v, o, lse, attn_mask=None, is_causal=False, scale=None):
+    """A long attention's backward in a Hessian's gradient graph (``jvpgraph::attention_backward``): its tangent
+    blockwise, from ``(g, q, k, v)`` and theirs (those of ``o`` and ``lse`` follow from ``q, k, v``'s)."""
+    tg, tq, tk, tv = ts[:4]
+    if ts[6] is not None:
+        raise RuleError("jvpgraph::attention_backward takes a constant mask (the Hessian's graph routes a mask "
+                        "that carries a tangent through attention's math)")
+    if tg is None and tq is None and tk is None and tv is None:
+        return None, None, None
+    return torch.ops.jvpgraph.attention_backward_tangent(g, q, k, v, tg, tq, tk, tv, attn_mask, is_causal, scale,
+                                                         attention.block_rows(q, k, v))
+
+
+defrule(torch.ops.jvpgraph.attention_backward, _sdpa_backward, "bilinear")
 
 
 # ------------------------------------------------------------------ embedding_bag (no forward AD in PyTorch)
