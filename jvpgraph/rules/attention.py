@@ -87,22 +87,36 @@ def _later(i0: int, i1: int, s1: int, device) -> torch.Tensor:
     return torch.arange(s1, device=device) > torch.arange(i0, i1, device=device).unsqueeze(-1)
 
 
+def _flat(t: Optional[torch.Tensor], n: int, factor: Optional[float] = None) -> Optional[torch.Tensor]:
+    """``t`` as ``[batch·heads, n, ·]`` (times ``factor``); ``None`` stays ``None``."""
+    if t is None:
+        return None
+    t = t.reshape(-1, n, t.shape[-1])
+    return t * factor if factor is not None else t
+
+
+def _block_probs(qb, ktb, attn_mask, is_causal: bool, lead, L: int, S: int, i0: int, i1: int, s1: int):
+    """The attention weights of the query rows ``i0:i1`` against the keys ``:s1``, from the scaled queries ``qb``
+    and the keys ``ktb`` (``[B, E, s1]``): masked as the kernels mask, a row masked everywhere weighing 0 (as
+    the kernels give it), not softmax's NaN."""
+    s = torch.bmm(qb, ktb)
+    if is_causal:
+        s.masked_fill_(_later(i0, i1, s1, qb.device), float("-inf"))
+    if attn_mask is not None:
+        m = _mask_rows(attn_mask, lead, L, S, i0, i1, s1).reshape(qb.shape[0], i1 - i0, s1)
+        s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
+    return torch.ops.aten._safe_softmax(s, -1) if attn_mask is not None else torch.softmax(s, -1)
+
+
 def _run(q, k, v, tq, tk, tv, t_mask, attn_mask, is_causal, scale, rows, output_mask):
     """The blocks' loop, on ``[batch·heads, rows, ·]`` slices: per block one matmul for the scores, the
     softmax, one or two for ``dS``, softmax's backward kernel for ``P ⊙ (dS − c)``, one or two for ``dy``."""
     L, S, Ev = q.shape[-2], k.shape[-2], v.shape[-1]
     lead = q.shape[:-2]
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-
-    def flat(t, n, factor=None):
-        if t is None:
-            return None
-        t = t.reshape(-1, n, t.shape[-1])
-        return t * factor if factor is not None else t
-
-    qs, tqs = flat(q, L, scale), flat(tq, L, scale)
-    kt, tkt = flat(k, S).transpose(1, 2), None if tk is None else flat(tk, S).transpose(1, 2)
-    vf, tvf = flat(v, S), flat(tv, S)
+    qs, tqs = _flat(q, L, scale), _flat(tq, L, scale)
+    kt, tkt = _flat(k, S).transpose(1, 2), None if tk is None else _flat(tk, S).transpose(1, 2)
+    vf, tvf = _flat(v, S), _flat(tv, S)
     B = qs.shape[0]
     want_y, want_lse = output_mask
     ty = q.new_zeros((B, L, Ev))
@@ -110,15 +124,7 @@ def _run(q, k, v, tq, tk, tv, t_mask, attn_mask, is_causal, scale, rows, output_
     for i0, i1 in _blocks(L, rows):
         s1 = min(S, i1) if is_causal else S
         qb = qs[:, i0:i1]
-        s = torch.bmm(qb, kt[..., :s1])
-        if is_causal:
-            s.masked_fill_(_later(i0, i1, s1, q.device), float("-inf"))
-        if attn_mask is not None:
-            m = _mask_rows(attn_mask, lead, L, S, i0, i1, s1).reshape(B, i1 - i0, s1)
-            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
-        # a row masked everywhere has weight 0 (as the kernels give it), not softmax's NaN
-        p = torch.ops.aten._safe_softmax(s, -1) if attn_mask is not None else torch.softmax(s, -1)
-        del s
+        p = _block_probs(qb, kt[..., :s1], attn_mask, is_causal, lead, L, S, i0, i1, s1)
         ds = None
         if tqs is not None:
             ds = torch.bmm(tqs[:, i0:i1], kt[..., :s1])
@@ -373,31 +379,17 @@ def _run_backward_tangent(g, q, k, v, tg, tq, tk, tv, attn_mask, is_causal, scal
     L, S, E, Ev = q.shape[-2], k.shape[-2], q.shape[-1], v.shape[-1]
     lead = q.shape[:-2]
     scale = 1.0 / math.sqrt(E) if scale is None else scale
-
-    def flat(t, n, factor=None):
-        if t is None:
-            return None
-        t = t.reshape(-1, n, t.shape[-1])
-        return t * factor if factor is not None else t
-
-    qs, tqs = flat(q, L, scale), flat(tq, L, scale)
-    kf, tkf = flat(k, S), flat(tk, S)
-    vt, tvt = flat(v, S).transpose(1, 2), None if tv is None else flat(tv, S).transpose(1, 2)
-    gf, tgf = flat(g, L), flat(tg, L)
+    qs, tqs = _flat(q, L, scale), _flat(tq, L, scale)
+    kf, tkf = _flat(k, S), _flat(tk, S)
+    vt, tvt = _flat(v, S).transpose(1, 2), None if tv is None else _flat(tv, S).transpose(1, 2)
+    gf, tgf = _flat(g, L), _flat(tg, L)
     B = qs.shape[0]
     t_dq, t_dk, t_dv = q.new_zeros((B, L, E)), q.new_zeros((B, S, E)), q.new_zeros((B, S, Ev))
     for i0, i1 in _blocks(L, rows):
         s1 = min(S, i1) if is_causal else S
         qb, gb = qs[:, i0:i1], gf[:, i0:i1]
         kb = kf[:, :s1]
-        s = torch.bmm(qb, kb.transpose(1, 2))
-        if is_causal:
-            s.masked_fill_(_later(i0, i1, s1, q.device), float("-inf"))
-        if attn_mask is not None:
-            m = _mask_rows(attn_mask, lead, L, S, i0, i1, s1).reshape(B, i1 - i0, s1)
-            s = s.masked_fill_(~m, float("-inf")) if m.dtype == torch.bool else s.add_(m)
-        p = torch.ops.aten._safe_softmax(s, -1) if attn_mask is not None else torch.softmax(s, -1)
-        del s
+        p = _block_probs(qb, kb.transpose(1, 2), attn_mask, is_causal, lead, L, S, i0, i1, s1)
         dp = torch.bmm(gb, vt[..., :s1])
         d_s = torch.ops.aten._softmax_backward_data(dp, p, -1, p.dtype)  # p ⊙ (dp − rowsum(p ⊙ dp))
         t_p = None
