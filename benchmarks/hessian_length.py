@@ -117,7 +117,8 @@ def write_report(rows, check, out: Path, meta: dict) -> str:
              f"{attention.HESSIAN_MIN_SCORES} scores L·S; median of "
              f"{meta['repeats']} calls (more for short L) in {meta['rounds']} rotating blocks, one process", "",
              "| L | jvpgraph, flash kept (ms / MB) | jvpgraph, attention's math | double backward, math kernel | "
-             "time vs math route | vs double backward | memory vs math route | vs double backward | jvpgraph's choice |",
+             "time vs math route | vs double backward | memory vs math route | vs double backward | "
+             "jvpgraph's choice |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['L']} | {cell(r, 'jvpgraph')} | {cell(r, 'jvpgraph_math')} | "

@@ -51,7 +51,8 @@ class _AboveAutograd(fx.Interpreter):
     """Runs a traced program for autograd to record, with the ops of :data:`_WITHOUT_SECOND_DERIVATIVE`
     (fused attention, cdist, ...) replaced by their math: their backward ops have no derivative of their own,
     the math's ops all do; and views as reshapes, since the math's outputs need not have the kernels' strides.
-    Everything else is called as traced."""
+    A long attention keeps the CPU flash kernel instead (:class:`_LongAttention`: its backward is one op with a
+    blockwise tangent). Everything else is called as traced."""
 
     def run_node(self, n):
         self._node = n
